@@ -1,0 +1,1 @@
+"""Tensor compressors for slow links: pure functions of tensors, no network."""

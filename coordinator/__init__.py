@@ -1,0 +1,1 @@
+"""The coordinator: jobs, worker registry, state store, planning and the dashboard."""

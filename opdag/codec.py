@@ -1,0 +1,441 @@
+"""The OP-DAG's serialisation boundary: graphs and tensors to protobuf and back, and the
+`.opdag` file format.
+
+This is the only module of `opdag` that touches generated protobuf classes. Decoding checks
+everything it reads (every tensor's dtype, shape, encoding and byte length agree; every
+graph passes the allow-list) and raises `CodecError` naming what is wrong. Nothing is ever
+unpickled.
+
+File format: an 8-byte magic, a little-endian u32 format version, then records, each
+`kind (1 byte) | length (u64) | payload | crc32 (u32)`: one graph record (`G`), one tensor
+record (`T`) per parameter in the graph's order, and an end record (`E`, empty).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+import sys
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from google.protobuf.message import DecodeError
+
+from opdag import ops
+from opdag.capture import CapturedModel
+from opdag.errors import CodecError, IRError
+from opdag.ir import (
+    DTYPES,
+    LOCAL_DEVICE,
+    Arg,
+    Costs,
+    Graph,
+    ListArg,
+    LocalDevice,
+    ModuleSpec,
+    Node,
+    NodeRef,
+    ParamSpec,
+    SliceArg,
+    ValueMeta,
+    dtype_name,
+    dtype_of,
+)
+
+try:
+    from proto import opdag_pb2, tensor_pb2
+except ImportError as e:  # pragma: no cover - only before `make proto`
+    raise ImportError(
+        "the generated protobuf modules are missing; run `make proto` (or `make setup`)"
+    ) from e
+
+MAGIC = b"\x89OPDAG\r\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sI")
+_RECORD = struct.Struct("<cQ")
+_CRC = struct.Struct("<I")
+# A graph record above this is refused before it is read (a corrupt length field otherwise
+# asks for terabytes). Tensors are bounded by the file itself.
+MAX_GRAPH_BYTES = 256 << 20
+MAX_TENSOR_BYTES = 1 << 40
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("Archipelago's raw tensor encoding assumes a little-endian machine")
+
+
+# -- arguments -------------------------------------------------------------------------
+
+
+def _arg_to_pb(arg: Arg, out: opdag_pb2.Arg) -> None:
+    if isinstance(arg, NodeRef):
+        out.node = arg.name
+    elif arg is None:
+        out.none = True
+    elif isinstance(arg, bool):
+        out.bool_value = arg
+    elif isinstance(arg, int):
+        if not _INT64[0] <= arg <= _INT64[1]:
+            raise CodecError(f"integer argument {arg} does not fit in 64 bits")
+        out.int_value = arg
+    elif isinstance(arg, float):
+        out.float_value = arg
+    elif isinstance(arg, str):
+        out.str_value = arg
+    elif isinstance(arg, tuple):
+        out.tuple_value.SetInParent()
+        for item in arg:
+            _arg_to_pb(item, out.tuple_value.items.add())
+    elif isinstance(arg, ListArg):
+        out.list_value.SetInParent()
+        for item in arg.items:
+            _arg_to_pb(item, out.list_value.items.add())
+    elif isinstance(arg, SliceArg):
+        _arg_to_pb(arg.start, out.slice_value.start)
+        _arg_to_pb(arg.stop, out.slice_value.stop)
+        _arg_to_pb(arg.step, out.slice_value.step)
+    elif arg is Ellipsis:
+        out.ellipsis = True
+    elif isinstance(arg, torch.dtype):
+        out.dtype = dtype_name(arg)
+    elif isinstance(arg, LocalDevice):
+        out.local_device = True
+    else:
+        raise CodecError(f"cannot encode argument of type {type(arg).__name__}")
+
+
+def _arg_from_pb(pb: opdag_pb2.Arg, depth: int = 0) -> Arg:
+    if depth > 32:
+        raise CodecError("argument nesting is deeper than 32 levels")
+    kind = pb.WhichOneof("kind")
+    if kind == "node":
+        return NodeRef(pb.node)
+    if kind == "none":
+        return None
+    if kind == "bool_value":
+        return pb.bool_value
+    if kind == "int_value":
+        return int(pb.int_value)
+    if kind == "float_value":
+        return float(pb.float_value)
+    if kind == "str_value":
+        return pb.str_value
+    if kind == "tuple_value":
+        return tuple(_arg_from_pb(a, depth + 1) for a in pb.tuple_value.items)
+    if kind == "list_value":
+        return ListArg(tuple(_arg_from_pb(a, depth + 1) for a in pb.list_value.items))
+    if kind == "slice_value":
+        s = pb.slice_value
+        return SliceArg(*(_arg_from_pb(x, depth + 1) for x in (s.start, s.stop, s.step)))
+    if kind == "ellipsis":
+        return Ellipsis
+    if kind == "dtype":
+        try:
+            return dtype_of(pb.dtype)
+        except IRError as e:
+            raise CodecError(str(e)) from None
+    if kind == "local_device":
+        return LOCAL_DEVICE
+    raise CodecError("an argument has no value")
+
+
+def _kwargs_to_pb(items: tuple[tuple[str, Arg], ...], out: object) -> None:
+    for name, value in items:
+        kw = out.add()  # type: ignore[attr-defined]
+        kw.name = name
+        _arg_to_pb(value, kw.value)
+
+
+def _kwargs_from_pb(items: object) -> tuple[tuple[str, Arg], ...]:
+    return tuple((kw.name, _arg_from_pb(kw.value)) for kw in items)  # type: ignore[attr-defined]
+
+
+# -- values, nodes, graphs -----------------------------------------------------------------
+
+
+def _meta_to_pb(meta: ValueMeta, out: opdag_pb2.ValueMeta) -> None:
+    out.kind = meta.kind
+    out.shape.extend(meta.shape)
+    out.dtype = meta.dtype
+    out.requires_grad = meta.requires_grad
+    for item in meta.items:
+        _meta_to_pb(item, out.items.add())
+
+
+def _meta_from_pb(pb: opdag_pb2.ValueMeta, depth: int = 0) -> ValueMeta:
+    if depth > 32:
+        raise CodecError("value description nesting is deeper than 32 levels")
+    return ValueMeta(
+        kind=pb.kind,
+        shape=tuple(pb.shape),
+        dtype=pb.dtype,
+        requires_grad=pb.requires_grad,
+        items=tuple(_meta_from_pb(i, depth + 1) for i in pb.items),
+    )
+
+
+def graph_to_pb(graph: Graph) -> opdag_pb2.Graph:
+    pb = opdag_pb2.Graph(
+        ir_version=graph.ir_version,
+        name=graph.name,
+        inputs=graph.inputs,
+        outputs=graph.outputs,
+        loss=graph.loss,
+        example_batch=graph.example_batch,
+    )
+    for p in graph.params:
+        pb.params.add(name=p.name, shape=p.shape, dtype=p.dtype, trainable=p.trainable)
+    for node in graph.nodes:
+        npb = pb.nodes.add(name=node.name, op=node.op, target=node.target, source=node.source)
+        for arg in node.args:
+            _arg_to_pb(arg, npb.args.add())
+        _kwargs_to_pb(node.kwargs, npb.kwargs)
+        if node.module is not None:
+            npb.module.type = node.module.type
+            _kwargs_to_pb(node.module.attrs, npb.module.attrs)
+        if node.meta is not None:
+            _meta_to_pb(node.meta, npb.meta)
+        if node.costs is not None:
+            c = node.costs
+            npb.costs.SetInParent()
+            npb.costs.fwd_flops = c.fwd_flops
+            npb.costs.bwd_flops = c.bwd_flops
+            npb.costs.param_bytes = c.param_bytes
+            npb.costs.out_bytes = c.out_bytes
+    return pb
+
+
+def graph_from_pb(pb: opdag_pb2.Graph) -> Graph:
+    """Decode and fully validate a graph (structure and allow-list)."""
+    nodes = []
+    for npb in pb.nodes:
+        module = None
+        if npb.HasField("module"):
+            module = ModuleSpec(type=npb.module.type, attrs=_kwargs_from_pb(npb.module.attrs))
+        costs = None
+        if npb.HasField("costs"):
+            c = npb.costs
+            costs = Costs(c.fwd_flops, c.bwd_flops, c.param_bytes, c.out_bytes)
+        nodes.append(
+            Node(
+                name=npb.name,
+                op=npb.op,
+                target=npb.target,
+                args=tuple(_arg_from_pb(a) for a in npb.args),
+                kwargs=_kwargs_from_pb(npb.kwargs),
+                module=module,
+                meta=_meta_from_pb(npb.meta) if npb.HasField("meta") else None,
+                costs=costs,
+                source=npb.source,
+            )
+        )
+    graph = Graph(
+        name=pb.name,
+        nodes=tuple(nodes),
+        inputs=tuple(pb.inputs),
+        outputs=tuple(pb.outputs),
+        loss=pb.loss,
+        params=tuple(ParamSpec(p.name, tuple(p.shape), p.dtype, p.trainable) for p in pb.params),
+        example_batch=pb.example_batch,
+        ir_version=pb.ir_version,
+    )
+    try:
+        ops.validate_graph(graph)
+    except IRError as e:
+        raise CodecError(f"invalid graph: {e}") from None
+    return graph
+
+
+def encode_graph(graph: Graph) -> bytes:
+    return graph_to_pb(graph).SerializeToString(deterministic=True)
+
+
+def decode_graph(data: bytes) -> Graph:
+    try:
+        pb = opdag_pb2.Graph.FromString(data)
+    except DecodeError as e:
+        raise CodecError(f"graph message is corrupt: {e}") from None
+    return graph_from_pb(pb)
+
+
+# -- tensors -----------------------------------------------------------------------------
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a tensor, row-major (one copy)."""
+    t = t.detach().cpu().contiguous()
+    nbytes = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
+
+
+def tensor_to_pb(name: str, t: torch.Tensor) -> tensor_pb2.Tensor:
+    data = tensor_bytes(t)
+    t = t.detach()
+    return tensor_pb2.Tensor(
+        name=name,
+        dtype=dtype_name(t.dtype),
+        shape=tuple(t.shape),
+        encoding="raw",
+        nbytes=len(data),
+        data=data,
+    )
+
+
+def tensor_from_pb(pb: tensor_pb2.Tensor) -> tuple[str, torch.Tensor]:
+    """Decode a raw tensor after checking its description against its bytes."""
+    what = f"tensor {pb.name!r}"
+    if pb.dtype not in DTYPES:
+        raise CodecError(f"{what}: unknown dtype {pb.dtype!r} (supported: {', '.join(DTYPES)})")
+    if pb.encoding != "raw":
+        raise CodecError(f"{what}: unknown encoding {pb.encoding!r} (expected 'raw')")
+    if len(pb.shape) > 16 or any(d < 0 for d in pb.shape):
+        raise CodecError(f"{what}: invalid shape {list(pb.shape)}")
+    dtype = DTYPES[pb.dtype]
+    expected = math.prod(pb.shape) * dtype.itemsize
+    if pb.nbytes != expected or len(pb.data) != expected:
+        raise CodecError(
+            f"{what}: {pb.dtype}{list(pb.shape)} needs {expected} bytes; header says "
+            f"{pb.nbytes}, data has {len(pb.data)}"
+        )
+    if expected == 0:
+        return pb.name, torch.empty(tuple(pb.shape), dtype=dtype)
+    flat = torch.frombuffer(bytearray(pb.data), dtype=torch.uint8)
+    return pb.name, flat.view(dtype).reshape(tuple(pb.shape))
+
+
+def encode_tensor(name: str, t: torch.Tensor) -> bytes:
+    return tensor_to_pb(name, t).SerializeToString(deterministic=True)
+
+
+def decode_tensor(data: bytes) -> tuple[str, torch.Tensor]:
+    try:
+        pb = tensor_pb2.Tensor.FromString(data)
+    except DecodeError as e:
+        raise CodecError(f"tensor message is corrupt: {e}") from None
+    return tensor_from_pb(pb)
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def _record(kind: bytes, payload: bytes) -> bytes:
+    return _RECORD.pack(kind, len(payload)) + payload + _CRC.pack(zlib.crc32(payload))
+
+
+def encode_model(model: CapturedModel) -> bytes:
+    """The `.opdag` bytes of a captured model (deterministic: same model, same bytes)."""
+    return b"".join(_iter_model_chunks(model))
+
+
+def _iter_model_chunks(model: CapturedModel) -> Iterator[bytes]:
+    graph = model.graph
+    missing = [p.name for p in graph.params if p.name not in model.state]
+    if missing:
+        raise CodecError(f"tensors missing for parameters {missing[:5]}")
+    yield _HEADER.pack(MAGIC, FORMAT_VERSION)
+    yield _record(b"G", encode_graph(graph))
+    for p in graph.params:
+        yield _record(b"T", encode_tensor(p.name, model.state[p.name]))
+    yield _record(b"E", b"")
+
+
+def save(model: CapturedModel, path: str | Path) -> None:
+    """Write a `.opdag` file atomically (a crash never leaves half a file under `path`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as f:
+        for chunk in _iter_model_chunks(model):
+            f.write(chunk)
+    tmp.replace(path)
+
+
+def decode_model(data: bytes) -> CapturedModel:
+    import io
+
+    return _read(io.BytesIO(data), len(data), "<bytes>")
+
+
+def load(path: str | Path) -> CapturedModel:
+    """Read and fully check a `.opdag` file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            return _read(f, size, str(path))
+    except OSError as e:
+        raise CodecError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _read(f: BinaryIO, size: int, where: str) -> CapturedModel:
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:8] != MAGIC:
+        raise CodecError(f"{where} is not an .opdag file (bad magic bytes)")
+    _, version = _HEADER.unpack(head)
+    if version != FORMAT_VERSION:
+        raise CodecError(
+            f"{where}: format version {version}; this Archipelago reads {FORMAT_VERSION}"
+        )
+    offset = _HEADER.size
+    graph: Graph | None = None
+    state: dict[str, torch.Tensor] = {}
+    index = 0
+    while True:
+        rec = f.read(_RECORD.size)
+        if len(rec) < _RECORD.size:
+            raise CodecError(f"{where} is truncated: record {index} header ends at byte {size}")
+        kind, length = _RECORD.unpack(rec)
+        limit = MAX_GRAPH_BYTES if kind == b"G" else MAX_TENSOR_BYTES
+        remaining = size - offset - _RECORD.size - _CRC.size
+        if length > min(limit, max(remaining, 0)):
+            raise CodecError(
+                f"{where} is truncated or corrupt: record {index} claims {length} bytes, "
+                f"{max(remaining, 0)} remain"
+            )
+        payload = f.read(length)
+        crc = f.read(_CRC.size)
+        if len(payload) < length or len(crc) < _CRC.size:
+            raise CodecError(f"{where} is truncated inside record {index}")
+        if _CRC.unpack(crc)[0] != zlib.crc32(payload):
+            raise CodecError(f"{where} is corrupt: record {index} fails its checksum")
+        offset += _RECORD.size + length + _CRC.size
+        if kind == b"G":
+            if graph is not None:
+                raise CodecError(f"{where}: a second graph record (record {index})")
+            graph = decode_graph(payload)
+        elif kind == b"T":
+            if graph is None:
+                raise CodecError(f"{where}: tensor record {index} comes before the graph")
+            name, t = decode_tensor(payload)
+            if name in state:
+                raise CodecError(f"{where}: tensor {name!r} appears twice")
+            state[name] = t
+        elif kind == b"E":
+            break
+        else:
+            raise CodecError(f"{where}: unknown record kind {kind!r} at record {index}")
+        index += 1
+    if f.read(1):
+        raise CodecError(f"{where}: unexpected bytes after the end record")
+    if graph is None:
+        raise CodecError(f"{where} has no graph")
+    _check_state(graph, state, where)
+    return CapturedModel(graph=graph, state=state)
+
+
+def _check_state(graph: Graph, state: Mapping[str, torch.Tensor], where: str) -> None:
+    specs = graph.param_specs
+    extra = sorted(set(state) - set(specs))
+    missing = sorted(set(specs) - set(state))
+    if extra or missing:
+        raise CodecError(f"{where}: tensors {extra[:5]} are not parameters; missing {missing[:5]}")
+    for name, t in state.items():
+        spec = specs[name]
+        if tuple(t.shape) != spec.shape or dtype_name(t.dtype) != spec.dtype:
+            raise CodecError(
+                f"{where}: tensor {name!r} is {dtype_name(t.dtype)}{list(t.shape)}, the graph "
+                f"declares {spec.dtype}{list(spec.shape)}"
+            )

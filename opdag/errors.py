@@ -1,0 +1,21 @@
+"""Errors of the OP-DAG layer. Each says what is wrong and where, for a user to act on."""
+
+
+class OpDagError(Exception):
+    """Base of every error the OP-DAG layer raises on bad input."""
+
+
+class CaptureError(OpDagError):
+    """A model cannot be captured (untraceable, or uses an operator outside the allow-list)."""
+
+
+class IRError(OpDagError):
+    """A graph is malformed: dangling references, unknown operators, invalid attributes."""
+
+
+class CodecError(OpDagError):
+    """A serialised graph or tensor is corrupt, truncated or inconsistent."""
+
+
+class PartitionError(OpDagError):
+    """A node-to-stage assignment cannot be executed (incomplete, non-convex, cyclic)."""
