@@ -14,7 +14,7 @@ import torch
 
 from archipelago.cli import UsageError
 from opdag import report
-from opdag.data import DataConfig
+from opdag.data import DataConfig, TextSource
 from opdag.local import LocalTrainer
 from opdag.optim import OptimizerConfig
 from opdag.reference import ReferenceTrainer
@@ -42,11 +42,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages=args.stages,
     )
     graph = staged.captured.graph
+    source = staged.source
+    text = report.human_bytes(source.train_bytes) if isinstance(source, TextSource) else "?"
     print(
         f"captured {len(graph.nodes)} operators, {report.human_count(graph.num_params())} "
         f"parameters; batch {DEMO_DATA.batch_size} in {DEMO_DATA.micro_batches} micro-batches, "
-        f"{report.human_bytes(len(staged.source.corpus.train))} of text "  # type: ignore[union-attr]
-        f"(fingerprint {staged.source.fingerprint[:12]})"
+        f"{text} of text (fingerprint {source.fingerprint[:12]})"
     )
     print()
     print(report.format_partition_summary(report.partition_summary(staged.partition)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from opdag.errors import CaptureError, IRError
 from opdag.ir import (
     LOCAL_DEVICE,
     Arg,
+    CapturedModel,
     Graph,
     ListArg,
     Node,
@@ -35,20 +36,14 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-@dataclass(frozen=True)
-class CapturedModel:
-    """A captured model: its graph and the tensors of its parameters and buffers."""
-
-    graph: Graph
-    state: Mapping[str, torch.Tensor]
-
-
 class _Tracer(fx.Tracer):
     """fx tracer that stops at allow-listed modules and remembers where each node came from."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, record_stack_traces: bool) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        # Source lines cost a third of a capture; they are recorded only to locate an
+        # operator that capture refuses.
+        self.record_stack_traces = record_stack_traces
         self._paths: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -145,7 +140,49 @@ def capture(
     """
     graph_name = name or type(model).__name__
     _check_untied(model)
-    tracer = _Tracer()
+    try:
+        converted = _convert(model, example_inputs, graph_name, source_lines=False)
+    except CaptureError as fast_error:
+        # Trace again, recording source lines, so the error can say where the problem is.
+        try:
+            _convert(model, example_inputs, graph_name, source_lines=True)
+        except CaptureError as located:
+            raise located from located.__cause__
+        raise fast_error
+    nodes, params, state, outputs = converted
+
+    example = dict(example_inputs)
+    batch = next((int(t.shape[0]) for t in example.values() if t.dim() > 0), 0)
+    graph = Graph(
+        name=graph_name,
+        nodes=tuple(nodes),
+        inputs=tuple(n.name for n in nodes if n.op == "input"),
+        outputs=outputs,
+        loss="",
+        params=tuple(params),
+        example_batch=batch,
+    )
+    try:
+        graph.check_structure()
+        graph = annotate(graph, example)
+    except IRError as e:
+        raise CaptureError(f"{graph_name}: {e}") from e
+    graph = _mark_loss(graph)
+    return CapturedModel(graph=graph, state=state)
+
+
+_Converted = tuple[list[Node], list[ParamSpec], dict[str, torch.Tensor], tuple[str, ...]]
+
+
+def _convert(
+    model: nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    graph_name: str,
+    *,
+    source_lines: bool,
+) -> _Converted:
+    """Trace the model and map each fx node onto the allow-list."""
+    tracer = _Tracer(record_stack_traces=source_lines)
     try:
         fx_graph = tracer.trace(model)
     except Exception as e:  # fx raises many types for untraceable code
@@ -169,10 +206,10 @@ def capture(
         params.append(ParamSpec(qualname, tuple(t.shape), dtype_name(t.dtype), trainable))
 
     for fx_node in fx_graph.nodes:
-        where = f"{fx_node.name} at {_source(fx_node)}"
+        source = _source(fx_node)
+        where = f"{fx_node.name} at {source}"
         args = tuple(_convert_arg(a, where) for a in fx_node.args)
         kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
-        source = _source(fx_node)
         if fx_node.op == "placeholder":
             if fx_node.name not in example_inputs:
                 raise CaptureError(f"no example given for input {fx_node.name!r}")
@@ -230,25 +267,7 @@ def capture(
             ops.check_node(node)
         except IRError as e:
             raise CaptureError(f"{node.name} at {node.source}: {e}") from None
-
-    example = dict(example_inputs)
-    batch = next((int(t.shape[0]) for t in example.values() if t.dim() > 0), 0)
-    graph = Graph(
-        name=graph_name,
-        nodes=tuple(nodes),
-        inputs=tuple(n.name for n in nodes if n.op == "input"),
-        outputs=outputs,
-        loss="",
-        params=tuple(params),
-        example_batch=batch,
-    )
-    try:
-        graph.check_structure()
-        graph = annotate(graph, example)
-    except IRError as e:
-        raise CaptureError(f"{graph_name}: {e}") from e
-    graph = _mark_loss(graph)
-    return CapturedModel(graph=graph, state=state)
+    return nodes, params, state, outputs
 
 
 def _get_attr(gm: nn.Module, qualname: str) -> Any:

@@ -26,12 +26,12 @@ import torch
 from google.protobuf.message import DecodeError
 
 from opdag import ops
-from opdag.capture import CapturedModel
 from opdag.errors import CodecError, IRError
 from opdag.ir import (
     DTYPES,
     LOCAL_DEVICE,
     Arg,
+    CapturedModel,
     Costs,
     Graph,
     ListArg,

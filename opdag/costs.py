@@ -18,6 +18,37 @@ from opdag.errors import IRError
 from opdag.ir import Costs, Graph, Node
 from opdag.values import Value, map_tensors, meta_of, tensor_leaves, value_nbytes
 
+# The operators torch's FLOP counter has formulas for (matrix products, convolutions,
+# attention); every other operator counts zero FLOPs forward and backward, so only these
+# run under the (slow, Python-dispatched) counter.
+_FLOP_MODULES = frozenset({"Linear", "Conv1d", "Conv2d"})
+_FLOP_FUNCTIONS = frozenset(
+    {
+        "torch.matmul",
+        "torch.bmm",
+        "torch.mm",
+        "torch.addmm",
+        "torch.baddbmm",
+        "torch.einsum",
+        "torch.outer",
+        "operator.matmul",
+        "torch.nn.functional.linear",
+        "torch.nn.functional.conv1d",
+        "torch.nn.functional.conv2d",
+        "torch.nn.functional.scaled_dot_product_attention",
+    }
+)
+_FLOP_METHODS = frozenset({"matmul"})
+
+
+def bears_flops(node: Node) -> bool:
+    """Whether the node runs an operator that torch's FLOP counter counts."""
+    if node.op == "module":
+        return node.module is not None and node.module.type in _FLOP_MODULES
+    if node.op == "function":
+        return node.target in _FLOP_FUNCTIONS
+    return node.op == "method" and node.target in _FLOP_METHODS
+
 
 def annotate(graph: Graph, example_inputs: Mapping[str, torch.Tensor]) -> Graph:
     """The graph with `meta` (shape, dtype, requires_grad) and `costs` set on every node."""
@@ -38,10 +69,14 @@ def annotate(graph: Graph, example_inputs: Mapping[str, torch.Tensor]) -> Graph:
             # Each node runs on fresh leaves of its inputs, so differentiating it later
             # walks through this node alone, not back through the rest of the graph.
             local = {ref: map_tensors(env[ref], _fresh_leaf) for ref in dict.fromkeys(node.refs())}
-            with FlopCounterMode(display=False) as counter:
+            if bears_flops(node):
+                with FlopCounterMode(display=False) as counter:
+                    value = module.call_node(node, local)
+                fwd = float(counter.get_total_flops())
+                bwd = _backward_flops(node, value, local, module)
+            else:
                 value = module.call_node(node, local)
-            fwd = float(counter.get_total_flops())
-            bwd = _backward_flops(node, value, local, module)
+                fwd = bwd = 0.0
         env[node.name] = value
         owned = graph.owned_params(node)
         param_bytes = sum(graph.param_specs[p].nbytes for p in owned) if node.op == "module" else 0

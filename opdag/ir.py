@@ -415,3 +415,11 @@ class Graph:
             f"  return {', '.join(self.outputs)}" + (f"  # loss: {self.loss}" if self.loss else "")
         )
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CapturedModel:
+    """A captured model: its graph and the tensors of its parameters and buffers by name."""
+
+    graph: Graph
+    state: Mapping[str, torch.Tensor]

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from opdag.capture import CapturedModel, capture
+from opdag.capture import capture
 from opdag.data import DataConfig, split_micro_batches
+from opdag.ir import CapturedModel
 from opdag.optim import OptimizerConfig, build_optimizer
 from opdag.partition import Partition, balanced_assignment, partition
 from opdag.rad import LocalPipeline, StepStats

@@ -94,6 +94,11 @@ class TextSource:
         self.input_names: tuple[str, ...] = StdlibText.input_names
         self.fingerprint: str = self.corpus.fingerprint
 
+    @property
+    def train_bytes(self) -> int:
+        """Size of the training split, in bytes (= tokens)."""
+        return int(self.corpus.train.numel())
+
     def batch(self, step: int) -> Batch:
         """The full training batch of `step`."""
         return self.corpus.batch(step, self.cfg.batch_size, self.context)

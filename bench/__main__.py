@@ -1,0 +1,26 @@
+"""`make bench` / `python -m bench [NAME ...]`: run the benchmarks (all by default)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {
+    "capture": "bench.capture_speed",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="which to run")
+    args = parser.parse_args()
+    for name in args.names or list(BENCHMARKS):
+        print(f"== {name} ==", flush=True)
+        importlib.import_module(BENCHMARKS[name]).main()
+        print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
