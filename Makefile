@@ -10,7 +10,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup proto demo test lint bench clean
+.PHONY: setup proto redis demo test lint bench clean
 
 setup: $(STAMP) $(GENERATED)
 
@@ -30,8 +30,18 @@ proto: $(GENERATED)
 demo: setup
 	$(BIN)/archipelago demo
 
-test: setup lint
+test: setup redis lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The store tests run against a real Redis server; as root on Debian it is installed here.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (Debian package) for the tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "the tests need redis-server: install it (e.g. apt-get install redis-server)"; exit 1; \
+	  fi; }
 
 lint: setup
 	$(BIN)/ruff check .

@@ -15,11 +15,8 @@ from typing import Any
 import yaml
 
 from archipelago import __version__
+from archipelago.errors import UsageError
 from opdag.errors import OpDagError
-
-
-class UsageError(Exception):
-    """A command-line mistake: a missing file, a malformed option value."""
 
 
 def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
@@ -83,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"archipelago {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_dag_commands(sub)
+    from archipelago.servicecmds import add_service_commands
+
+    add_service_commands(sub)
     _add_demo_command(sub)
     return parser
 
@@ -93,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (OpDagError, UsageError, ValueError) as e:
-        # ValueError covers the config dataclasses' validation (zoo, data, optimizer).
+    except (OpDagError, UsageError) as e:
         print(f"archipelago: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from archipelago.cli import UsageError, parse_assignments
+from archipelago.cli import parse_assignments
+from archipelago.errors import UsageError
 from opdag import codec, report
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from archipelago.cli import UsageError
+from archipelago.errors import UsageError
 from opdag import report
 from opdag.data import DataConfig, TextSource
 from opdag.local import LocalTrainer

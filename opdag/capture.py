@@ -33,6 +33,7 @@ from opdag.ir import (
 )
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_FILE = os.path.abspath(__file__)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -78,7 +79,8 @@ def _source(node: fx.Node) -> str:
     frames = (node.stack_trace or "").split("\n")
     for text in frames:
         text = text.strip()
-        if text.startswith("File ") and _TORCH_DIR not in text:
+        # The innermost frame of the user's code: not torch's, not this module's tracer.
+        if text.startswith("File ") and _TORCH_DIR not in text and _THIS_FILE not in text:
             # 'File "/x/model.py", line 16, in forward'
             parts = [p.strip() for p in text.split(",")]
             if len(parts) >= 3:

@@ -30,6 +30,7 @@ from opdag.errors import CodecError, IRError
 from opdag.ir import (
     DTYPES,
     LOCAL_DEVICE,
+    VALUE_KINDS,
     Arg,
     CapturedModel,
     Costs,
@@ -169,6 +170,13 @@ def _meta_to_pb(meta: ValueMeta, out: opdag_pb2.ValueMeta) -> None:
 def _meta_from_pb(pb: opdag_pb2.ValueMeta, depth: int = 0) -> ValueMeta:
     if depth > 32:
         raise CodecError("value description nesting is deeper than 32 levels")
+    # Partitioning and transfers size edges from these; a bogus one must not get that far.
+    if pb.kind not in VALUE_KINDS:
+        raise CodecError(f"unknown value kind {pb.kind!r} (known: {', '.join(VALUE_KINDS)})")
+    if pb.kind == "tensor" and pb.dtype not in DTYPES:
+        raise CodecError(f"a tensor value has unknown dtype {pb.dtype!r}")
+    if any(d < 0 for d in pb.shape):
+        raise CodecError(f"a value has a negative dimension {list(pb.shape)}")
     return ValueMeta(
         kind=pb.kind,
         shape=tuple(pb.shape),
@@ -213,26 +221,10 @@ def graph_from_pb(pb: opdag_pb2.Graph) -> Graph:
     """Decode and fully validate a graph (structure and allow-list)."""
     nodes = []
     for npb in pb.nodes:
-        module = None
-        if npb.HasField("module"):
-            module = ModuleSpec(type=npb.module.type, attrs=_kwargs_from_pb(npb.module.attrs))
-        costs = None
-        if npb.HasField("costs"):
-            c = npb.costs
-            costs = Costs(c.fwd_flops, c.bwd_flops, c.param_bytes, c.out_bytes)
-        nodes.append(
-            Node(
-                name=npb.name,
-                op=npb.op,
-                target=npb.target,
-                args=tuple(_arg_from_pb(a) for a in npb.args),
-                kwargs=_kwargs_from_pb(npb.kwargs),
-                module=module,
-                meta=_meta_from_pb(npb.meta) if npb.HasField("meta") else None,
-                costs=costs,
-                source=npb.source,
-            )
-        )
+        try:
+            nodes.append(_node_from_pb(npb))
+        except CodecError as e:
+            raise CodecError(f"node {npb.name!r} ({npb.op} {npb.target}): {e}") from None
     graph = Graph(
         name=pb.name,
         nodes=tuple(nodes),
@@ -248,6 +240,27 @@ def graph_from_pb(pb: opdag_pb2.Graph) -> Graph:
     except IRError as e:
         raise CodecError(f"invalid graph: {e}") from None
     return graph
+
+
+def _node_from_pb(npb: opdag_pb2.Node) -> Node:
+    module = None
+    if npb.HasField("module"):
+        module = ModuleSpec(type=npb.module.type, attrs=_kwargs_from_pb(npb.module.attrs))
+    costs = None
+    if npb.HasField("costs"):
+        c = npb.costs
+        costs = Costs(c.fwd_flops, c.bwd_flops, c.param_bytes, c.out_bytes)
+    return Node(
+        name=npb.name,
+        op=npb.op,
+        target=npb.target,
+        args=tuple(_arg_from_pb(a) for a in npb.args),
+        kwargs=_kwargs_from_pb(npb.kwargs),
+        module=module,
+        meta=_meta_from_pb(npb.meta) if npb.HasField("meta") else None,
+        costs=costs,
+        source=npb.source,
+    )
 
 
 def encode_graph(graph: Graph) -> bytes:
@@ -302,8 +315,14 @@ def tensor_from_pb(pb: tensor_pb2.Tensor) -> tuple[str, torch.Tensor]:
             f"{pb.nbytes}, data has {len(pb.data)}"
         )
     if expected == 0:
-        return pb.name, torch.empty(tuple(pb.shape), dtype=dtype)
+        try:
+            return pb.name, torch.empty(tuple(pb.shape), dtype=dtype)
+        except RuntimeError as e:  # an empty shape whose other dimensions overflow
+            raise CodecError(f"{what}: invalid shape {list(pb.shape)}: {e}") from None
     flat = torch.frombuffer(bytearray(pb.data), dtype=torch.uint8)
+    # A bool byte other than 0 or 1 is not a bool: torch would keep it, and sum it as 2.
+    if dtype == torch.bool and bool((flat > 1).any()):
+        raise CodecError(f"{what}: a bool tensor holds bytes other than 0 and 1")
     return pb.name, flat.view(dtype).reshape(tuple(pb.shape))
 
 
@@ -347,10 +366,15 @@ def save(model: CapturedModel, path: str | Path) -> None:
     """Write a `.opdag` file atomically (a crash never leaves half a file under `path`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    with tmp.open("wb") as f:
-        for chunk in _iter_model_chunks(model):
-            f.write(chunk)
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            for chunk in _iter_model_chunks(model):
+                f.write(chunk)
+        tmp.replace(path)
+    except BaseException:
+        # A model that cannot be encoded leaves nothing behind, not a stray partial file.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def decode_model(data: bytes) -> CapturedModel:
@@ -372,8 +396,10 @@ def load(path: str | Path) -> CapturedModel:
 
 def _read(f: BinaryIO, size: int, where: str) -> CapturedModel:
     head = f.read(_HEADER.size)
-    if len(head) < _HEADER.size or head[:8] != MAGIC:
+    if head[:8] != MAGIC[: len(head[:8])]:
         raise CodecError(f"{where} is not an .opdag file (bad magic bytes)")
+    if len(head) < _HEADER.size:
+        raise CodecError(f"{where} is truncated: {size} bytes, inside the file header")
     _, version = _HEADER.unpack(head)
     if version != FORMAT_VERSION:
         raise CodecError(
@@ -439,3 +465,52 @@ def _check_state(graph: Graph, state: Mapping[str, torch.Tensor], where: str) ->
                 f"{where}: tensor {name!r} is {dtype_name(t.dtype)}{list(t.shape)}, the graph "
                 f"declares {spec.dtype}{list(spec.shape)}"
             )
+
+
+# -- training state (checkpoints) ------------------------------------------------------------
+
+STATE_MAGIC = b"\x89OPSTA\r\n"
+
+
+def encode_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Named tensors (a stage's parameters, buffers and optimizer state) as bytes: the same
+    record layout as `.opdag` files, one checksummed tensor record each."""
+    chunks = [_HEADER.pack(STATE_MAGIC, FORMAT_VERSION)]
+    chunks += [_record(b"T", encode_tensor(name, t)) for name, t in tensors.items()]
+    chunks.append(_record(b"E", b""))
+    return b"".join(chunks)
+
+
+def decode_state(data: bytes, where: str = "state") -> dict[str, torch.Tensor]:
+    """Named tensors from `encode_state` bytes, every record checked."""
+    import io
+
+    f = io.BytesIO(data)
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:8] != STATE_MAGIC:
+        raise CodecError(f"{where} is not training state (bad magic bytes)")
+    if _HEADER.unpack(head)[1] != FORMAT_VERSION:
+        raise CodecError(f"{where}: unsupported format version {_HEADER.unpack(head)[1]}")
+    out: dict[str, torch.Tensor] = {}
+    while True:
+        rec = f.read(_RECORD.size)
+        if len(rec) < _RECORD.size:
+            raise CodecError(f"{where} is truncated after {len(out)} tensors")
+        kind, length = _RECORD.unpack(rec)
+        if length > len(data) - f.tell():
+            raise CodecError(f"{where} is truncated or corrupt: a record claims {length} bytes")
+        payload = f.read(length)
+        crc = f.read(_CRC.size)
+        if len(crc) < _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(payload):
+            raise CodecError(f"{where} is corrupt: record {len(out)} fails its checksum")
+        if kind == b"E":
+            break
+        if kind != b"T":
+            raise CodecError(f"{where}: unknown record kind {kind!r}")
+        name, t = decode_tensor(payload)
+        if name in out:
+            raise CodecError(f"{where}: tensor {name!r} appears twice")
+        out[name] = t
+    if f.read(1):
+        raise CodecError(f"{where}: unexpected bytes after the end record")
+    return out

@@ -338,6 +338,16 @@ for _name, _fn in FUNCTIONS.items():
 # Attributes of a tensor a graph may read with getattr (fx records `x.shape` that way).
 TENSOR_ATTRS = frozenset({"shape", "dtype", "ndim", "device", "T", "mT"})
 
+# Where the listed functional activations take `inplace` positionally; like in-place methods,
+# `inplace=True` (or `out=`) would write into a tensor another stage sent or autograd saved.
+_INPLACE_POSITION = {
+    "torch.nn.functional.relu": 1,
+    "torch.nn.functional.silu": 1,
+    "torch.nn.functional.leaky_relu": 2,
+    "torch.nn.functional.elu": 2,
+    "torch.nn.functional.dropout": 3,
+}
+
 
 def function_name(fn: Any) -> str | None:
     """The canonical name of an allow-listed callable, or None."""
@@ -345,11 +355,26 @@ def function_name(fn: Any) -> str | None:
     return name if name is not None and FUNCTIONS[name] is fn else None
 
 
+# Where the C bindings of public torch namespaces say they live, and the prefix their names
+# carry there (`torch.fft.fft` is `torch._C._fft.fft_fft`, `torch.erfinv` is
+# `torch._VariableFunctionsClass.erfinv`).
+_PUBLIC_NAMES = {
+    "torch": ("torch", "_VariableFunctionsClass."),
+    "torch._C._nn": ("torch.nn.functional", ""),
+    "torch._C._fft": ("torch.fft", "fft_"),
+    "torch._C._special": ("torch.special", "special_"),
+    "torch._C._linalg": ("torch.linalg", "linalg_"),
+    "_operator": ("operator", ""),
+}
+
+
 def describe_callable(fn: Any) -> str:
     """A readable dotted name for any callable, for error messages."""
     module = getattr(fn, "__module__", None) or ""
     qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    module = {"torch._C._nn": "torch.nn.functional", "_operator": "operator"}.get(module, module)
+    if module in _PUBLIC_NAMES:
+        module, prefix = _PUBLIC_NAMES[module]
+        qual = str(qual).removeprefix(prefix)
     return f"{module}.{qual}" if module else str(qual)
 
 
@@ -399,6 +424,8 @@ def check_node(node: Node) -> None:
             _check_to_args(where, node)
     elif node.op in ("input", "param") and (node.args or node.kwargs):
         raise IRError(f"{where}: takes no arguments")
+    if node.op in ("function", "method"):
+        _check_no_side_effects(where, node)
 
 
 def build_module_check(spec: ModuleSpec) -> None:
@@ -409,6 +436,25 @@ def build_module_check(spec: ModuleSpec) -> None:
         op.check(spec.attr_dict())
     except IRError as e:
         raise IRError(f"{spec.type}: {e}") from None
+
+
+def _check_no_side_effects(where: str, node: Node) -> None:
+    """Refuse arguments that write into an existing tensor or name a device."""
+    kwargs = dict(node.kwargs)
+    if "out" in kwargs:
+        raise IRError(f"{where}: {node.target} may not write into an existing tensor (out=)")
+    position = _INPLACE_POSITION.get(node.target)
+    inplace = kwargs.get("inplace", False)
+    if position is not None and len(node.args) > position:
+        inplace = node.args[position]
+    if inplace is not False:
+        raise IRError(f"{where}: {node.target} may only run with inplace=False, not {inplace!r}")
+    device = kwargs.get("device")
+    if device is not None and not isinstance(device, (NodeRef, LocalDevice)):
+        raise IRError(
+            f"{where}: {node.target} may only use the stage's own device or a tensor's, "
+            f"not device={device!r}"
+        )
 
 
 def _check_to_args(where: str, node: Node) -> None:

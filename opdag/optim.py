@@ -7,8 +7,9 @@ across one optimizer per stage step exactly as one optimizer over all of them wo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,3 +106,60 @@ def build_optimizer(
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=False)
+
+
+# Optimizer state travels (to checkpoints, to a new worker) as named tensors, never pickled:
+# "optim/<parameter name>/<state key>", e.g. "optim/blocks.0.mlp.fc.weight/exp_avg".
+OPTIM_PREFIX = "optim/"
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+) -> dict[str, torch.Tensor]:
+    """A copy of the optimizer's per-parameter state as named tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in named_params:
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{OPTIM_PREFIX}{name}/{key}"] = value.detach().clone()
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{OPTIM_PREFIX}{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
+    return out
+
+
+def optimizer_param_name(tensor_name: str) -> str | None:
+    """The parameter an optimizer-state tensor belongs to (None if it is not one)."""
+    if not tensor_name.startswith(OPTIM_PREFIX):
+        return None
+    param, sep, _ = tensor_name[len(OPTIM_PREFIX) :].rpartition("/")
+    return param if sep and param else None
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Restore per-parameter state written by `optimizer_state_tensors`."""
+    params = dict(named_params)
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for tensor_name, value in tensors.items():
+        owner = optimizer_param_name(tensor_name)
+        if owner is None or owner not in params:
+            raise OptimizerError(f"optimizer state {tensor_name!r} belongs to no parameter here")
+        key = tensor_name.rpartition("/")[2]
+        per_param.setdefault(owner, {})[key] = value
+    for name, entries in per_param.items():
+        param = params[name]
+        state: dict[str, Any] = {}
+        for key, value in entries.items():
+            if key == "step" and value.dtype == torch.float64 and value.dim() == 0:
+                state[key] = value.to(torch.float32)
+            elif key != "step" and value.shape != param.shape:
+                raise OptimizerError(
+                    f"optimizer state {key!r} of {name!r} has shape {list(value.shape)}, "
+                    f"the parameter {list(param.shape)}"
+                )
+            else:
+                state[key] = value.clone().to(param.device)
+        optimizer.state[param] = state

@@ -46,8 +46,12 @@ class StageModule(nn.Module):
         self._by_path: dict[str, nn.Module] = {}
         self._spec_by_path: dict[str, ModuleSpec] = {}
         self._owner: dict[str, tuple[nn.Module, str]] = {}
-        self._build_modules()
-        self._declare_params()
+        try:
+            self._build_modules()
+            self._declare_params()
+        except (KeyError, AttributeError, TypeError) as e:
+            # torch refuses a submodule or tensor name that is already taken.
+            raise IRError(f"graph {graph.name!r}: colliding module/parameter names: {e}") from None
         if self.device.type != "meta":
             if state is None:
                 raise IRError(f"graph {graph.name!r}: building on {self.device} needs its tensors")

@@ -1,0 +1,107 @@
+"""Wire conventions the coordinator, the workers and the command-line client share: how a
+caller proves it knows the join token, message size limits, and TLS channels.
+
+It imports nothing of the coordinator or the worker, so both may use it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+TOKEN_HEADER = "x-archipelago-token"
+# Tensor bytes travel in 1 MiB chunks; whole messages above this are refused (the largest
+# ordinary message is a stage assignment, whose graph is tens of kilobytes).
+MAX_MESSAGE_BYTES = 16 << 20
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class TlsError(Exception):
+    """A TLS file is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS files. A server presents `cert`/`key`; a client trusts `ca` (which may be the
+    server's own self-signed certificate)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.ca is not None
+
+    def _read(self, path: Path | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise TlsError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if self.cert is None and self.key is None:
+            return None
+        if self.cert is None or self.key is None:
+            raise TlsError("TLS needs both --tls-cert and --tls-key")
+        key = self._read(self.key, "key")
+        cert = self._read(self.cert, "certificate")
+        assert key is not None and cert is not None
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self._read(self.ca or self.cert, "CA")
+        )
+
+
+def open_channel(address: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to `address`, over TLS when configured."""
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def open_blocking_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A blocking channel (for the command-line client)."""
+    if tls is not None and tls.enabled:
+        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_HEADER, token),)
+
+
+def token_matches(metadata: Any, token: str) -> bool:
+    """Whether call metadata carries the expected token (compared in constant time)."""
+    for key, value in metadata or ():
+        if key == TOKEN_HEADER:
+            given = value.encode() if isinstance(value, str) else bytes(value)
+            return hmac.compare_digest(given, token.encode())
+    return False
+
+
+async def require_token(context: grpc.aio.ServicerContext, token: str) -> None:
+    """Abort the call with UNAUTHENTICATED unless it carries the join token."""
+    if not token_matches(context.invocation_metadata(), token):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong join token")

@@ -1,0 +1,317 @@
+"""The service subcommands: `coordinator`, `worker`, `submit`, `status`, `watch`, `cancel`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from archipelago.client import ClientError, CoordinatorClient, JobView
+from archipelago.errors import UsageError
+from archipelago.rpc import TlsConfig, TlsError
+from opdag.report import human_bytes, human_count
+
+DEFAULT_COORDINATOR = "127.0.0.1:7070"
+
+
+def add_service_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    p.add_argument("--port", type=int, default=7070, help="port to serve on (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    _token_arg(p, required=True)
+    p.add_argument(
+        "--store",
+        default=None,
+        help="state store URL: sqlite:///PATH (default "
+        "~/.archipelago/coordinator.db) or redis://HOST:PORT/DB",
+    )
+    _tls_args(p, server=True)
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    p.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a worker silent this long is lost and its job re-planned",
+    )
+    _log_arg(p)
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("worker", help="join a coordinator as a volunteer worker")
+    _coordinator_arg(p)
+    _token_arg(p, required=True)
+    p.add_argument("--name", default="", help="a name to show (default: host name)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT this worker serves on")
+    p.add_argument(
+        "--advertise", default="", help="HOST:PORT others reach it at (default: --listen)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    _tls_args(p, server=True)
+    _log_arg(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("submit", help="submit a job spec (YAML); prints the job id")
+    p.add_argument("spec", help="the job spec file")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="jobs and workers (or one job, with its plan)")
+    p.add_argument("job", nargs="?", help="a job id")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("watch", help="follow a job: step, loss, samples/s, ETA")
+    p.add_argument("job")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.set_defaults(func=cmd_cancel)
+
+
+def _coordinator_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator",
+        default=os.environ.get("ARCHIPELAGO_COORDINATOR", DEFAULT_COORDINATOR),
+        metavar="HOST:PORT",
+        help=f"the coordinator (default: $ARCHIPELAGO_COORDINATOR or {DEFAULT_COORDINATOR})",
+    )
+
+
+def _token_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument(
+        "--token",
+        default=os.environ.get("ARCHIPELAGO_TOKEN"),
+        help="the join token (default: $ARCHIPELAGO_TOKEN)",
+    )
+    p.set_defaults(token_required=required)
+
+
+def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
+    if server:
+        p.add_argument("--tls-cert", type=Path, help="PEM certificate this process presents")
+        p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", type=Path, help="PEM certificate(s) to trust (enables TLS as a client)"
+    )
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _token(args: argparse.Namespace) -> str:
+    if not args.token:
+        raise UsageError("a join token is needed: --token SECRET or ARCHIPELAGO_TOKEN")
+    if len(args.token) < 8:
+        raise UsageError("the join token must be at least 8 characters")
+    return str(args.token)
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    cert, key, ca = (getattr(args, a, None) for a in ("tls_cert", "tls_key", "tls_ca"))
+    if not (cert or key or ca):
+        return None
+    for path in (cert, key, ca):
+        if path is not None and not path.is_file():
+            raise UsageError(f"TLS file {path} does not exist")
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return TlsConfig(cert=cert, key=key, ca=ca)
+
+
+def _logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _client(args: argparse.Namespace) -> CoordinatorClient:
+    return CoordinatorClient(args.coordinator, token=_token(args), tls=_tls(args))
+
+
+# -- daemons -----------------------------------------------------------------------------
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.main import DEFAULT_STORE, CoordinatorConfig, serve
+
+    _logging(args)
+    cfg = CoordinatorConfig(
+        token=_token(args),
+        port=args.port,
+        host=args.host,
+        store=args.store or DEFAULT_STORE,
+        tls=_tls(args),
+        heartbeat_s=args.heartbeat_interval,
+        worker_timeout_s=args.worker_timeout,
+    )
+    if cfg.worker_timeout_s <= cfg.heartbeat_s:
+        raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
+    try:
+        return asyncio.run(serve(cfg))
+    except (OSError, TlsError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.coordinator_link import RefusedError
+    from worker.main import WorkerConfig, serve
+
+    _logging(args)
+    cfg = WorkerConfig(
+        coordinator=args.coordinator,
+        token=_token(args),
+        name=args.name,
+        listen=args.listen,
+        advertise=args.advertise,
+        tls=_tls(args),
+        threads=args.threads,
+        device=args.device,
+    )
+    try:
+        return asyncio.run(serve(cfg))
+    except (RefusedError, OSError, TlsError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+# -- users -------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from coordinator.jobspec import load_job_spec
+
+    load_job_spec(args.spec)  # refuse a bad spec here, before the network
+    client = _client(args)
+    try:
+        job = client.submit(Path(args.spec).read_text())
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    print(job.job_id)
+    if args.watch:
+        return _follow(client, job.job_id)
+    return 0
+
+
+def _eta(seconds: float) -> str:
+    if seconds <= 0 or math.isinf(seconds):
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def _job_line(j: JobView) -> str:
+    loss = f"{j.loss:.4f}" if j.loss is not None else "-"
+    return (
+        f"{j.job_id}  {j.name:<20} {j.state:<10} {j.steps_done:>6}/{j.steps:<6} loss {loss:>7}  "
+        f"{j.samples_per_s:6.1f} samples/s  ETA {_eta(j.eta_s)}"
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        if args.job:
+            job = client.job(args.job)
+            if args.json:
+                print(json.dumps(asdict(job), indent=2))
+                return 0
+            print(_job_line(job))
+            print(
+                f"  plan epoch {job.epoch} ({job.recoveries} re-plans), last checkpoint at step "
+                f"{job.last_checkpoint}, {human_bytes(job.bytes_per_step)} between stages per step"
+            )
+            if job.error:
+                print(f"  last error: {job.error}")
+            for s in job.stages:
+                print(
+                    f"  stage {s.stage}: {s.worker_name} ({s.address})  {s.nodes} operators, "
+                    f"{human_count(s.params)} parameters"
+                )
+            return 0
+        jobs, workers = client.jobs(), client.workers()
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(
+            json.dumps(
+                {"jobs": [asdict(j) for j in jobs], "workers": [asdict(w) for w in workers]},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"jobs ({len(jobs)}):")
+    for j in jobs:
+        print(f"  {_job_line(j)}")
+    print(f"workers ({len(workers)}):")
+    for w in workers:
+        on_job = f" job {w.job_id}" if w.job_id else ""
+        print(
+            f"  {w.worker_id}  {w.name:<20} {w.address:<22} {w.state:<6} {w.gflops:6.1f} GFLOP/s "
+            f"{human_bytes(w.memory_bytes):>9}{on_job}"
+        )
+    return 0
+
+
+def _follow(client: CoordinatorClient, job_id: str) -> int:
+    bar: tqdm | None = None
+    last: JobView | None = None
+    try:
+        for job in client.watch(job_id):
+            last = job
+            if bar is None:
+                bar = tqdm(total=job.steps, desc=f"{job.name} ({job.job_id})", unit="step")
+            bar.n = job.steps_done
+            loss = f"{job.loss:.4f}" if job.loss is not None else "-"
+            bar.set_postfix_str(
+                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s, epoch {job.epoch}",
+                refresh=True,
+            )
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if last is None:
+        return 1
+    print(
+        f"job {last.job_id} {last.state}"
+        + (f": {last.error}" if last.error and last.state != "completed" else "")
+    )
+    return 0 if last.state == "completed" else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    return _follow(_client(args), args.job)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        job = _client(args).cancel(args.job)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    print(f"job {job.job_id} {job.state}")
+    return 0

@@ -1,0 +1,102 @@
+"""`archipelago coordinator`: the coordinator process.
+
+Opens the state store, takes over whatever a previous coordinator left there, serves the
+API and runs the scheduler until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from archipelago.rpc import SERVER_OPTIONS, TlsConfig
+from coordinator.jobs import JobManager
+from coordinator.registry import Registry
+from coordinator.service import CoordinatorService
+from coordinator.store import open_store
+from coordinator.worker_client import WorkerClient
+from proto import coordinator_pb2_grpc
+
+log = logging.getLogger("archipelago.coordinator")
+
+DEFAULT_STORE = f"sqlite:///{Path.home() / '.archipelago' / 'coordinator.db'}"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How to run the coordinator (built from the command line)."""
+
+    token: str
+    port: int = 7070
+    host: str = "127.0.0.1"
+    store: str = DEFAULT_STORE
+    tls: TlsConfig | None = None
+    heartbeat_s: float = 1.0
+    # A worker silent for this long is lost and its job re-planned.
+    worker_timeout_s: float = 5.0
+    tick_s: float = 0.2
+    drain_timeout_s: float = 120.0
+
+
+async def serve(cfg: CoordinatorConfig) -> int:
+    if cfg.store.startswith("sqlite:///") and cfg.store != "sqlite:///:memory:":
+        Path(cfg.store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = await asyncio.to_thread(open_store, cfg.store)
+    registry = Registry(timeout_s=cfg.worker_timeout_s)
+    workers = WorkerClient(token=cfg.token, tls=cfg.tls)
+    manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s)
+    await manager.restore()
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorService(manager, registry, token=cfg.token, heartbeat_s=cfg.heartbeat_s), server
+    )
+    address = f"{cfg.host}:{cfg.port}"
+    credentials = cfg.tls.server_credentials() if cfg.tls else None
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    # The one line scripts and tests wait for (the port matters when --port 0 was asked).
+    print(f"coordinator listening on {cfg.host}:{port} (store {store.url})", flush=True)
+    log.info(
+        "%d jobs and %d workers taken over from the store", len(manager.jobs), len(registry.workers)
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    async def scheduler() -> None:
+        while True:
+            try:
+                await manager.tick()
+            except Exception:  # one bad pass must not stop the scheduler
+                log.exception("scheduler pass failed")
+            await asyncio.sleep(cfg.tick_s)
+
+    ticker = asyncio.create_task(scheduler())
+    try:
+        await stop.wait()
+        log.info("coordinator stopping; jobs stay in the store")
+    finally:
+        ticker.cancel()
+        await manager.close()
+        await server.stop(grace=2)
+        await workers.close()
+        store.close()
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,137 @@
+"""Plans: which worker runs which stage of a job, and what each stage sends where.
+
+A plan is plain data, printable and comparable, recorded in the store before any worker is
+told about it. The `even` planner cuts the graph into stages of about equal FLOPs and places
+them on workers in the order they registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opdag.ir import Graph
+from opdag.partition import Partition, balanced_assignment, partition
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One stage on one worker."""
+
+    stage: int
+    worker_id: str
+    worker_name: str
+    address: str
+    nodes: int
+    params: int
+    flops: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A job's current plan (its `epoch` counts the plans the job has had)."""
+
+    job_id: str
+    epoch: int
+    planner: str
+    start_step: int
+    assignment: Mapping[str, int]
+    placements: tuple[Placement, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.placements)
+
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        return tuple(p.worker_id for p in self.placements)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "epoch": self.epoch,
+            "planner": self.planner,
+            "start_step": self.start_step,
+            "assignment": dict(self.assignment),
+            "placements": [p.__dict__ for p in self.placements],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        return cls(
+            job_id=d["job_id"],
+            epoch=int(d["epoch"]),
+            planner=d["planner"],
+            start_step=int(d["start_step"]),
+            assignment={k: int(v) for k, v in d["assignment"].items()},
+            placements=tuple(Placement(**p) for p in d["placements"]),
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """What the planner needs to know of a free worker."""
+
+    worker_id: str
+    name: str
+    address: str
+    gflops: float
+
+
+def plan_even(
+    graph: Graph,
+    workers: Sequence[WorkerSlot],
+    *,
+    job_id: str,
+    epoch: int,
+    stages: int,
+    start_step: int,
+) -> tuple[Plan, Partition]:
+    """`stages` FLOPs-balanced stages on the first `stages` workers, in registration order."""
+    if stages < 1 or stages > len(workers):
+        raise ValueError(f"cannot place {stages} stages on {len(workers)} workers")
+    assignment = balanced_assignment(graph, stages)
+    cut = partition(graph, assignment)
+    placements = []
+    for stage, worker in zip(cut.stages, workers, strict=False):
+        g = stage.graph
+        placements.append(
+            Placement(
+                stage=stage.index,
+                worker_id=worker.worker_id,
+                worker_name=worker.name,
+                address=worker.address,
+                nodes=len(g.compute_nodes),
+                params=g.num_params(),
+                flops=g.total("fwd_flops") + g.total("bwd_flops"),
+            )
+        )
+    plan = Plan(
+        job_id=job_id,
+        epoch=epoch,
+        planner="even",
+        start_step=start_step,
+        assignment=dict(cut.assignment),
+        placements=tuple(placements),
+    )
+    return plan, cut
+
+
+def stage_routes(cut: Partition) -> list[dict[str, dict[str, tuple[int, ...]]]]:
+    """For every stage: what it sends (value -> stages), receives (value -> (stage,)), and,
+    for stage 0, the data inputs it loads and sends on (input -> stages)."""
+    routes: list[dict[str, dict[str, tuple[int, ...]]]] = [
+        {"sends": {}, "receives": {}, "data": {}} for _ in cut.stages
+    ]
+    for edge in cut.edges:
+        routes[edge.src]["sends"][edge.node] = edge.dsts
+        for dst in edge.dsts:
+            routes[dst]["receives"][edge.node] = (edge.src,)
+    for stage in cut.stages:
+        if stage.index == 0:
+            continue
+        for name in stage.data_inputs:
+            prev = routes[0]["data"].get(name, ())
+            routes[0]["data"][name] = (*prev, stage.index)
+    return routes

@@ -1,0 +1,159 @@
+"""The worker registry: who has joined, what they can do, whether they are alive.
+
+Heart-beats only touch memory (a heartbeat is answered without any store write, so
+hundreds of workers beating every second stay cheap); membership changes - a worker
+joins, is lost, leaves, is assigned to a job - are written to the store by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.planner import WorkerSlot
+
+
+@dataclass
+class WorkerState:
+    """One worker as the coordinator sees it."""
+
+    worker_id: str
+    name: str
+    address: str
+    gflops: float = 0.0
+    memory_bytes: int = 0
+    device: str = "cpu"
+    threads: int = 0
+    registered_at: float = field(default_factory=time.time)
+    # idle | busy | lost | left
+    state: str = "idle"
+    job_id: str = ""
+    epoch: int = 0
+    leaving: bool = False
+    # What the worker last said it was doing, and when (monotonic clock; memory only).
+    last_seen: float = field(default_factory=time.monotonic)
+    reported: tuple[str, int, int, str] = ("", 0, 0, "idle")
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("idle", "busy")
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "name": self.name,
+            "address": self.address,
+            "gflops": self.gflops,
+            "memory_bytes": self.memory_bytes,
+            "device": self.device,
+            "threads": self.threads,
+            "registered_at": self.registered_at,
+            "state": self.state,
+            "job_id": self.job_id,
+            "epoch": self.epoch,
+            "leaving": self.leaving,
+        }
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> WorkerState:
+        return cls(
+            worker_id=r["worker_id"],
+            name=r["name"],
+            address=r["address"],
+            gflops=float(r.get("gflops", 0.0)),
+            memory_bytes=int(r.get("memory_bytes", 0)),
+            device=r.get("device", "cpu"),
+            threads=int(r.get("threads", 0)),
+            registered_at=float(r.get("registered_at", 0.0)),
+            state=r.get("state", "idle"),
+            job_id=r.get("job_id", ""),
+            epoch=int(r.get("epoch", 0)),
+            leaving=bool(r.get("leaving", False)),
+        )
+
+
+class Registry:
+    """All workers, by id."""
+
+    def __init__(self, *, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.workers: dict[str, WorkerState] = {}
+
+    def load(self, records: list[dict[str, Any]]) -> None:
+        """Take over the workers a previous coordinator knew; each gets a fresh grace period
+        to heart-beat before it is declared lost."""
+        now = time.monotonic()
+        for r in records:
+            w = WorkerState.from_record(r)
+            w.last_seen = now
+            self.workers[w.worker_id] = w
+
+    def register(
+        self,
+        *,
+        name: str,
+        address: str,
+        gflops: float,
+        memory_bytes: int,
+        device: str,
+        threads: int,
+        worker_id: str = "",
+    ) -> WorkerState:
+        """A worker joins, or (with its id) comes back after a coordinator restart."""
+        w = self.workers.get(worker_id) if worker_id else None
+        if w is None:
+            w = WorkerState(worker_id=uuid.uuid4().hex[:12], name=name, address=address)
+            self.workers[w.worker_id] = w
+        w.name, w.address = name, address
+        w.gflops, w.memory_bytes, w.device, w.threads = gflops, memory_bytes, device, threads
+        if not w.alive:
+            w.state, w.job_id, w.epoch = "idle", "", 0
+        w.leaving = False
+        w.last_seen = time.monotonic()
+        return w
+
+    def get(self, worker_id: str) -> WorkerState | None:
+        return self.workers.get(worker_id)
+
+    def heartbeat(self, worker_id: str, reported: tuple[str, int, int, str]) -> WorkerState | None:
+        w = self.workers.get(worker_id)
+        if w is None or not w.alive:
+            return None
+        w.last_seen = time.monotonic()
+        w.reported = reported
+        return w
+
+    def expire(self) -> list[WorkerState]:
+        """Declare lost every live worker silent for longer than the timeout."""
+        now = time.monotonic()
+        lost = []
+        for w in self.workers.values():
+            if w.alive and now - w.last_seen > self.timeout_s:
+                w.state = "left" if w.leaving else "lost"
+                lost.append(w)
+        return lost
+
+    def free(self) -> list[WorkerSlot]:
+        """Live, idle workers that are not leaving, in registration order."""
+        idle = [w for w in self.workers.values() if w.state == "idle" and not w.leaving]
+        idle.sort(key=lambda w: (w.registered_at, w.worker_id))
+        return [WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in idle]
+
+    def assign(self, worker_ids: tuple[str, ...], job_id: str, epoch: int) -> None:
+        for wid in worker_ids:
+            w = self.workers[wid]
+            w.state, w.job_id, w.epoch = "busy", job_id, epoch
+
+    def release(self, worker_ids: tuple[str, ...], job_id: str) -> list[WorkerState]:
+        """Free the workers still holding `job_id`; returns the ones changed."""
+        changed = []
+        for wid in worker_ids:
+            w = self.workers.get(wid)
+            if w is not None and w.job_id == job_id:
+                w.job_id, w.epoch = "", 0
+                if w.state == "busy":
+                    w.state = "left" if w.leaving else "idle"
+                changed.append(w)
+        return changed

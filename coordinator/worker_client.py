@@ -1,0 +1,100 @@
+"""The calls the coordinator makes on workers: hand over a stage, start, stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import torch
+
+from archipelago.rpc import TlsConfig, open_channel, token_metadata
+from opdag.tensor_stream import iter_chunks
+from proto import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("archipelago.coordinator")
+
+
+class WorkerCallError(Exception):
+    """A worker refused or could not be reached; `unreachable` tells which."""
+
+    def __init__(self, worker_id: str, message: str, *, unreachable: bool) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.unreachable = unreachable
+
+
+class WorkerClient:
+    """One channel per worker address, reused across calls."""
+
+    def __init__(self, *, token: str, tls: TlsConfig | None, call_timeout_s: float = 30.0) -> None:
+        self.token = token
+        self.tls = tls
+        self.call_timeout_s = call_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = open_channel(address, self.tls)
+            self._channels[address] = channel
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    def _error(self, worker_id: str, what: str, e: grpc.aio.AioRpcError) -> WorkerCallError:
+        unreachable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return WorkerCallError(
+            worker_id, f"{what}: {e.code().name}: {e.details()}", unreachable=unreachable
+        )
+
+    async def load_stage(
+        self,
+        worker_id: str,
+        address: str,
+        assignment: worker_pb2.StageAssignment,
+        tensors: Sequence[torch.Tensor],
+    ) -> None:
+        async def parts() -> AsyncIterator[worker_pb2.LoadStagePart]:
+            yield worker_pb2.LoadStagePart(assignment=assignment)
+            for chunk in iter_chunks(tensors):
+                yield worker_pb2.LoadStagePart(chunk=chunk)
+
+        try:
+            await self._stub(address).LoadStage(
+                parts(), metadata=token_metadata(self.token), timeout=10 * self.call_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._error(
+                worker_id, f"loading stage {assignment.stage} on {address}", e
+            ) from None
+
+    async def start(self, worker_id: str, address: str, job_id: str, epoch: int) -> None:
+        try:
+            await self._stub(address).StartJob(
+                worker_pb2.JobControl(job_id=job_id, epoch=epoch),
+                metadata=token_metadata(self.token),
+                timeout=self.call_timeout_s,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._error(worker_id, f"starting job {job_id} on {address}", e) from None
+
+    async def stop(
+        self, address: str, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0
+    ) -> bool:
+        """Ask a worker to stop (or drain) a job; best effort, False if it did not answer."""
+        try:
+            await self._stub(address).StopJob(
+                worker_pb2.JobControl(
+                    job_id=job_id, epoch=epoch, drain=drain, steps_done=steps_done
+                ),
+                metadata=token_metadata(self.token),
+                timeout=5,
+            )
+            return True
+        except grpc.aio.AioRpcError as e:
+            log.info("stop of job %s on %s: %s", job_id, address, e.code().name)
+            return False
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

@@ -1,0 +1,100 @@
+"""Fixtures shared by every test tier.
+
+`redis_url` (session): a real `redis-server` started once on a free loopback port, with no
+persistence, in a temporary directory; yields its URL, database 0, and stops the server at
+the end of the session. Tests of the Redis state store run against it; a missing server
+fails them (CI must exercise Redis) - `make test` installs it with
+`apt-get install redis-server`.
+
+`clean_redis_url` (function): the same URL with the database emptied (FLUSHDB) first, so a
+test never sees another's keys.
+
+Both talk to the server over a plain socket, so this file needs no Redis client package.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 10.0
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_command(port: int, *args: str) -> bytes:
+    """Send one command in the Redis wire protocol and return the first reply line."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
+        sock.sendall(request.encode())
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.strip()
+
+
+def _wait_for_ping(server: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"redis-server exited with {server.returncode}: {log.read_text()}")
+        try:
+            if _redis_command(port, "PING") == b"+PONG":
+                return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.02)
+    pytest.fail(f"redis-server on port {port} did not answer PING in {START_TIMEOUT_S} s")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a throw-away redis-server on loopback, shared by the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not on PATH; the Redis state store tests need a real server. "
+            "`make test` installs it (apt-get install redis-server)."
+        )
+    workdir = tmp_path_factory.mktemp("redis")
+    log = workdir / "redis.log"
+    port = _free_loopback_port()
+    # No RDB snapshots or AOF: the server dies with the session and must not write files.
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    args += ["no", "--dir", str(workdir), "--logfile", str(log)]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_ping(server, port, log)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(server)
+
+
+@pytest.fixture
+def clean_redis_url(redis_url: str) -> str:
+    """`redis_url` with its database emptied first."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    assert _redis_command(port, "FLUSHDB") == b"+OK"
+    return redis_url

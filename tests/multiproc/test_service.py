@@ -1,0 +1,172 @@
+"""The service end to end: a real coordinator and real worker processes on loopback, jobs
+submitted with the `archipelago` client, losses checked against plain PyTorch."""
+
+from __future__ import annotations
+
+import functools
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.jobspec import parse_job_spec
+from opdag.reference import ReferenceTrainer
+from tests.multiproc.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.multiproc
+
+SPEC = """
+name: e2e
+model: {{zoo: gpt, args: {{layers: 2, d_model: 64, heads: 4, context: 32}}}}
+data: {{corpus: stdlib-text, batch_size: 8, micro_batches: 2, max_bytes: 2000000}}
+optimizer: {{name: adamw, lr: 1.0e-3}}
+steps: {steps}
+parallel: {{stages: {stages}}}
+checkpoint: {{every: {every}}}
+"""
+
+
+@functools.cache
+def reference_losses(steps: int) -> list[float]:
+    spec = parse_job_spec(SPEC.format(steps=steps, stages=1, every=steps))
+    trainer = ReferenceTrainer(
+        model=spec.model.zoo,
+        model_args=spec.model.args_dict(),
+        data=spec.data,
+        optimizer=spec.optimizer,
+        seed=spec.seed,
+    )
+    return [trainer.train_step(step) for step in range(steps)]
+
+
+def assert_losses_match_reference(cluster: Cluster, job_id: str, steps: int) -> None:
+    job = cluster.job(job_id, with_metrics=True)
+    losses = {m.step: m.loss for m in job.metrics}
+    assert sorted(losses) == list(range(steps)), "a step has no loss"
+    reference = reference_losses(steps)
+    for step in range(steps):
+        assert losses[step] == pytest.approx(reference[step], abs=1e-4), f"step {step}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    yield c
+    c.close()
+
+
+def test_three_workers_train_three_stages_exactly_like_one_process(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    for i in range(3):
+        cluster.start_worker(f"w{i}")
+    job_id = cluster.submit(SPEC.format(steps=20, stages=3, every=10))
+    job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
+    assert len(job.stages) == 3
+    assert {s.worker_name for s in job.stages} == {"w0", "w1", "w2"}
+    assert job.last_checkpoint == 20
+    assert job.bytes_per_step > 0
+    assert_losses_match_reference(cluster, job_id, 20)
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(3)}
+    spare = cluster.start_worker("spare")  # idle: the job asks for exactly 3 stages
+    steps = 120
+    job_id = cluster.submit(SPEC.format(steps=steps, stages=3, every=10))
+    running = cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
+    )
+    assert "spare" not in {s.worker_name for s in running.stages}
+    victim = running.stages[1].worker_name
+    cluster.kill(workers[victim])
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert job.epoch >= 2 and job.recoveries >= 1
+    assert victim not in {s.worker_name for s in job.stages}
+    assert "spare" in {s.worker_name for s in job.stages}
+    assert spare.alive
+    # The resumed run continues the curve: every step, before and after the kill, has the
+    # loss one uninterrupted process gets.
+    assert_losses_match_reference(cluster, job_id, steps)
+    epochs = {m.step: m.epoch for m in cluster.job(job_id, with_metrics=True).metrics}
+    assert epochs[steps - 1] == job.epoch and epochs[0] == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_killed_coordinator_restarts_on_its_store_and_the_job_completes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = "" if backend == "sqlite" else request.getfixturevalue("clean_redis_url")
+    cluster = Cluster(tmp_path / "cluster", store=store)
+    try:
+        cluster.start_coordinator()
+        for i in range(3):
+            cluster.start_worker(f"w{i}")
+        steps = 120
+        job_id = cluster.submit(SPEC.format(steps=steps, stages=3, every=10))
+        cluster.wait_job(
+            job_id, lambda j: j.state == "running" and j.steps_done >= 12, "the job to pass step 12"
+        )
+        assert cluster.coordinator is not None
+        cluster.kill(cluster.coordinator)
+        cluster.start_coordinator("coordinator-2")
+        seen = cluster.job(job_id)
+        assert seen.job_id == job_id and seen.state in (
+            "running",
+            "recovering",
+            "starting",
+            "completed",
+        )
+        cluster.wait_job(
+            job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+        )
+        assert_losses_match_reference(cluster, job_id, steps)
+    finally:
+        cluster.close()
+
+
+def test_worker_with_a_wrong_token_is_refused(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    intruder = cluster.start_worker("intruder", wait=False, token="not-the-token-at-all")
+    code = intruder.popen.wait(timeout=60)
+    assert code == 2
+    assert "refused" in intruder.tail() and "Traceback" not in intruder.tail()
+    assert all(w.name != "intruder" for w in cluster.workers_safe())
+    client = cluster.client(token="not-the-token-at-all")
+    with pytest.raises(Exception, match="refused the token"):
+        client.jobs()
+
+
+def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(2)}
+    cluster.start_worker("spare")
+    steps = 120
+    # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
+    job_id = cluster.submit(SPEC.format(steps=steps, stages=2, every=1000))
+    running = cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 8, "the job to pass step 8"
+    )
+    leaving = workers[running.stages[0].worker_name]
+    cluster.kill(leaving, signal.SIGINT)
+    assert leaving.popen.wait(timeout=120) == 0
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert job.epoch == 2
+    metrics = cluster.job(job_id, with_metrics=True).metrics
+    drained_at = min(m.step for m in metrics if m.epoch == 2)
+    # The new plan starts exactly where the old one stopped: no step ran twice.
+    assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
+    assert_losses_match_reference(cluster, job_id, steps)
+    wait_for(
+        "the drained worker to be marked left",
+        lambda: any(
+            w.name == running.stages[0].worker_name and w.state == "left"
+            for w in cluster.workers_safe()
+        ),
+        30,
+    )

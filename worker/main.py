@@ -1,0 +1,138 @@
+"""`archipelago worker`: a volunteer worker process.
+
+It measures its machine, starts its own service, registers with the coordinator and
+heart-beats until stopped. The first Ctrl-C (or SIGTERM) drains: the coordinator has the
+job checkpoint at the next step boundary and moves this worker's stage elsewhere, then the
+worker exits. A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from archipelago.rpc import SERVER_OPTIONS, TlsConfig
+from proto import worker_pb2_grpc
+from worker.coordinator_link import CoordinatorLink
+from worker.node import WorkerNode
+from worker.probe import measure_resources
+from worker.service import WorkerService
+
+log = logging.getLogger("archipelago.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How to run one worker (built from the command line)."""
+
+    coordinator: str
+    token: str
+    name: str = ""
+    listen: str = "127.0.0.1:0"
+    # The address peers and the coordinator use to reach this worker (default: listen).
+    advertise: str = ""
+    tls: TlsConfig | None = None
+    threads: int = 0
+    device: str = "cpu"
+    drain_timeout_s: float = 300.0
+
+
+def _advertised(listen: str, port: int, advertise: str) -> str:
+    if advertise:
+        return advertise
+    host = listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    resources = measure_resources(device=cfg.device)
+    name = cfg.name or f"{socket.gethostname()}-{id(cfg) % 10000:04d}"
+    link = CoordinatorLink(
+        cfg.coordinator, token=cfg.token, tls=cfg.tls, name=name, resources=resources
+    )
+    node = WorkerNode(
+        token=cfg.token, tls=cfg.tls, reporter=link, device=torch.device(resources.device)
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerService(node, worker_id=lambda: link.worker_id, name=name), server
+    )
+    credentials = cfg.tls.server_credentials() if cfg.tls else None
+    if credentials is not None:
+        port = server.add_secure_port(cfg.listen, credentials)
+    else:
+        port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    link.advertise = _advertised(cfg.listen, port, cfg.advertise)
+    await server.start()
+    log.info(
+        "worker %s serving on %s (%.1f GFLOP/s, %d threads)",
+        name,
+        link.advertise,
+        resources.gflops,
+        resources.threads,
+    )
+
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info(
+                "draining: finishing the current step, then leaving (Ctrl-C again to quit now)"
+            )
+            node.leaving = True
+            stop.set()
+        else:
+            log.info("leaving now")
+            raise SystemExit(130)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await link.register()
+        tasks.append(asyncio.create_task(link.report_loop()))
+
+        def status() -> tuple[str, int, int, str]:
+            s = node.status()
+            return s.job_id, s.epoch, s.step, s.state
+
+        async def stop_job(job_id: str) -> None:
+            held = node.job
+            if held is not None and held.plan.job_id == job_id:
+                await node.stop(job_id, held.plan.epoch, drain=False)
+
+        tasks.append(asyncio.create_task(link.heartbeat_loop(status, stop_job)))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        # Leaving: the coordinator drains our job (checkpoint, re-plan without us).
+        await link.leave()
+        if not await node.wait_idle(cfg.drain_timeout_s):
+            log.warning("the job did not drain within %.0f s; leaving anyway", cfg.drain_timeout_s)
+        await link.flush(timeout=10)
+        return 0
+    finally:
+        for task in tasks:
+            task.cancel()
+        await node.close()
+        await server.stop(grace=1)
+        await link.close()

@@ -1,0 +1,178 @@
+"""A worker's state: the stage it holds, the compute thread, its links to peers.
+
+A worker runs one stage of one job at a time. Torch compute happens on a single dedicated
+thread so the asyncio loop stays free to receive and send while a stage computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from archipelago.rpc import TlsConfig
+from opdag.errors import OpDagError
+from opdag.values import Value
+from worker.peers import PeerLinks
+from worker.serde import StagePlan
+from worker.stage_job import Reporter, StageJob
+
+log = logging.getLogger("archipelago.worker")
+
+
+class JobStateError(OpDagError):
+    """A control request that does not fit what the worker holds (wrong job, epoch...)."""
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    job_id: str = ""
+    epoch: int = 0
+    stage: int = 0
+    step: int = 0
+    state: str = "idle"
+
+
+class WorkerNode:
+    """What one worker process holds and does."""
+
+    def __init__(
+        self,
+        *,
+        token: str,
+        tls: TlsConfig | None,
+        reporter: Reporter,
+        device: torch.device | None = None,
+    ) -> None:
+        self.token = token
+        self.tls = tls
+        self.reporter = reporter
+        self.device = device or torch.device("cpu")
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.job: StageJob | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._peers: PeerLinks | None = None
+        self.leaving = False
+
+    # -- control (from the coordinator) ------------------------------------------------------
+
+    async def load_stage(self, plan: StagePlan, tensors: dict[str, torch.Tensor]) -> None:
+        if self.leaving:
+            raise JobStateError("this worker is leaving and takes no new stage")
+        # The coordinator only hands a stage to a worker it considers free: whatever this
+        # worker still holds belongs to an abandoned plan.
+        await self._drop_job()
+        peers = PeerLinks(plan, token=self.token, tls=self.tls)
+        loop = asyncio.get_running_loop()
+        try:
+            job = await loop.run_in_executor(
+                self.compute,
+                lambda: StageJob.build(
+                    plan,
+                    tensors,
+                    device=self.device,
+                    compute=self.compute,
+                    sender=peers.send,
+                    reporter=self.reporter,
+                ),
+            )
+        except BaseException:
+            await peers.close()
+            raise
+        self.job, self._peers = job, peers
+        log.info(
+            "loaded job %s epoch %d stage %d/%d (%d operators), steps %d..%d",
+            plan.job_id,
+            plan.epoch,
+            plan.stage,
+            plan.num_stages,
+            len(plan.graph.compute_nodes),
+            plan.start_step,
+            plan.total_steps,
+        )
+
+    def _held(self, job_id: str, epoch: int) -> StageJob:
+        job = self.job
+        if job is None or job.plan.job_id != job_id or job.plan.epoch != epoch:
+            held = f"{job.plan.job_id} epoch {job.plan.epoch}" if job else "nothing"
+            raise JobStateError(f"this worker holds {held}, not job {job_id} epoch {epoch}")
+        return job
+
+    async def start(self, job_id: str, epoch: int) -> None:
+        job = self._held(job_id, epoch)
+        if job.state != "loaded":
+            raise JobStateError(f"job {job_id} is {job.state}, not waiting to start")
+        self._task = asyncio.create_task(job.run(), name=f"job {job_id}")
+
+    async def stop(self, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0) -> None:
+        job = self._held(job_id, epoch)
+        if drain and job.state == "running":
+            job.request_drain(steps_done)
+            return
+        await self._drop_job()
+
+    async def _drop_job(self) -> None:
+        task, peers, job = self._task, self._peers, self.job
+        self._task, self._peers, self.job = None, None, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if job is not None:
+            if job.state in ("loaded", "running"):
+                job.state = "aborted"
+            log.info("dropped job %s epoch %d (%s)", job.plan.job_id, job.plan.epoch, job.state)
+            # Wait for the compute thread to be done with the job's tensors.
+            await asyncio.get_running_loop().run_in_executor(self.compute, job.runner.discard)
+        if peers is not None:
+            await peers.close()
+
+    # -- data (from peers) ---------------------------------------------------------------------
+
+    def job_for_transfer(self, job_id: str, epoch: int, secret: str) -> StageJob:
+        job = self.job
+        if job is None or job.plan.job_id != job_id or job.plan.epoch != epoch:
+            raise JobStateError(f"no stage of job {job_id} epoch {epoch} here")
+        if not hmac.compare_digest(job.plan.job_secret.encode(), secret.encode()):
+            raise PermissionError("wrong job secret")
+        if job.state not in ("loaded", "running"):
+            raise JobStateError(f"job {job_id} is {job.state} here")
+        return job
+
+    async def deliver(
+        self, job: StageJob, kind: str, step: int, mb: int, src: int, values: dict[str, Value]
+    ) -> None:
+        await job.deliver(kind, step, mb, src, values)
+
+    # -- status and shutdown ---------------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        job = self.job
+        if job is None:
+            return NodeStatus(state="leaving" if self.leaving else "idle")
+        p = job.plan
+        return NodeStatus(
+            job_id=p.job_id, epoch=p.epoch, stage=p.stage, step=job.step, state=job.state
+        )
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.state in ("loaded", "running")
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until the held job (if any) is no longer running; True if it stopped."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.busy:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    async def close(self) -> None:
+        await self._drop_job()
+        self.compute.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,208 @@
+"""The worker's serialisation boundary: protobuf messages to the worker's own dataclasses.
+
+Everything a worker receives is checked here before anything else sees it: the stage graph
+passes the allow-list (via `opdag.codec`), routes name values that exist, stage numbers are
+in range, and data and optimizer settings pass their own validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opdag import codec
+from opdag.data import DataConfig
+from opdag.errors import CodecError, OpDagError
+from opdag.ir import Graph
+from opdag.optim import OptimizerConfig
+from proto import tensor_pb2, worker_pb2
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything a worker needs to run one stage of a job."""
+
+    job_id: str
+    epoch: int
+    stage: int
+    num_stages: int
+    graph: Graph
+    peers: Mapping[int, str]
+    # value name -> stages it goes to / the stage it comes from
+    sends: Mapping[str, tuple[int, ...]]
+    receives: Mapping[str, int]
+    # data input name -> stages that read it (stage 0 loads the batch and sends them)
+    data_routes: Mapping[str, tuple[int, ...]]
+    data: DataConfig
+    context: int | None
+    fingerprint: str
+    optimizer: OptimizerConfig
+    start_step: int
+    total_steps: int
+    checkpoint_every: int
+    job_secret: str
+    tensors: tuple[tensor_pb2.TensorHeader, ...]
+
+    @property
+    def loads_data(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def data_inputs(self) -> tuple[str, ...]:
+        """The data inputs this stage's graph reads."""
+        return tuple(n for n in self.graph.inputs if n not in self.receives)
+
+    def forward_sources(self) -> set[int]:
+        """Stages that send this stage a message for every micro-batch's forward."""
+        srcs = set(self.receives.values())
+        if not self.loads_data and self.data_inputs:
+            srcs.add(0)
+        return srcs
+
+    def backward_sources(self) -> set[int]:
+        """Stages that send gradients back to this stage (those reading a value of ours
+        that carries a gradient)."""
+        srcs: set[int] = set()
+        for name, dsts in self.sends.items():
+            meta = self.graph.node(name).meta
+            if meta is not None and meta.carries_grad:
+                srcs.update(dsts)
+        return srcs
+
+
+def _fail(what: str) -> CodecError:
+    return CodecError(f"stage assignment: {what}")
+
+
+def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
+    """Decode and check a stage assignment (the graph is fully validated)."""
+    if not a.job_id or len(a.job_id) > 100:
+        raise _fail("missing or overlong job id")
+    if a.num_stages < 1 or a.num_stages > 4096 or a.stage >= a.num_stages:
+        raise _fail(f"stage {a.stage} of {a.num_stages} is out of range")
+    graph = codec.graph_from_pb(a.graph)
+    peers = {p.stage: p.address for p in a.peers}
+    if any(s >= a.num_stages for s in peers):
+        raise _fail("a peer's stage is out of range")
+
+    def routes(items: object, what: str) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for r in items:  # type: ignore[attr-defined]
+            stages = tuple(int(s) for s in r.stages)
+            if not stages or any(s >= a.num_stages or s == a.stage for s in stages):
+                raise _fail(f"{what} route of {r.name!r} names stages {list(stages)}")
+            if any(s not in peers for s in stages):
+                raise _fail(f"{what} route of {r.name!r} names a stage with no peer address")
+            if r.name in out:
+                raise _fail(f"{what} route of {r.name!r} given twice")
+            out[r.name] = stages
+        return out
+
+    sends = routes(a.sends, "send")
+    receives_multi = routes(a.receives, "receive")
+    data_routes = routes(a.data_routes, "data")
+    for name in sends:
+        if name not in graph.outputs:
+            raise _fail(f"sends {name!r}, which the stage graph does not output")
+    receives: dict[str, int] = {}
+    for name, stages in receives_multi.items():
+        if len(stages) != 1:
+            raise _fail(f"{name!r} would come from several stages")
+        if name not in graph.inputs:
+            raise _fail(f"receives {name!r}, which the stage graph does not take")
+        receives[name] = stages[0]
+    if data_routes and a.stage != 0:
+        raise _fail("only stage 0 loads and routes data")
+    try:
+        data = DataConfig(
+            corpus=a.data.corpus,
+            batch_size=a.data.batch_size,
+            micro_batches=a.data.micro_batches,
+            seed=a.data.seed,
+            max_bytes=a.data.max_bytes,
+        )
+        optimizer = OptimizerConfig(
+            name=a.optimizer.name,
+            lr=a.optimizer.lr,
+            weight_decay=a.optimizer.weight_decay,
+            betas=(a.optimizer.beta1, a.optimizer.beta2),
+            momentum=a.optimizer.momentum,
+        )
+    except OpDagError as e:
+        raise _fail(str(e)) from None
+    if a.start_step > a.total_steps or a.checkpoint_every < 1:
+        raise _fail(
+            f"steps {a.start_step}..{a.total_steps} every {a.checkpoint_every} make no sense"
+        )
+    if len(a.job_secret) < 16:
+        raise _fail("the job secret is too short")
+    return StagePlan(
+        job_id=a.job_id,
+        epoch=a.epoch,
+        stage=a.stage,
+        num_stages=a.num_stages,
+        graph=graph,
+        peers=peers,
+        sends=sends,
+        receives=receives,
+        data_routes=data_routes,
+        data=data,
+        context=a.data.context or None,
+        fingerprint=a.data.fingerprint,
+        optimizer=optimizer,
+        start_step=a.start_step,
+        total_steps=a.total_steps,
+        checkpoint_every=a.checkpoint_every,
+        job_secret=a.job_secret,
+        tensors=tuple(a.tensors),
+    )
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The header of one peer-to-peer transfer (values for one micro-batch)."""
+
+    job_id: str
+    epoch: int
+    job_secret: str
+    step: int
+    micro_batch: int
+    src_stage: int
+    values: tuple[tensor_pb2.NamedValue, ...]
+    tensors: tuple[tensor_pb2.TensorHeader, ...]
+
+
+def transfer_from_pb(h: worker_pb2.TransferHeader) -> Transfer:
+    return Transfer(
+        job_id=h.job_id,
+        epoch=h.epoch,
+        job_secret=h.job_secret,
+        step=h.step,
+        micro_batch=h.micro_batch,
+        src_stage=h.src_stage,
+        values=tuple(h.values),
+        tensors=tuple(h.tensors),
+    )
+
+
+def transfer_header_pb(
+    *,
+    job_id: str,
+    epoch: int,
+    job_secret: str,
+    step: int,
+    micro_batch: int,
+    src_stage: int,
+    values: list[tensor_pb2.NamedValue],
+    tensors: list[tensor_pb2.TensorHeader],
+) -> worker_pb2.TransferHeader:
+    return worker_pb2.TransferHeader(
+        job_id=job_id,
+        epoch=epoch,
+        job_secret=job_secret,
+        step=step,
+        micro_batch=micro_batch,
+        src_stage=src_stage,
+        values=values,
+        tensors=tensors,
+    )

@@ -1,0 +1,436 @@
+"""One stage of one job, running on a worker: remote autodiff with a network in between.
+
+Each training step follows the stage's 1F1B schedule. A forward waits in the `Inbox` for
+the values of that micro-batch from every stage that sends to this one, runs in the compute
+thread, and hands its outputs to the peers that read them; a backward waits for the
+gradients from every stage that read a value of ours, sums them, runs local autograd, and
+sends the gradients of what we received back to where it came from. Sends run as their own
+tasks: compute never waits on a transfer, and forward and backward traffic travel on
+separate calls. After the last backward the stage steps its own optimizer, reports the step
+and, on schedule, uploads a checkpoint of its parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from opdag.data import build_source, split_micro_batches
+from opdag.errors import CodecError, OpDagError
+from opdag.ir import ValueMeta, dtype_name
+from opdag.optim import (
+    OPTIM_PREFIX,
+    build_optimizer,
+    load_optimizer_state,
+    optimizer_state_tensors,
+)
+from opdag.partition import Stage
+from opdag.rad import StageRunner
+from opdag.stage import StageModule
+from opdag.values import Value, add_grads
+from worker.schedule import one_f_one_b
+from worker.serde import StagePlan
+
+log = logging.getLogger("archipelago.worker")
+T = TypeVar("T")
+
+
+@dataclass
+class StepReport:
+    """What one stage did in one step (sent to the coordinator)."""
+
+    job_id: str
+    epoch: int
+    stage: int
+    step: int
+    loss: float | None
+    step_seconds: float
+    sent: dict[int, int] = field(default_factory=dict)
+    finished: bool = False
+    drained: bool = False
+    error: str = ""
+
+
+class Reporter(Protocol):
+    """Where a stage job sends its progress and checkpoints (the coordinator, in service)."""
+
+    def progress(self, report: StepReport) -> None: ...
+
+    async def checkpoint(
+        self, plan: StagePlan, steps_done: int, tensors: Mapping[str, torch.Tensor]
+    ) -> None: ...
+
+
+# Sends one micro-batch's values to one peer stage; returns the bytes it sent.
+Sender = Callable[[str, int, int, int, Mapping[str, Value]], Awaitable[int]]
+
+
+def check_value(value: Value, meta: ValueMeta, what: str, *, grad: bool = False) -> None:
+    """Refuse a received value whose structure, dtype or shape differs from the graph's."""
+    if grad and value is None:
+        return
+    if meta.kind == "tensor":
+        if not isinstance(value, torch.Tensor):
+            raise CodecError(f"{what}: expected a tensor, got {type(value).__name__}")
+        if dtype_name(value.dtype) != meta.dtype or tuple(value.shape) != meta.shape:
+            raise CodecError(
+                f"{what}: expected {meta.dtype}{list(meta.shape)}, got "
+                f"{dtype_name(value.dtype)}{list(value.shape)}"
+            )
+    elif meta.kind in ("tuple", "list"):
+        if not isinstance(value, (tuple, list)) or len(value) != len(meta.items):
+            raise CodecError(f"{what}: expected a {meta.kind} of {len(meta.items)} values")
+        for i, (v, m) in enumerate(zip(value, meta.items, strict=True)):
+            check_value(v, m, f"{what}[{i}]", grad=grad)
+    elif grad:
+        if value is not None:
+            raise CodecError(f"{what}: a {meta.kind} carries no gradient")
+    else:
+        kinds = {
+            "int": int,
+            "float": float,
+            "bool": bool,
+            "dtype": torch.dtype,
+            "device": torch.device,
+        }
+        expected = kinds.get(meta.kind)
+        if meta.kind == "none":
+            if value is not None:
+                raise CodecError(f"{what}: expected None")
+        elif (
+            expected is None
+            or not isinstance(value, expected)
+            or (meta.kind == "int" and isinstance(value, bool))
+        ):
+            raise CodecError(f"{what}: expected a {meta.kind}, got {type(value).__name__}")
+
+
+class Inbox:
+    """Received values and gradients, waiting for the schedule to reach them."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, int, int], dict[int, dict[str, Value]]] = {}
+        self._changed = asyncio.Condition()
+
+    async def put(self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]) -> None:
+        async with self._changed:
+            slot = self._items.setdefault((kind, step, mb), {})
+            if src in slot:
+                raise CodecError(
+                    f"{kind} values of step {step}, micro-batch {mb} from stage {src} arrived twice"
+                )
+            slot[src] = values
+            self._changed.notify_all()
+
+    async def take(
+        self, kind: str, step: int, mb: int, srcs: set[int]
+    ) -> dict[int, dict[str, Value]]:
+        key = (kind, step, mb)
+        async with self._changed:
+            await self._changed.wait_for(lambda: srcs <= set(self._items.get(key, {})))
+            return self._items.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class StageJob:
+    """A loaded stage: built module, optimizer, data (stage 0), inbox; `run()` trains."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        runner: StageRunner,
+        *,
+        source: Any,
+        compute: Executor,
+        sender: Sender,
+        reporter: Reporter,
+    ) -> None:
+        self.plan = plan
+        self.runner = runner
+        self.source = source
+        self.compute = compute
+        self.sender = sender
+        self.reporter = reporter
+        self.inbox = Inbox()
+        self.step = plan.start_step
+        self.state = "loaded"
+        self.error = ""
+        self._drain = False
+        self._drain_target: int | None = None
+        self._step_task: asyncio.Task[None] | None = None
+        self._forward_srcs = plan.forward_sources()
+        self._backward_srcs = plan.backward_sources()
+        # What each peer sends us, so a transfer naming anything else is refused.
+        self._expected_forward: dict[int, set[str]] = {}
+        for name, src in plan.receives.items():
+            self._expected_forward.setdefault(src, set()).add(name)
+        if not plan.loads_data and plan.data_inputs:
+            self._expected_forward.setdefault(0, set()).update(plan.data_inputs)
+        self._expected_backward: dict[int, set[str]] = {}
+        for name, dsts in plan.sends.items():
+            meta = plan.graph.node(name).meta
+            if meta is not None and meta.carries_grad:
+                for dst in dsts:
+                    self._expected_backward.setdefault(dst, set()).add(name)
+        self._checkpoint_task: asyncio.Task[None] | None = None
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        plan: StagePlan,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device,
+        compute: Executor,
+        sender: Sender,
+        reporter: Reporter,
+    ) -> StageJob:
+        """Build the stage (run this in the compute thread: it allocates and loads data)."""
+        params = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
+        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+        module = StageModule(plan.graph, params, device=device, copy=False)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        optimizer = build_optimizer(named, plan.optimizer) if named else None
+        if optim:
+            if optimizer is None:
+                raise OpDagError("optimizer state sent for a stage with nothing to train")
+            load_optimizer_state(optimizer, named, optim)
+        data_inputs = tuple(n for n in plan.graph.inputs if n not in plan.receives)
+        stage = Stage(
+            index=plan.stage,
+            graph=plan.graph,
+            recv=tuple(plan.receives),
+            data_inputs=data_inputs,
+            send=tuple(plan.sends),
+        )
+        runner = StageRunner(
+            stage, module, num_micro_batches=plan.data.micro_batches, optimizer=optimizer
+        )
+        source = None
+        if plan.loads_data:
+            source = build_source(plan.data, context=plan.context)
+            if plan.fingerprint and source.fingerprint != plan.fingerprint:
+                raise OpDagError(
+                    f"this worker's copy of {plan.data.corpus!r} differs from the job's "
+                    f"(fingerprint {source.fingerprint[:12]} != {plan.fingerprint[:12]}): "
+                    "stage 0 must read the same data as the reference"
+                )
+        return cls(plan, runner, source=source, compute=compute, sender=sender, reporter=reporter)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def expected_bytes(self, kind: str, src: int) -> int:
+        """Tensor bytes a message of `kind` from stage `src` may carry (sizes declared by a
+        sender are checked against this before any memory is set aside)."""
+        names = (self._expected_forward if kind == "F" else self._expected_backward).get(src, ())
+        total = 0
+        for name in names:
+            meta = self.plan.graph.node(name).meta
+            total += meta.nbytes if meta is not None else 0
+        return total
+
+    async def deliver(
+        self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]
+    ) -> None:
+        """Accept one peer message after checking it is one we expect, shaped as expected."""
+        plan = self.plan
+        if not plan.start_step <= step < plan.total_steps or step < self.step:
+            raise CodecError(f"step {step} is not one this stage will run (now at {self.step})")
+        if mb >= plan.data.micro_batches:
+            raise CodecError(f"micro-batch {mb} is out of range")
+        expected = (self._expected_forward if kind == "F" else self._expected_backward).get(src)
+        if expected is None:
+            raise CodecError(
+                f"stage {src} sends no {'values' if kind == 'F' else 'gradients'} here"
+            )
+        if set(values) != expected:
+            raise CodecError(f"stage {src} sent {sorted(values)}, expected {sorted(expected)}")
+        for name, value in values.items():
+            meta = plan.graph.node(name).meta
+            if meta is None:
+                raise CodecError(f"value {name!r} has no description in the stage graph")
+            check_value(
+                value, meta, f"{'value' if kind == 'F' else 'gradient'} {name!r}", grad=kind == "B"
+            )
+        await self.inbox.put(kind, step, mb, src, values)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    def request_drain(self, steps_done: int = 0) -> None:
+        """Stop at a step boundary, once a checkpoint of it is uploaded: the next boundary
+        (stage 0, which starts every step first, chooses it), or after `steps_done` steps
+        (every other stage, told the boundary stage 0 chose)."""
+        if steps_done == 0:
+            self._drain = True
+            return
+        self._drain_target = steps_done
+        # Already waiting inside the following step: it cannot get its inputs (stage 0 has
+        # stopped), and nothing of it is applied before its end, so it is dropped.
+        if self.step >= steps_done and self._step_task is not None and not self._step_task.done():
+            self._step_task.cancel()
+
+    def _draining(self) -> bool:
+        return self._drain or (self._drain_target is not None and self.step >= self._drain_target)
+
+    async def run(self) -> None:
+        plan = self.plan
+        self.state = "running"
+        try:
+            while self.step < plan.total_steps and not self._draining():
+                self._step_task = asyncio.create_task(self._run_step(self.step))
+                try:
+                    await self._step_task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if (current is not None and current.cancelling()) or not self._draining():
+                        raise
+                    await self._compute(self.runner.discard)
+                    break
+                self.step += 1
+                due = self.step % plan.checkpoint_every == 0 or self.step == plan.total_steps
+                if due and not self._draining():
+                    await self._checkpoint(wait=self.step == plan.total_steps)
+            if self.step < plan.total_steps:  # drained at a step boundary
+                await self._checkpoint(wait=True)
+                self.state = "drained"
+                self.reporter.progress(self._report(self.step - 1, None, 0.0, drained=True))
+                return
+            if self._checkpoint_task is not None:
+                await self._checkpoint_task
+            self.state = "finished"
+            self.reporter.progress(self._report(plan.total_steps - 1, None, 0.0, finished=True))
+        except asyncio.CancelledError:
+            self.state = "aborted"
+            raise
+        except Exception as e:
+            self.state = "failed"
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("job %s stage %d failed at step %d", plan.job_id, plan.stage, self.step)
+            self.reporter.progress(self._report(self.step, None, 0.0, error=self.error))
+
+    def _report(self, step: int, loss: float | None, seconds: float, **flags: Any) -> StepReport:
+        return StepReport(
+            job_id=self.plan.job_id,
+            epoch=self.plan.epoch,
+            stage=self.plan.stage,
+            step=step,
+            loss=loss,
+            step_seconds=seconds,
+            **flags,
+        )
+
+    async def _run_step(self, step: int) -> None:
+        plan = self.plan
+        began = time.perf_counter()
+        micro: list[dict[str, torch.Tensor]] = []
+        if plan.loads_data:
+            micro = await self._compute(self._load_batch, step)
+        sends: list[asyncio.Task[int]] = []
+        sent: dict[int, int] = {}
+        losses: list[float] = []
+        try:
+            for op in one_f_one_b(plan.stage, plan.num_stages, plan.data.micro_batches):
+                mb = op.micro_batch
+                if op.kind == "F":
+                    inputs: dict[str, Value] = {}
+                    if self._forward_srcs:
+                        for values in (
+                            await self.inbox.take("F", step, mb, self._forward_srcs)
+                        ).values():
+                            inputs.update(values)
+                    outbox: dict[int, dict[str, Value]] = {}
+                    if plan.loads_data:
+                        inputs.update({n: micro[mb][n] for n in plan.data_inputs})
+                        for name, dsts in plan.data_routes.items():
+                            for dst in dsts:
+                                outbox.setdefault(dst, {})[name] = micro[mb][name]
+                    outputs = await self._compute(self.runner.forward, mb, inputs)
+                    for name, dsts in plan.sends.items():
+                        for dst in dsts:
+                            outbox.setdefault(dst, {})[name] = outputs[name]
+                    for dst, values in outbox.items():
+                        sends.append(self._send("F", dst, step, mb, values, sent))
+                    if self.runner.stage.loss:
+                        losses.append(float(outputs[self.runner.stage.loss]))
+                else:
+                    grads: dict[str, Value] = {}
+                    if self._backward_srcs:
+                        taken = await self.inbox.take("B", step, mb, self._backward_srcs)
+                        for values in taken.values():
+                            for name, g in values.items():
+                                grads[name] = add_grads(grads.get(name), g)
+                    back = await self._compute(self.runner.backward, mb, grads)
+                    by_src: dict[int, dict[str, Value]] = {}
+                    for name, src in plan.receives.items():
+                        meta = plan.graph.node(name).meta
+                        if meta is not None and meta.carries_grad:
+                            by_src.setdefault(src, {})[name] = back.get(name)
+                    for src, values in by_src.items():
+                        sends.append(self._send("B", src, step, mb, values, sent))
+            await asyncio.gather(*sends)
+        except BaseException:
+            for task in sends:
+                task.cancel()
+            raise
+        await self._compute(self.runner.step)
+        loss = sum(losses) / len(losses) if losses else None
+        self.reporter.progress(self._report(step, loss, time.perf_counter() - began, sent=sent))
+
+    def _load_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
+        assert self.source is not None
+        return split_micro_batches(self.source.batch(step), self.plan.data.micro_batches)
+
+    def _send(
+        self,
+        kind: str,
+        dst: int,
+        step: int,
+        mb: int,
+        values: dict[str, Value],
+        sent: dict[int, int],
+    ) -> asyncio.Task[int]:
+        async def go() -> int:
+            n = await self.sender(kind, dst, step, mb, values)
+            sent[dst] = sent.get(dst, 0) + n
+            return n
+
+        return asyncio.create_task(go(), name=f"send {kind} s{step} mb{mb} -> {dst}")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of this stage's parameters, buffers and optimizer state, by name."""
+        module = self.runner.module
+        out = {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+        if self.runner.optimizer is not None:
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            out.update(
+                {
+                    k: v.cpu()
+                    for k, v in optimizer_state_tensors(self.runner.optimizer, named).items()
+                }
+            )
+        return out
+
+    async def _checkpoint(self, *, wait: bool) -> None:
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task  # one upload at a time, in step order
+        tensors = await self._compute(self.snapshot)
+        task = asyncio.create_task(self.reporter.checkpoint(self.plan, self.step, tensors))
+        self._checkpoint_task = task
+        if wait:
+            await task
