@@ -68,7 +68,12 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the gpt demo job and compare it with plain PyTorch")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, --in-process (0: all)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the stages in this process instead of on worker processes",
+    )
     p.set_defaults(func=demo.cmd_demo)
 
 

@@ -1,23 +1,35 @@
 """`archipelago demo`: the main job on an embedded default.
 
-Captures the `gpt` model, cuts it into stages, trains it by remote autodiff in this process
-on real text, then trains the same model with plain PyTorch, and prints the two side by
-side: the losses must agree step for step, and the throughput ratio is the runtime's cost.
+Starts a coordinator and three workers as separate processes on loopback, submits the
+`gpt` job, follows it with a progress bar, then trains the same model with plain PyTorch
+in this process and prints the two side by side: the losses must agree step for step, and
+the throughput ratio is what the distributed runtime costs on one machine. Every process
+it starts is stopped when it ends, also on Ctrl-C or an error.
+
+`--in-process` runs the stages in this one process instead (remote autodiff without a
+network), the fastest way to see the OP-DAG at work.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import yaml
+from tqdm import tqdm
 
+from archipelago.client import ClientError, JobView
 from archipelago.errors import UsageError
+from archipelago.localcluster import Cluster
 from opdag import report
 from opdag.data import DataConfig, TextSource
 from opdag.local import LocalTrainer
 from opdag.optim import OptimizerConfig
-from opdag.reference import ReferenceTrainer
+from opdag.reference import ReferenceResult, ReferenceTrainer
 
 DEMO_MODEL = "gpt"
 DEMO_ARGS = {"layers": 6, "d_model": 256, "heads": 8, "context": 128}
@@ -26,14 +38,145 @@ DEMO_OPTIMIZER = OptimizerConfig(name="adamw", lr=1e-3)
 EVAL_BATCHES = 4
 
 
+def demo_spec(steps: int, stages: int) -> str:
+    """The demo job as a user would write it."""
+    spec = {
+        "name": "demo-gpt",
+        "model": {"zoo": DEMO_MODEL, "args": DEMO_ARGS},
+        "data": {
+            "corpus": DEMO_DATA.corpus,
+            "batch_size": DEMO_DATA.batch_size,
+            "micro_batches": DEMO_DATA.micro_batches,
+            "seed": DEMO_DATA.seed,
+        },
+        "optimizer": {"name": DEMO_OPTIMIZER.name, "lr": DEMO_OPTIMIZER.lr},
+        "steps": steps,
+        "parallel": {"planner": "even", "stages": stages},
+        "checkpoint": {"every": 50},
+    }
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+def _reference(steps: int) -> ReferenceResult:
+    return ReferenceTrainer(
+        model=DEMO_MODEL, model_args=DEMO_ARGS, data=DEMO_DATA, optimizer=DEMO_OPTIMIZER
+    ).run(steps, progress=True)
+
+
+def _print_rows(rows: list[tuple[str, str, str]]) -> None:
+    print()
+    for name, a, b in rows:
+        print(f"  {name:<28} {a:>22} {b:>16}")
+    print()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, not {args.steps}")
+    if args.stages < 1:
+        raise UsageError(f"--stages must be at least 1, not {args.stages}")
+    if args.in_process:
+        return _in_process(args)
+    return _distributed(args)
+
+
+def _distributed(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    shape = ", ".join(f"{k} {v}" for k, v in DEMO_ARGS.items())
+    print(
+        f"Archipelago demo: {DEMO_MODEL} ({shape}), {args.steps} steps on a coordinator and "
+        f"{args.stages} workers on loopback"
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="archipelago-demo-"))
+    with Cluster(
+        workdir, token=secrets.token_hex(16), heartbeat_s=0.5, worker_timeout_s=5.0
+    ) as cluster:
+        cluster.start_coordinator()
+        print(f"  coordinator on {cluster.address} (logs in {workdir})")
+        for i in range(args.stages):
+            cluster.start_worker(f"worker-{i}")
+        print(
+            f"  {args.stages} workers joined; submitting the job (the coordinator captures "
+            "the model first)"
+        )
+        job_id = cluster.submit(demo_spec(args.steps, args.stages))
+        final = _follow(cluster, job_id, args.steps)
+        if final.state != "completed":
+            print(f"job {job_id} {final.state}: {final.error}")
+            print(cluster.logs())
+            return 1
+        job = cluster.job(job_id, with_metrics=True)
+        plan = [
+            f"stage {s.stage}: {s.worker_name} ({s.nodes} operators, "
+            f"{report.human_count(s.params)} parameters)"
+            for s in job.stages
+        ]
+    print("  " + "\n  ".join(plan))
+    print("\nthe same model, data and optimizer in one plain PyTorch process:")
+    reference = _reference(args.steps)
+    losses = {m.step: m.loss for m in job.metrics}
+    ours = [losses[s] for s in range(args.steps)]
+    tail = min(10, args.steps)
+    # Throughput of the distributed run: steps timed by the stage that computes the loss,
+    # skipping the first (start-up) steps.
+    timed = [m.step_seconds for m in job.metrics if m.step >= min(5, args.steps - 1)]
+    samples_per_s = DEMO_DATA.batch_size * len(timed) / sum(timed) if timed else 0.0
+    diff = max(abs(a - b) for a, b in zip(ours, reference.losses, strict=True))
+    _print_rows(
+        [
+            ("", f"{len(job.stages)} workers (gRPC)", "plain PyTorch"),
+            ("first loss", f"{ours[0]:.4f}", f"{reference.losses[0]:.4f}"),
+            (
+                f"loss, mean of last {tail}",
+                f"{sum(ours[-tail:]) / tail:.4f}",
+                f"{sum(reference.losses[-tail:]) / tail:.4f}",
+            ),
+            ("samples/s", f"{samples_per_s:.1f}", f"{reference.samples_per_s:.1f}"),
+        ]
+    )
+    print(f"  largest difference between the two runs' step losses: {diff:.2e}")
+    print(
+        f"  throughput ratio (distributed / plain): {samples_per_s / reference.samples_per_s:.2f}"
+        " - three processes share this machine's cores"
+    )
+    print(
+        f"  bytes between workers per step: {report.human_bytes(job.bytes_per_step)} "
+        "(activations forward, gradients back)"
+    )
+    print(f"  demo took {time.perf_counter() - began:.0f} s; every process it started is stopped")
+    return 0
+
+
+def _follow(cluster: Cluster, job_id: str, steps: int) -> JobView:
+    client = cluster.client()
+    bar = tqdm(total=steps, desc="distributed gpt", unit="step")
+    last: JobView | None = None
+    try:
+        for job in client.watch(job_id):
+            last = job
+            bar.n = job.steps_done
+            loss = f"{job.loss:.4f}" if job.loss is not None else "-"
+            bar.set_postfix_str(
+                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s", refresh=True
+            )
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        bar.close()
+        client.close()
+    if last is None:
+        raise UsageError(f"job {job_id} vanished")
+    return last
+
+
+def _in_process(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
     shape = ", ".join(f"{k} {v}" for k, v in DEMO_ARGS.items())
-    print(f"Archipelago demo: {DEMO_MODEL} ({shape}) on stdlib-text, {args.steps} steps")
+    print(
+        f"Archipelago demo (in process): {DEMO_MODEL} ({shape}) on stdlib-text, {args.steps} steps"
+    )
     staged = LocalTrainer(
         model=DEMO_MODEL,
         model_args=DEMO_ARGS,
@@ -56,24 +199,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reference = ReferenceTrainer(
         model=DEMO_MODEL, model_args=DEMO_ARGS, data=DEMO_DATA, optimizer=DEMO_OPTIMIZER
     ).run(args.steps, progress=True, eval_batches=EVAL_BATCHES)
-
     tail = min(10, args.steps)
     diff = max(abs(a - b) for a, b in zip(ours.losses, reference.losses, strict=True))
-    rows = [
-        ("", f"{args.stages} stages (OP-DAG)", "plain PyTorch"),
-        ("first loss", f"{ours.losses[0]:.4f}", f"{reference.losses[0]:.4f}"),
-        (
-            f"loss, mean of last {tail}",
-            f"{sum(ours.losses[-tail:]) / tail:.4f}",
-            f"{sum(reference.losses[-tail:]) / tail:.4f}",
-        ),
-        ("validation loss", f"{ours.val_loss:.4f}", f"{reference.val_loss:.4f}"),
-        ("samples/s", f"{ours.samples_per_s:.1f}", f"{reference.samples_per_s:.1f}"),
-    ]
-    print()
-    for name, a, b in rows:
-        print(f"  {name:<24} {a:>20} {b:>16}")
-    print()
+    _print_rows(
+        [
+            ("", f"{args.stages} stages (OP-DAG)", "plain PyTorch"),
+            ("first loss", f"{ours.losses[0]:.4f}", f"{reference.losses[0]:.4f}"),
+            (
+                f"loss, mean of last {tail}",
+                f"{sum(ours.losses[-tail:]) / tail:.4f}",
+                f"{sum(reference.losses[-tail:]) / tail:.4f}",
+            ),
+            ("validation loss", f"{ours.val_loss:.4f}", f"{reference.val_loss:.4f}"),
+            ("samples/s", f"{ours.samples_per_s:.1f}", f"{reference.samples_per_s:.1f}"),
+        ]
+    )
     print(f"  largest difference between the two runs' step losses: {diff:.2e}")
     print(
         f"  throughput ratio (staged / plain): {ours.samples_per_s / reference.samples_per_s:.2f}"
