@@ -8,6 +8,8 @@ import sys
 
 BENCHMARKS = {
     "capture": "bench.capture_speed",
+    "service": "bench.service_throughput",
+    "heartbeats": "bench.heartbeats",
 }
 
 
