@@ -17,6 +17,10 @@ TOKEN_HEADER = "x-archipelago-token"
 # Tensor bytes travel in 1 MiB chunks; whole messages above this are refused (the largest
 # ordinary message is a stage assignment, whose graph is tens of kilobytes).
 MAX_MESSAGE_BYTES = 16 << 20
+# Error details travel percent-encoded in a trailer, and gRPC drops a call whose trailer
+# exceeds 16 KiB (the caller sees RESOURCE_EXHAUSTED, not the refusal): messages quoting a
+# request's fields are cut to this many characters (at most 12 bytes each once encoded).
+MAX_DETAILS_CHARS = 1000
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

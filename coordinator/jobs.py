@@ -244,7 +244,15 @@ class JobManager:
         """Validate a spec, capture its model, store the job; then it waits for workers."""
         spec = parse_job_spec(spec_yaml)
         job = Job(job_id=uuid.uuid4().hex[:10], name=spec.name, spec=spec)
-        model, fingerprint = await asyncio.to_thread(self._prepare, spec)
+        try:
+            model, fingerprint = await asyncio.to_thread(self._prepare, spec)
+        except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as e:
+            # The spec passed validation but torch cannot build the model it describes (a
+            # size beyond memory or beyond int64): refuse the job, do not crash the call.
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise JobError(
+                f"model: {spec.model.zoo} cannot be built with these args: {reason}"
+            ) from None
         job.fingerprint = fingerprint
         await self._io(self.store.put_blob, f"job/{job.job_id}/model", codec.encode_model(model))
         self._models[job.job_id] = model

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import grpc
 
-from archipelago.rpc import require_token
+from archipelago.rpc import MAX_DETAILS_CHARS, require_token
 from coordinator.jobs import JobError, JobManager, StaleReport
 from coordinator.registry import Registry
 from coordinator.serde import job_info_pb, progress_from_pb, worker_info_pb
@@ -30,7 +30,7 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,255}:\d{1,5}$")
 async def _abort(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
 ) -> NoReturn:
-    await context.abort(code, message)
+    await context.abort(code, message[:MAX_DETAILS_CHARS])
     raise AssertionError("abort returns only by raising")
 
 

@@ -51,6 +51,10 @@ def check_header(h: tensor_pb2.TensorHeader) -> tuple[torch.dtype, tuple[int, ..
     if len(h.shape) > MAX_DIMS or any(d < 0 for d in h.shape):
         raise CodecError(f"{what}: invalid shape {list(h.shape)}")
     dtype = dtype_of(h.dtype)
+    # A tensor with no elements may still name huge dimensions; torch refuses (RuntimeError)
+    # any shape whose strides do not fit in int64.
+    if math.prod(max(d, 1) for d in h.shape) * dtype.itemsize >= 1 << 63:
+        raise CodecError(f"{what}: invalid shape {list(h.shape)} (too large)")
     expected = math.prod(h.shape) * dtype.itemsize
     if h.nbytes != expected:
         raise CodecError(

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from archipelago.rpc import MAX_MESSAGE_BYTES, require_token
+from archipelago.rpc import MAX_DETAILS_CHARS, MAX_MESSAGE_BYTES, require_token
 from opdag.errors import OpDagError
 from opdag.tensor_stream import TensorAssembler, decode_values
 from proto import worker_pb2, worker_pb2_grpc
@@ -29,7 +29,7 @@ MAX_PROBE_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
 async def _abort(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
 ) -> NoReturn:
-    await context.abort(code, message)
+    await context.abort(code, message[:MAX_DETAILS_CHARS])
     raise AssertionError("abort returns only by raising")
 
 
