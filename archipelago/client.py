@@ -74,6 +74,32 @@ class WorkerView:
     last_seen_s: float
 
 
+@dataclass(frozen=True)
+class LinkView:
+    """One measured directed link between two workers."""
+
+    src: str
+    dst: str
+    src_name: str
+    dst_name: str
+    bandwidth: float  # bytes per second
+    rtt_s: float
+    age_s: float
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """A job's plan explained, with its predicted and measured step times."""
+
+    job_id: str
+    epoch: int
+    planner: str
+    text: str
+    predicted_step_s: float
+    measured_step_s: float
+    calibrated_step_s: float
+
+
 def _job(pb: coordinator_pb2.JobInfo) -> JobView:
     return JobView(
         job_id=pb.job_id,
@@ -175,6 +201,33 @@ class CoordinatorClient:
             )
             for w in reply.workers  # type: ignore[attr-defined]
         ]
+
+    def links(self) -> list[LinkView]:
+        reply = self._call("ListLinks", coordinator_pb2.ListLinksRequest())
+        return [
+            LinkView(
+                link.src,
+                link.dst,
+                link.src_name,
+                link.dst_name,
+                link.bandwidth,
+                link.rtt_s,
+                link.age_s,
+            )
+            for link in reply.links  # type: ignore[attr-defined]
+        ]
+
+    def plan(self, job_id: str) -> PlanView:
+        p = self._call("GetPlan", coordinator_pb2.JobRequest(job_id=job_id))
+        return PlanView(
+            p.job_id,  # type: ignore[attr-defined]
+            p.epoch,  # type: ignore[attr-defined]
+            p.planner,  # type: ignore[attr-defined]
+            p.text,  # type: ignore[attr-defined]
+            p.predicted_step_s,  # type: ignore[attr-defined]
+            p.measured_step_s,  # type: ignore[attr-defined]
+            p.calibrated_step_s,  # type: ignore[attr-defined]
+        )
 
     def close(self) -> None:
         self._channel.close()

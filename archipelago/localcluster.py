@@ -65,6 +65,8 @@ class Cluster:
     worker_timeout_s: float = 2.0
     extra_coordinator_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
+    # Workers measure links only inside these networks: every address here is local.
+    probe_networks: str = "127.0.0.0/8"
     procs: list[Proc] = field(default_factory=list)
     port: int = 0
     coordinator: Proc | None = None
@@ -130,6 +132,8 @@ class Cluster:
                 name,
                 "--threads",
                 "1",
+                "--probe-networks",
+                self.probe_networks,
                 *self.extra_worker_args,
             ],
         )

@@ -7,6 +7,7 @@ It imports nothing of the coordinator or the worker, so both may use it.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ MAX_MESSAGE_BYTES = 16 << 20
 # exceeds 16 KiB (the caller sees RESOURCE_EXHAUSTED, not the refusal): messages quoting a
 # request's fields are cut to this many characters (at most 12 bytes each once encoded).
 MAX_DETAILS_CHARS = 1000
+# What a worker's address must look like (HOST:PORT) wherever one is received.
+ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,255}:\d{1,5}$")
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

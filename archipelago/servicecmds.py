@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from archipelago.client import ClientError, CoordinatorClient, JobView
+from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
 from archipelago.errors import UsageError
 from archipelago.rpc import TlsConfig, TlsError
 from opdag.report import human_bytes, human_count
@@ -56,6 +56,12 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument(
+        "--probe-networks",
+        default="",
+        metavar="CIDR[,CIDR]",
+        help="only measure links to workers inside these networks (default: any)",
+    )
     _tls_args(p, server=True)
     _log_arg(p)
     p.set_defaults(func=cmd_worker)
@@ -74,7 +80,20 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _token_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--links", action="store_true", help="the measured bandwidth between workers"
+    )
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plan", help="a job's plan: islands, stages, placement, cut links")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True, metavar="ACTION")
+    p = plan_sub.add_parser("show", help="explain a job's current plan")
+    p.add_argument("job")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan_show)
 
     p = sub.add_parser("watch", help="follow a job: step, loss, samples/s, ETA")
     p.add_argument("job")
@@ -192,6 +211,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         tls=_tls(args),
         threads=args.threads,
         device=args.device,
+        probe_networks=tuple(n for n in args.probe_networks.split(",") if n.strip()),
     )
     try:
         return asyncio.run(serve(cfg))
@@ -231,9 +251,48 @@ def _job_line(j: JobView) -> str:
     )
 
 
+def format_links(links: list[LinkView]) -> str:
+    """The measured links as a table, one row a directed pair."""
+    if not links:
+        return "no links measured yet (workers are measured while idle, a pair at a time)"
+    rows = [f"{'from':<20} {'to':<20} {'Mbit/s':>10} {'rtt ms':>8} {'age':>8}"]
+    for link in sorted(links, key=lambda x: (x.src_name, x.dst_name)):
+        rows.append(
+            f"{link.src_name:<20} {link.dst_name:<20} {link.bandwidth * 8e-6:>10.1f} "
+            f"{link.rtt_s * 1e3:>8.2f} {_eta(link.age_s):>8}"
+        )
+    return "\n".join(rows)
+
+
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        plan = client.plan(args.job)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(asdict(plan), indent=2))
+        return 0
+    print(f"job {plan.job_id}, plan epoch {plan.epoch} (planner {plan.planner})")
+    print(plan.text.rstrip() or "  (no explanation recorded for this plan)")
+    measured = f"{plan.measured_step_s:.3f} s" if plan.measured_step_s else "not yet"
+    line = f"step time: predicted {plan.predicted_step_s:.3f} s, measured {measured}"
+    if plan.calibrated_step_s:
+        line += f"; re-predicted with measured compute {plan.calibrated_step_s:.3f} s"
+    print(line)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     try:
+        if args.links:
+            links = client.links()
+            if args.json:
+                print(json.dumps([asdict(x) for x in links], indent=2))
+            else:
+                print(format_links(links))
+            return 0
         if args.job:
             job = client.job(args.job)
             if args.json:

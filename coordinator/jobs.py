@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from coordinator.jobspec import JobSpec, parse_job_spec
+from coordinator.link_prober import LinkProber
 from coordinator.planner import Plan, plan_even, stage_routes
 from coordinator.registry import Registry, WorkerState
 from coordinator.serde import stage_assignment_pb
@@ -155,6 +156,16 @@ class Progress:
     finished: bool
     drained: bool
     error: str
+    compute_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """How a plan's prediction compares with what its steps measured."""
+
+    measured_step_s: float
+    calibrated_step_s: float
+    steps_measured: int
 
 
 class JobManager:
@@ -167,10 +178,12 @@ class JobManager:
         workers: WorkerClient,
         *,
         drain_timeout_s: float = 120.0,
+        links: LinkProber | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.workers = workers
+        self.links = links
         self.drain_timeout_s = drain_timeout_s
         self.jobs: dict[str, Job] = {}
         self._models: dict[str, CapturedModel] = {}
@@ -518,7 +531,9 @@ class JobManager:
         record: dict[str, Any] = {
             "epoch": p.epoch,
             "step_seconds": p.step_seconds,
+            "compute_seconds": p.compute_seconds,
             "bytes": sum(p.sent.values()),
+            "at": time.time(),
         }
         if p.loss is not None:
             record["loss"] = p.loss
@@ -635,6 +650,20 @@ class JobManager:
         head = job.plan.placements[0]
         await self.workers.stop(head.address, job.job_id, job.epoch, drain=True)
         await self._notify(job)
+
+    async def plan_report(self, job: Job) -> PlanReport:
+        """The job's plan against its measured steps: the mean step time (the interval
+        between loss reports, the first step of the plan left out as warm-up) and the
+        prediction re-made with compute times calibrated on the steps measured."""
+        plan = job.plan
+        assert plan is not None
+        records = await self._io(self.store.metrics, job.job_id, plan.start_step)
+        mine = [r for r in records if r.get("epoch") == plan.epoch]
+        times = sorted((r["step"], r["at"]) for r in mine if "loss" in r and "at" in r)[1:]
+        measured = 0.0
+        if len(times) >= 2:
+            measured = (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
+        return PlanReport(measured, 0.0, max(len(times) - 1, 0))
 
     async def close(self) -> None:
         for task in list(self._tasks):

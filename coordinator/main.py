@@ -11,13 +11,14 @@ import contextlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from archipelago.rpc import SERVER_OPTIONS, TlsConfig
 from coordinator.jobs import JobManager
+from coordinator.link_prober import LinkProber, ProbeConfig
 from coordinator.registry import Registry
 from coordinator.service import CoordinatorService
 from coordinator.store import open_store
@@ -43,6 +44,7 @@ class CoordinatorConfig:
     worker_timeout_s: float = 5.0
     tick_s: float = 0.2
     drain_timeout_s: float = 120.0
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
@@ -51,8 +53,12 @@ async def serve(cfg: CoordinatorConfig) -> int:
     store = await asyncio.to_thread(open_store, cfg.store)
     registry = Registry(timeout_s=cfg.worker_timeout_s)
     workers = WorkerClient(token=cfg.token, tls=cfg.tls)
-    manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s)
+    links = LinkProber(registry, workers, store, cfg.probes)
+    manager = JobManager(
+        store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links
+    )
     await manager.restore()
+    await links.load()
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
@@ -84,6 +90,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
         while True:
             try:
                 await manager.tick()
+                links.step()
             except Exception:  # one bad pass must not stop the scheduler
                 log.exception("scheduler pass failed")
             await asyncio.sleep(cfg.tick_s)
@@ -94,6 +101,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
         log.info("coordinator stopping; jobs stay in the store")
     finally:
         ticker.cancel()
+        await links.close()
         await manager.close()
         await server.stop(grace=2)
         await workers.close()

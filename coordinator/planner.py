@@ -38,6 +38,10 @@ class Plan:
     start_step: int
     assignment: Mapping[str, int]
     placements: tuple[Placement, ...]
+    # The estimator's step time for this plan, and the plan explained (islands, stages,
+    # placement, each cut link's bytes and time), as `archipelago plan show` prints it.
+    predicted_step_s: float = 0.0
+    explanation: str = ""
 
     @property
     def num_stages(self) -> int:
@@ -55,6 +59,8 @@ class Plan:
             "start_step": self.start_step,
             "assignment": dict(self.assignment),
             "placements": [p.__dict__ for p in self.placements],
+            "predicted_step_s": self.predicted_step_s,
+            "explanation": self.explanation,
         }
 
     @classmethod
@@ -66,6 +72,9 @@ class Plan:
             start_step=int(d["start_step"]),
             assignment={k: int(v) for k, v in d["assignment"].items()},
             placements=tuple(Placement(**p) for p in d["placements"]),
+            # Plans stored before the estimator existed carry neither.
+            predicted_step_s=float(d.get("predicted_step_s", 0.0)),
+            explanation=str(d.get("explanation", "")),
         )
 
 

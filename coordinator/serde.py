@@ -14,14 +14,14 @@ import torch
 
 from coordinator.jobspec import JobSpec
 from coordinator.planner import Plan
-from coordinator.registry import WorkerState
+from coordinator.registry import Registry, WorkerState
 from opdag import codec
 from opdag.partition import Stage
 from opdag.tensor_stream import header_of
 from proto import coordinator_pb2, worker_pb2
 
 if TYPE_CHECKING:
-    from coordinator.jobs import Job, Progress
+    from coordinator.jobs import Job, PlanReport, Progress
 
 
 def stage_assignment_pb(
@@ -90,6 +90,7 @@ def progress_from_pb(r: coordinator_pb2.ProgressReport) -> Progress:
         step=r.step,
         loss=r.loss if r.has_loss else None,
         step_seconds=r.step_seconds,
+        compute_seconds=r.compute_seconds if 0 <= r.compute_seconds < 1e6 else 0.0,
         sent={lb.dst_stage: lb.bytes for lb in r.sent},
         finished=r.finished,
         drained=r.drained,
@@ -153,4 +154,42 @@ def worker_info_pb(w: WorkerState) -> coordinator_pb2.WorkerInfo:
         state=w.state,
         job_id=w.job_id,
         last_seen_s=max(0.0, time.monotonic() - w.last_seen),
+    )
+
+
+def link_list_pb(rows: Sequence[Mapping[str, Any]], registry: Registry) -> coordinator_pb2.LinkList:
+    """The measured links, with the workers' names."""
+
+    def name(worker_id: str) -> str:
+        w = registry.get(worker_id)
+        return w.name if w is not None else worker_id
+
+    return coordinator_pb2.LinkList(
+        links=[
+            coordinator_pb2.LinkInfo(
+                src=r["src"],
+                dst=r["dst"],
+                src_name=name(r["src"]),
+                dst_name=name(r["dst"]),
+                bandwidth=r["bandwidth"],
+                rtt_s=r["rtt_s"],
+                age_s=r["age_s"],
+            )
+            for r in rows
+            if not r.get("error")
+        ]
+    )
+
+
+def plan_info_pb(job: Job, report: PlanReport) -> coordinator_pb2.PlanInfo:
+    plan = job.plan
+    assert plan is not None
+    return coordinator_pb2.PlanInfo(
+        job_id=job.job_id,
+        epoch=plan.epoch,
+        planner=plan.planner,
+        text=plan.explanation,
+        predicted_step_s=plan.predicted_step_s,
+        measured_step_s=report.measured_step_s,
+        calibrated_step_s=report.calibrated_step_s,
     )

@@ -7,16 +7,21 @@ that names the problem and changes nothing.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
 
-from archipelago.rpc import MAX_DETAILS_CHARS, require_token
+from archipelago.rpc import ADDRESS_PATTERN, MAX_DETAILS_CHARS, require_token
 from coordinator.jobs import JobError, JobManager, StaleReport
 from coordinator.registry import Registry
-from coordinator.serde import job_info_pb, progress_from_pb, worker_info_pb
+from coordinator.serde import (
+    job_info_pb,
+    link_list_pb,
+    plan_info_pb,
+    progress_from_pb,
+    worker_info_pb,
+)
 from opdag.errors import OpDagError
 from opdag.tensor_stream import TensorAssembler
 from proto import coordinator_pb2, coordinator_pb2_grpc
@@ -24,7 +29,6 @@ from proto import coordinator_pb2, coordinator_pb2_grpc
 log = logging.getLogger("archipelago.coordinator")
 
 MAX_SPEC_BYTES = 64 << 10
-_ADDRESS = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,255}:\d{1,5}$")
 
 
 async def _abort(
@@ -60,7 +64,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "worker name must be 1-100 printable characters",
             )
-        if not _ADDRESS.match(request.address):
+        if not ADDRESS_PATTERN.match(request.address):
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -229,3 +233,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         await self._guard(context)
         workers = sorted(self.registry.workers.values(), key=lambda w: w.registered_at)
         return coordinator_pb2.WorkerList(workers=[worker_info_pb(w) for w in workers])
+
+    async def ListLinks(
+        self, request: coordinator_pb2.ListLinksRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.LinkList:
+        await self._guard(context)
+        rows = self.manager.links.rows() if self.manager.links is not None else []
+        return link_list_pb(rows, self.registry)
+
+    async def GetPlan(
+        self, request: coordinator_pb2.JobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.PlanInfo:
+        await self._guard(context)
+        job = await self._job(request.job_id, context)
+        if job.plan is None:
+            await _abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, f"job {job.job_id} has no plan yet"
+            )
+        report = await self.manager.plan_report(job)
+        return plan_info_pb(job, report)

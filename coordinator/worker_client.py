@@ -94,6 +94,36 @@ class WorkerClient:
             log.info("stop of job %s on %s: %s", job_id, address, e.code().name)
             return False
 
+    async def measure_link(
+        self,
+        worker_id: str,
+        address: str,
+        target_id: str,
+        target_address: str,
+        max_bytes: int,
+        target_seconds: float,
+    ) -> tuple[float, float, str]:
+        """Ask a worker to measure its link to another: (bytes/s, rtt s, error or "")."""
+        request = worker_pb2.MeasureLinksRequest(
+            targets=[worker_pb2.LinkTarget(worker_id=target_id, address=target_address)],
+            max_bytes=max_bytes,
+            target_seconds=target_seconds,
+        )
+        try:
+            reply = await self._stub(address).MeasureLinks(
+                request, metadata=token_metadata(self.token), timeout=self.call_timeout_s
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._error(worker_id, f"measuring links from {address}", e) from None
+        if len(reply.links) != 1 or reply.links[0].worker_id != target_id:
+            return 0.0, 0.0, "the worker answered for other links than asked"
+        fig = reply.links[0]
+        if fig.error:
+            return 0.0, 0.0, fig.error
+        if not (0 < fig.bandwidth < 1e13 and 0 <= fig.rtt_s < 60):
+            return 0.0, 0.0, f"implausible figures ({fig.bandwidth} B/s, rtt {fig.rtt_s} s)"
+        return fig.bandwidth, fig.rtt_s, ""
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

@@ -146,6 +146,7 @@ class CoordinatorLink:
             has_loss=report.loss is not None,
             loss=report.loss or 0.0,
             step_seconds=report.step_seconds,
+            compute_seconds=report.compute_seconds,
             sent=[
                 coordinator_pb2.LinkBytes(dst_stage=d, bytes=b)
                 for d, b in sorted(report.sent.items())

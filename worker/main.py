@@ -21,6 +21,7 @@ import torch
 from archipelago.rpc import SERVER_OPTIONS, TlsConfig
 from proto import worker_pb2_grpc
 from worker.coordinator_link import CoordinatorLink
+from worker.link_probe import parse_networks
 from worker.node import WorkerNode
 from worker.probe import measure_resources
 from worker.service import WorkerService
@@ -42,6 +43,9 @@ class WorkerConfig:
     threads: int = 0
     device: str = "cpu"
     drain_timeout_s: float = 300.0
+    # CIDR blocks this worker may send link probes to when the coordinator asks (empty:
+    # any address the coordinator names).
+    probe_networks: tuple[str, ...] = ()
 
 
 def _advertised(listen: str, port: int, advertise: str) -> str:
@@ -66,7 +70,13 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(
-        WorkerService(node, worker_id=lambda: link.worker_id, name=name), server
+        WorkerService(
+            node,
+            worker_id=lambda: link.worker_id,
+            name=name,
+            probe_networks=parse_networks(cfg.probe_networks),
+        ),
+        server,
     )
     credentials = cfg.tls.server_credentials() if cfg.tls else None
     if credentials is not None:

@@ -13,10 +13,11 @@ from typing import Any, NoReturn
 
 import grpc
 
-from archipelago.rpc import MAX_DETAILS_CHARS, MAX_MESSAGE_BYTES, require_token
+from archipelago.rpc import ADDRESS_PATTERN, MAX_DETAILS_CHARS, MAX_MESSAGE_BYTES, require_token
 from opdag.errors import OpDagError
 from opdag.tensor_stream import TensorAssembler, decode_values
 from proto import worker_pb2, worker_pb2_grpc
+from worker.link_probe import check_request, measure_link, probe_allowed
 from worker.node import JobStateError, WorkerNode
 from worker.serde import stage_plan_from_pb, transfer_from_pb
 
@@ -24,6 +25,8 @@ log = logging.getLogger("archipelago.worker")
 
 # Probes echo at most this much (a probe is one message).
 MAX_PROBE_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+# Links one MeasureLinks call may ask for (each is measured in turn).
+MAX_LINK_TARGETS = 64
 
 
 async def _abort(
@@ -60,8 +63,16 @@ async def _read_chunks(
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """gRPC face of a `WorkerNode`."""
 
-    def __init__(self, node: WorkerNode, *, worker_id: Any, name: str) -> None:
+    def __init__(
+        self,
+        node: WorkerNode,
+        *,
+        worker_id: Any,
+        name: str,
+        probe_networks: tuple[Any, ...] = (),
+    ) -> None:
         self.node = node
+        self.probe_networks = probe_networks
         self._worker_id = worker_id  # a callable: the id arrives after registration
         self.name = name
 
@@ -175,3 +186,52 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"a probe may ask for at most {MAX_PROBE_BYTES} bytes back",
             )
         return worker_pb2.ProbeReply(payload=bytes(request.reply_bytes))
+
+    async def MeasureLinks(
+        self, request: worker_pb2.MeasureLinksRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.MeasureLinksReply:
+        await self._guard(context)
+        try:
+            check_request(request.max_bytes, request.target_seconds)
+        except ValueError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if len(request.targets) > MAX_LINK_TARGETS:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_LINK_TARGETS} links may be measured in one call",
+            )
+        for t in request.targets:
+            if not 0 < len(t.worker_id) <= 100 or not ADDRESS_PATTERN.match(t.address):
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"link target {t.worker_id[:40]!r} at {t.address[:80]!r} is not a worker "
+                    "id and HOST:PORT",
+                )
+            if not probe_allowed(t.address, self.probe_networks):
+                await _abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"link target {t.address[:80]!r} is outside the networks this worker "
+                    "probes (--probe-networks)",
+                )
+        reply = worker_pb2.MeasureLinksReply()
+        # One link at a time: concurrent probes from one host would share its uplink.
+        for t in request.targets:
+            fig = await measure_link(
+                t.worker_id,
+                t.address,
+                token=self.node.token,
+                tls=self.node.tls,
+                max_bytes=request.max_bytes,
+                target_seconds=request.target_seconds,
+            )
+            reply.links.add(
+                worker_id=fig.worker_id,
+                bandwidth=fig.bandwidth,
+                rtt_s=fig.rtt_s,
+                bytes=fig.nbytes,
+                error=fig.error[:MAX_DETAILS_CHARS],
+            )
+        return reply

@@ -53,6 +53,8 @@ class StepReport:
     loss: float | None
     step_seconds: float
     sent: dict[int, int] = field(default_factory=dict)
+    # Seconds the compute thread spent on this step's work (no waiting counted).
+    compute_seconds: float = 0.0
     finished: bool = False
     drained: bool = False
     error: str = ""
@@ -182,6 +184,7 @@ class StageJob:
                 for dst in dsts:
                     self._expected_backward.setdefault(dst, set()).add(name)
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._compute_s = 0.0
 
     # -- construction -----------------------------------------------------------------------
 
@@ -268,7 +271,14 @@ class StageJob:
     # -- running ----------------------------------------------------------------------------
 
     async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+        def timed() -> T:
+            began = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self._compute_s += time.perf_counter() - began
+
+        return await asyncio.get_running_loop().run_in_executor(self.compute, timed)
 
     def request_drain(self, steps_done: int = 0) -> None:
         """Stop at a step boundary, once a checkpoint of it is uploaded: the next boundary
@@ -336,6 +346,7 @@ class StageJob:
     async def _run_step(self, step: int) -> None:
         plan = self.plan
         began = time.perf_counter()
+        self._compute_s = 0.0
         micro: list[dict[str, torch.Tensor]] = []
         if plan.loads_data:
             micro = await self._compute(self._load_batch, step)
@@ -388,7 +399,11 @@ class StageJob:
             raise
         await self._compute(self.runner.step)
         loss = sum(losses) / len(losses) if losses else None
-        self.reporter.progress(self._report(step, loss, time.perf_counter() - began, sent=sent))
+        self.reporter.progress(
+            self._report(
+                step, loss, time.perf_counter() - began, sent=sent, compute_seconds=self._compute_s
+            )
+        )
 
     def _load_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
         assert self.source is not None

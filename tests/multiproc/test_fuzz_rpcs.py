@@ -425,6 +425,8 @@ def coordinator_methods() -> list[Method]:
         "ListJobs": coordinator_pb2.ListJobsRequest(),
         "CancelJob": job,
         "ListWorkers": coordinator_pb2.ListWorkersRequest(),
+        "ListLinks": coordinator_pb2.ListLinksRequest(),
+        "GetPlan": job,
     }
     methods = [Method("Coordinator", name, "unary", (m,)) for name, m in unary.items()]
     methods.append(Method("Coordinator", "UploadCheckpoint", "client-stream", tuple(checkpoint)))
@@ -477,6 +479,20 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
         Method("Worker", "Gradients", "client-stream", transfer),
         Method("Worker", "Status", "unary", (worker_pb2.StatusRequest(),)),
         Method("Worker", "Probe", "unary", (worker_pb2.ProbeRequest(payload=b"p" * 64),)),
+        # The cluster's workers probe only loopback (--probe-networks 127.0.0.0/8), so no
+        # mutation of the target can send a byte off this machine; port 9 refuses at once.
+        Method(
+            "Worker",
+            "MeasureLinks",
+            "unary",
+            (
+                worker_pb2.MeasureLinksRequest(
+                    targets=[worker_pb2.LinkTarget(worker_id="peer", address="127.0.0.1:9")],
+                    max_bytes=1 << 16,
+                    target_seconds=0.05,
+                ),
+            ),
+        ),
         Method("Worker", "StopJob", "unary", (control,)),
         Method("Worker", "StartJob", "unary", (control,)),
     ]

@@ -1,0 +1,199 @@
+"""Keeping the measured bandwidth between workers up to date.
+
+The OP-Fence planner needs every directed link between the workers it may use. The prober
+asks one worker at a time to measure its link to one other (`MeasureLinks`), at most
+`concurrency` pairs at once and never two sharing a worker, so probes do not disturb each
+other; it only probes idle workers, so a running job is not disturbed either. A link is
+measured when a worker joins (or comes back at a new address) and again once it is older
+than `refresh_s`. Figures are kept in the store, so a restarted coordinator plans with
+them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from coordinator.registry import Registry
+from coordinator.store import StateStore
+from coordinator.worker_client import WorkerCallError, WorkerClient
+
+log = logging.getLogger("archipelago.coordinator")
+
+STORE_KEY = "links"
+# A failed measurement is tried again after this long, not at every scheduler pass.
+RETRY_FAILED_S = 30.0
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    """One measured directed link, between the addresses the two workers had then."""
+
+    src: str
+    dst: str
+    src_address: str
+    dst_address: str
+    bandwidth: float  # bytes per second; 0 when the measurement failed
+    rtt_s: float
+    measured_at: float  # wall clock
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How links are measured (built from the coordinator's command line)."""
+
+    refresh_s: float = 600.0
+    concurrency: int = 2
+    max_bytes: int = 8 << 20
+    target_seconds: float = 0.4
+
+
+class LinkProber:
+    """The link figures, and the measurements that keep them current."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        workers: WorkerClient,
+        store: StateStore,
+        config: ProbeConfig | None = None,
+    ) -> None:
+        self.registry = registry
+        self.workers = workers
+        self.store = store
+        self.config = config or ProbeConfig()
+        self.links: dict[tuple[str, str], LinkRecord] = {}
+        self._busy: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def load(self) -> None:
+        blob = await asyncio.to_thread(self.store.get_blob, STORE_KEY)
+        if blob is None:
+            return
+        try:
+            records = [LinkRecord(**r) for r in json.loads(blob)]
+        except (ValueError, TypeError) as e:
+            log.warning("stored link figures unreadable (%s); measuring again", e)
+            return
+        self.links = {(r.src, r.dst): r for r in records}
+
+    async def _save(self) -> None:
+        data = json.dumps([asdict(r) for r in self.links.values()]).encode()
+        await asyncio.to_thread(self.store.put_blob, STORE_KEY, data)
+
+    # -- what is known ----------------------------------------------------------------------
+
+    def current(self, src: str, dst: str) -> LinkRecord | None:
+        """The figure for src -> dst if it was measured at the workers' present addresses."""
+        rec = self.links.get((src, dst))
+        a, b = self.registry.get(src), self.registry.get(dst)
+        if rec is None or a is None or b is None:
+            return None
+        if (rec.src_address, rec.dst_address) != (a.address, b.address):
+            return None
+        return rec
+
+    def unmeasured(self, worker_ids: Iterable[str]) -> list[tuple[str, str]]:
+        """Directed pairs among `worker_ids` with no current, successful measurement."""
+        ids = list(worker_ids)
+        out = []
+        for a in ids:
+            for b in ids:
+                rec = self.current(a, b) if a != b else None
+                if a != b and (rec is None or rec.error):
+                    out.append((a, b))
+        return out
+
+    def figures(self, worker_ids: Iterable[str]) -> dict[tuple[str, str], tuple[float, float]]:
+        """(bandwidth bytes/s, rtt s) of every measured directed pair among `worker_ids`."""
+        ids = list(worker_ids)
+        out = {}
+        for a in ids:
+            for b in ids:
+                rec = self.current(a, b) if a != b else None
+                if rec is not None and not rec.error:
+                    out[(a, b)] = (rec.bandwidth, rec.rtt_s)
+        return out
+
+    # -- measuring ---------------------------------------------------------------------------
+
+    def _wanted(self) -> list[tuple[str, str]]:
+        """Pairs of idle workers to measure, the never-measured first, then the oldest."""
+        idle = [w.worker_id for w in self.registry.free()]
+        now = time.time()
+        wanted: list[tuple[float, str, str]] = []
+        for a in idle:
+            for b in idle:
+                if a == b:
+                    continue
+                rec = self.current(a, b)
+                if rec is None:
+                    wanted.append((0.0, a, b))
+                    continue
+                age = now - rec.measured_at
+                if age > (RETRY_FAILED_S if rec.error else self.config.refresh_s):
+                    wanted.append((rec.measured_at, a, b))
+        wanted.sort()
+        return [(a, b) for _, a, b in wanted]
+
+    def step(self) -> None:
+        """Start measurements for the most wanted pairs that fit the concurrency limit."""
+        for a, b in self._wanted():
+            if len(self._tasks) >= self.config.concurrency:
+                return
+            if a in self._busy or b in self._busy:
+                continue
+            self._busy.update((a, b))
+            task = asyncio.create_task(self._measure(a, b))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _measure(self, src: str, dst: str) -> None:
+        try:
+            a, b = self.registry.get(src), self.registry.get(dst)
+            if a is None or b is None:
+                return
+            cfg = self.config
+            try:
+                fig = await self.workers.measure_link(
+                    src, a.address, dst, b.address, cfg.max_bytes, cfg.target_seconds
+                )
+                bandwidth, rtt, error = fig
+            except WorkerCallError as e:
+                bandwidth, rtt, error = 0.0, 0.0, str(e)
+            rec = LinkRecord(src, dst, a.address, b.address, bandwidth, rtt, time.time(), error)
+            self.links[(src, dst)] = rec
+            if error:
+                log.info("link %s -> %s not measured: %s", a.name, b.name, error)
+            else:
+                log.info(
+                    "link %s -> %s: %.1f Mbit/s, rtt %.1f ms",
+                    a.name,
+                    b.name,
+                    bandwidth * 8e-6,
+                    rtt * 1e3,
+                )
+            await self._save()
+        finally:
+            self._busy.difference_update((src, dst))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every current figure, for `archipelago status --links`."""
+        now = time.time()
+        out = []
+        for (src, dst), rec in sorted(self.links.items()):
+            if self.current(src, dst) is None:
+                continue
+            out.append({**asdict(rec), "age_s": now - rec.measured_at})
+        return out

@@ -1,0 +1,130 @@
+"""Measuring this worker's links to other workers, when the coordinator asks.
+
+The planner needs each directed link's bandwidth and round-trip time. A measurement of the
+link from here to a target is a few timed `Probe` calls to the target's own service: empty
+ones for the round trip (the smallest of three), then payloads that grow until one takes
+about `target_seconds` (or reaches `max_bytes`), so a 10 Gbit/s link and an 8 Mbit/s link
+are each measured in well under a second and neither is flooded. Bandwidth is the payload
+over the time it took less one round trip (the request's own latency and the empty reply).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from archipelago.rpc import TlsConfig, open_channel, token_metadata
+from proto import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("archipelago.worker")
+
+FIRST_PROBE_BYTES = 64 << 10
+RTT_PROBES = 3
+# A link that cannot move even the first payload in this long is reported as failed.
+PROBE_TIMEOUT_S = 30.0
+# Probe sizes the coordinator may ask for: up to 8 MiB per payload, a few seconds each.
+MAX_PROBE_PAYLOAD = 8 << 20
+MAX_TARGET_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class LinkFigure:
+    """One measured link from this worker."""
+
+    worker_id: str
+    bandwidth: float  # bytes per second
+    rtt_s: float
+    nbytes: int  # bytes sent to measure it
+    error: str = ""
+
+
+def check_request(max_bytes: int, target_seconds: float) -> None:
+    """Refuse probe sizes a coordinator should never ask for."""
+    if not FIRST_PROBE_BYTES <= max_bytes <= MAX_PROBE_PAYLOAD:
+        raise ValueError(
+            f"max_bytes must be between {FIRST_PROBE_BYTES} and {MAX_PROBE_PAYLOAD}, "
+            f"not {max_bytes}"
+        )
+    if not (math.isfinite(target_seconds) and 0.01 <= target_seconds <= MAX_TARGET_SECONDS):
+        raise ValueError(
+            f"target_seconds must be between 0.01 and {MAX_TARGET_SECONDS}, not {target_seconds}"
+        )
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
+    """`--probe-networks` values (CIDR blocks) as networks; ValueError naming a bad one."""
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"--probe-networks: {item!r} is not a CIDR block") from None
+    return tuple(out)
+
+
+def probe_allowed(address: str, networks: Sequence[Network]) -> bool:
+    """Whether this worker may send probes to `address` (HOST:PORT). With networks given,
+    only a literal IP inside one of them is allowed: no name is looked up, so a coordinator
+    cannot turn probes on hosts outside the volunteer's chosen networks."""
+    if not networks:
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+async def measure_link(
+    worker_id: str,
+    address: str,
+    *,
+    token: str,
+    tls: TlsConfig | None,
+    max_bytes: int,
+    target_seconds: float,
+) -> LinkFigure:
+    """Round trip and bandwidth from here to the worker at `address`."""
+    channel = open_channel(address, tls)
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    sent = 0
+
+    async def timed(payload: int) -> float:
+        nonlocal sent
+        began = time.perf_counter()
+        await stub.Probe(
+            worker_pb2.ProbeRequest(payload=bytes(payload), reply_bytes=0),
+            metadata=token_metadata(token),
+            timeout=PROBE_TIMEOUT_S,
+        )
+        sent += payload
+        return time.perf_counter() - began
+
+    try:
+        await timed(0)  # opens the connection; not counted
+        rtt = min([await timed(0) for _ in range(RTT_PROBES)])
+        size = FIRST_PROBE_BYTES
+        while True:
+            took = await timed(size)
+            if took >= target_seconds or size >= max_bytes:
+                break
+            # Aim straight for the target duration, growing at most 8x a round.
+            grow = target_seconds / max(took - rtt, 1e-4)
+            size = min(max_bytes, int(size * min(8.0, max(2.0, grow))))
+        bandwidth = size / max(took - rtt, 1e-6)
+        return LinkFigure(worker_id, bandwidth, rtt, sent)
+    except grpc.aio.AioRpcError as e:
+        log.info("link to %s (%s) not measured: %s", worker_id, address, e.code().name)
+        return LinkFigure(worker_id, 0.0, 0.0, sent, f"{e.code().name}: {e.details()}")
+    finally:
+        await channel.close()
