@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_service_commands(sub)
     _add_demo_command(sub)
+    from deploy.wan.cli import add_testbed_commands
+
+    add_testbed_commands(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Deployment: the one-machine WAN testbed (`deploy.wan`) and, later, images and compose files."""
