@@ -32,11 +32,12 @@ class JobSpecError(OpDagError, ValueError):
     """A job spec is malformed; the message starts with the dotted path of the bad field."""
 
 
-# Planners a job may ask for today; a planner joins when it is implemented.
-PLANNERS: tuple[str, ...] = ("even",)
+# Planners a job may ask for: the bandwidth-aware OP-Fence (the default), and `even`
+# (FLOPs-balanced stages in registration order), kept for comparison.
+PLANNERS: tuple[str, ...] = ("opfence", "even")
 # Planners the design names that are not implemented yet: asked for, they get a
 # "not available yet" error rather than "unknown".
-PLANNERS_LATER: tuple[str, ...] = ("opfence",)
+PLANNERS_LATER: tuple[str, ...] = ()
 
 MAX_NAME_CHARS = 100
 MAX_STEPS = 10_000_000
@@ -52,8 +53,8 @@ ROOT = "spec"  # the path of errors about the document as a whole
 
 # Policies the design card names for later features. Until a feature exists, its key is
 # accepted only with its "off" value, so a spec written for today keeps meaning the same.
-_COMPRESSION_OFF = "none"
-_COMPRESSION_LATER = ("adatopk",)
+COMPRESSION_KINDS = ("none", "adatopk", "topk")
+COMPRESSION_VALUES = ("fp32", "fp16")
 _SYNC_OFF = "sync"
 _SYNC_LATER = ("local-sgd", "partial-local-sgd")
 _MOE_OFF = "auto"
@@ -241,7 +242,7 @@ class ParallelSpec:
     """How the model is cut over workers: the planner, and the number of pipeline stages
     (None: as many as the planner finds workers for)."""
 
-    planner: str = "even"
+    planner: str = "opfence"
     stages: int | None = None
 
     def __post_init__(self) -> None:
@@ -258,6 +259,44 @@ class ParallelSpec:
             )
         if self.stages is not None:
             _check_int(self.stages, "parallel.stages", lo=1, hi=_UINT32_MAX)
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """What crosses the cut links: everything exactly (`none`), the top-k entries at a
+    fraction each link's bandwidth calls for (`adatopk`, never below `floor`), or the top-k
+    at one fixed fraction on every cut link (`topk`). `values` is how kept entries travel."""
+
+    kind: str = "none"
+    ratio: float = 1.0  # topk only
+    floor: float = 0.01  # adatopk only
+    values: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.kind not in COMPRESSION_KINDS:
+            raise JobSpecError(
+                f"compression: unknown setting {_show(self.kind)} "
+                f"(settings: none, adatopk, {{adatopk: {{floor: F}}}}, {{topk: FRACTION}})"
+            )
+        for name in ("ratio", "floor"):
+            v = getattr(self, name)
+            path = "compression.topk" if name == "ratio" else "compression.adatopk.floor"
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise JobSpecError(f"{path}: must be a number, got {_show(v)}")
+            if not (math.isfinite(v) and 0 < v <= 1):
+                raise JobSpecError(f"{path}: must be a fraction in (0, 1], got {v}")
+        if self.values not in COMPRESSION_VALUES:
+            raise JobSpecError(
+                f"compression.values: must be one of {', '.join(COMPRESSION_VALUES)}, "
+                f"got {_show(self.values)}"
+            )
+
+    def to_plain(self) -> Any:
+        if self.kind == "none":
+            return "none"
+        if self.kind == "topk":
+            return {"topk": self.ratio, "values": self.values}
+        return {"adatopk": {"floor": self.floor}, "values": self.values}
 
 
 @dataclass(frozen=True)
@@ -282,6 +321,7 @@ class JobSpec:
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     seed: int = 0  # model init seed
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
 
     def __post_init__(self) -> None:
         name = _check_str(self.name, "name")
@@ -297,6 +337,7 @@ class JobSpec:
             ("optimizer", OptimizerConfig),
             ("parallel", ParallelSpec),
             ("checkpoint", CheckpointSpec),
+            ("compression", CompressionSpec),
         ):
             if not isinstance(getattr(self, attr), kind):
                 raise JobSpecError(f"{attr}: must be a {kind.__name__}")
@@ -339,6 +380,7 @@ class JobSpec:
             },
             "checkpoint": {"every": self.checkpoint.every},
             "seed": self.seed,
+            "compression": self.compression.to_plain(),
         }
 
     @classmethod
@@ -442,22 +484,33 @@ def _parallel_from(value: object) -> ParallelSpec:
     if isinstance(stages, str) and stages != "auto":
         raise JobSpecError(f"parallel.stages: must be auto or an int >= 1, got {_show(stages)}")
     return ParallelSpec(
-        planner=section.get("planner", "even"),
+        planner=section.get("planner", "opfence"),
         stages=None if stages == "auto" else stages,
     )
 
 
-def _check_compression(value: object) -> None:
-    if value == _COMPRESSION_OFF:
-        return
-    if value in _COMPRESSION_LATER or (isinstance(value, dict) and "topk" in value):
+def _compression_from(value: object) -> CompressionSpec:
+    """`none`, `adatopk`, `{adatopk: {floor: F}}` or `{topk: FRACTION}`, each mapping with
+    an optional `values: fp32 | fp16`."""
+    if isinstance(value, str):
+        if value == "topk":
+            raise JobSpecError("compression: topk needs its fraction: {topk: 0.05}")
+        return CompressionSpec(kind=value)
+    section = _mapping(value, "compression", ("topk", "adatopk", "values"))
+    kinds = [k for k in ("topk", "adatopk") if k in section]
+    if len(kinds) != 1:
         raise JobSpecError(
-            f"compression: {value!r} is not available yet (available: {_COMPRESSION_OFF})"
+            "compression: a mapping names exactly one of topk or adatopk, "
+            f"got {', '.join(kinds) or 'neither'}"
         )
-    raise JobSpecError(
-        f"compression: unknown setting {_show(value)} "
-        f"(settings: {_COMPRESSION_OFF}, {', '.join(_COMPRESSION_LATER)}, {{topk: FRACTION}})"
-    )
+    values = section.get("values", "fp32")
+    if kinds == ["topk"]:
+        return CompressionSpec(kind="topk", ratio=section["topk"], values=values)
+    options = section["adatopk"]
+    if options is None or options is True:
+        options = {}
+    options = _mapping(options, "compression.adatopk", ("floor",))
+    return CompressionSpec(kind="adatopk", floor=options.get("floor", 0.01), values=values)
 
 
 def _check_choice(value: object, path: str, off: str, later: tuple[str, ...], section: str) -> None:
@@ -498,8 +551,9 @@ def _job_spec_from(value: object) -> JobSpec:
         checkpoint = CheckpointSpec(**section)
     else:
         checkpoint = CheckpointSpec()
-    if "compression" in doc:
-        _check_compression(doc["compression"])
+    compression = (
+        _compression_from(doc["compression"]) if "compression" in doc else CompressionSpec()
+    )
     if "sync" in doc:
         _check_sync(doc["sync"])
     if "moe" in doc:
@@ -513,6 +567,7 @@ def _job_spec_from(value: object) -> JobSpec:
         parallel=parallel,
         checkpoint=checkpoint,
         seed=doc.get("seed", 0),
+        compression=compression,
     )
 
 

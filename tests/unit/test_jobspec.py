@@ -13,6 +13,7 @@ import yaml
 from coordinator.jobspec import (
     PLANNERS,
     CheckpointSpec,
+    CompressionSpec,
     JobSpec,
     JobSpecError,
     ModelSpec,
@@ -104,7 +105,7 @@ def test_minimal_spec_gets_defaults() -> None:
         "name: m\nmodel: {zoo: resnet}\ndata: {corpus: synthetic-shapes}\nsteps: 3\n"
     )
     assert spec.optimizer == OptimizerConfig()
-    assert spec.parallel == ParallelSpec(planner="even", stages=None)
+    assert spec.parallel == ParallelSpec(planner="opfence", stages=None)
     assert spec.checkpoint == CheckpointSpec(every=50)
     assert spec.seed == 0
     assert spec.data == DataConfig("synthetic-shapes")
@@ -167,6 +168,23 @@ def test_context_is_the_text_models_and_none_for_images() -> None:
     assert image.context() is None
 
 
+def test_compression_settings_parse_and_round_trip() -> None:
+    cases = {
+        "none": CompressionSpec(),
+        "adatopk": CompressionSpec(kind="adatopk"),
+        "{adatopk: {floor: 0.05}, values: fp16}": CompressionSpec(
+            kind="adatopk", floor=0.05, values="fp16"
+        ),
+        "{adatopk: }": CompressionSpec(kind="adatopk"),
+        "{topk: 0.05}": CompressionSpec(kind="topk", ratio=0.05),
+        "{topk: 1}": CompressionSpec(kind="topk", ratio=1),
+    }
+    for text, expected in cases.items():
+        spec = parse_job_spec(spec_text() + f"compression: {text}\n")
+        assert spec.compression == expected, text
+        assert JobSpec.from_dict(spec.to_dict()) == spec
+
+
 def test_later_policies_are_accepted_at_their_off_values() -> None:
     for key, value in (
         ("compression", "none"),
@@ -217,7 +235,6 @@ def test_later_policies_are_accepted_at_their_off_values() -> None:
         (("steps", 10_000_001), "steps:", "[1, 10000000]"),
         (("steps", True), "steps:", "must be an int, got bool"),
         (("steps", 2.5), "steps:", "must be an int"),
-        (("parallel.planner", "opfence"), "parallel.planner:", "not available yet"),
         (("parallel.planner", "random"), "parallel.planner:", "unknown planner"),
         (("parallel.stages", 0), "parallel.stages:", "must be in"),
         (("parallel.stages", "many"), "parallel.stages:", "auto"),
@@ -225,9 +242,17 @@ def test_later_policies_are_accepted_at_their_off_values() -> None:
         (("checkpoint.every", 0), "checkpoint.every:", "must be in"),
         (("checkpoint.at", 5), "checkpoint.at:", "unknown key"),
         (("seed", -1), "seed:", "must be in"),
-        (("compression", "adatopk"), "compression:", "'adatopk' is not available yet"),
-        (("compression", {"topk": 0.05}), "compression:", "not available yet"),
         (("compression", "gzip"), "compression:", "unknown setting"),
+        (("compression", "topk"), "compression:", "needs its fraction"),
+        (("compression", {"topk": 0}), "compression.topk:", "fraction in (0, 1]"),
+        (("compression", {"topk": 1.5}), "compression.topk:", "fraction in (0, 1]"),
+        (("compression", {"topk": "lots"}), "compression.topk:", "must be a number"),
+        (("compression", {"topk": 0.1, "adatopk": {}}), "compression:", "exactly one"),
+        (("compression", {"values": "fp16"}), "compression:", "exactly one"),
+        (("compression", {"topk": 0.1, "values": "int4"}), "compression.values:", "fp32, fp16"),
+        (("compression", {"adatopk": {"floor": 2}}), "compression.adatopk.floor:", "(0, 1]"),
+        (("compression", {"adatopk": {"flor": 0.1}}), "compression.adatopk.flor:", "unknown key"),
+        (("compression", {"zstd": 3}), "compression.zstd:", "unknown key"),
         (("sync", {"kind": "partial-local-sgd", "period": 8}), "sync.kind:", "not available yet"),
         (("sync", "local-sgd"), "sync:", "not available yet"),
         (("sync", {"kind": "sync", "period": 8}), "sync.period:", "unknown key"),
@@ -249,10 +274,17 @@ def test_missing_required_key_is_named(key: str) -> None:
     assert message.startswith(f"{key}: missing"), message
 
 
-def test_opfence_error_lists_the_available_planners() -> None:
-    message = error_of(spec_text(("parallel.planner", "opfence")))
-    assert message == "parallel.planner: 'opfence' is not available yet (available: even)"
-    assert PLANNERS == ("even",)
+def test_unknown_planner_error_lists_the_planners() -> None:
+    message = error_of(spec_text(("parallel.planner", "random")))
+    assert message == "parallel.planner: unknown planner 'random' (planners: opfence, even)"
+
+
+def test_planner_defaults_to_opfence() -> None:
+    spec = parse_job_spec(spec_text(("parallel", DELETE)))
+    assert spec.parallel.planner == "opfence"
+    spec = parse_job_spec(spec_text(("parallel.planner", DELETE)))
+    assert spec.parallel.planner == "opfence"
+    assert PLANNERS == ("opfence", "even")
 
 
 def test_number_yaml_reads_as_text_gets_a_hint() -> None:
@@ -386,7 +418,7 @@ def test_components_built_directly_are_checked_too() -> None:
     with pytest.raises(JobSpecError, match=r"^model\.args\.layers:"):
         ModelSpec("gpt", (("layers", 0),))
     with pytest.raises(JobSpecError, match=r"^parallel\.planner:"):
-        ParallelSpec(planner="opfence")
+        ParallelSpec(planner="random")
     with pytest.raises(JobSpecError, match=r"^checkpoint\.every:"):
         CheckpointSpec(every=0)
     with pytest.raises(JobSpecError, match=r"^data\.corpus:"):
