@@ -29,6 +29,22 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class LinkCodec:
+    """How one cut link's activations travel (the gradients back follow their kept
+    entries): the compressor, the kept fraction, the value format, and what the planner
+    expects it to move and take per micro-batch."""
+
+    src_stage: int
+    dst_stage: int
+    codec: str
+    ratio: float
+    values: str
+    dense_bytes: int
+    wire_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """A job's current plan (its `epoch` counts the plans the job has had)."""
 
@@ -42,6 +58,7 @@ class Plan:
     # placement, each cut link's bytes and time), as `archipelago plan show` prints it.
     predicted_step_s: float = 0.0
     explanation: str = ""
+    codecs: tuple[LinkCodec, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -61,6 +78,7 @@ class Plan:
             "placements": [p.__dict__ for p in self.placements],
             "predicted_step_s": self.predicted_step_s,
             "explanation": self.explanation,
+            "codecs": [c.__dict__ for c in self.codecs],
         }
 
     @classmethod
@@ -75,6 +93,7 @@ class Plan:
             # Plans stored before the estimator existed carry neither.
             predicted_step_s=float(d.get("predicted_step_s", 0.0)),
             explanation=str(d.get("explanation", "")),
+            codecs=tuple(LinkCodec(**c) for c in d.get("codecs", ())),
         )
 
 

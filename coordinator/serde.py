@@ -52,6 +52,13 @@ def stage_assignment_pb(
             if p.stage != stage.index
         ],
         sends=[worker_pb2.Route(name=n, stages=s) for n, s in routes["sends"].items()],
+        codecs=[
+            worker_pb2.LinkCodec(
+                dst_stage=c.dst_stage, codec=c.codec, ratio=c.ratio, values=c.values
+            )
+            for c in plan.codecs
+            if c.src_stage == stage.index
+        ],
         receives=[worker_pb2.Route(name=n, stages=s) for n, s in routes["receives"].items()],
         data_routes=[worker_pb2.Route(name=n, stages=s) for n, s in routes["data"].items()],
         data=worker_pb2.DataSpec(

@@ -16,6 +16,7 @@ import ctypes
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +32,35 @@ MAX_DIMS = 16
 MAX_DEPTH = 32
 
 
-def header_of(name: str, t: torch.Tensor) -> tensor_pb2.TensorHeader:
+@dataclass(frozen=True, eq=False)
+class EncodedTensor:
+    """A tensor some codec outside this module turned into bytes (a compressed activation
+    or gradient): the dense tensor's dtype and shape, the layout of the bytes, the bytes.
+    It travels like a tensor; the receiver gets it back as such and decodes it itself."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    layout: tensor_pb2.CompressedLayout
+    data: torch.Tensor  # uint8, one dimension
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+Wire = torch.Tensor | EncodedTensor
+
+
+def header_of(name: str, t: Wire) -> tensor_pb2.TensorHeader:
+    if isinstance(t, EncodedTensor):
+        return tensor_pb2.TensorHeader(
+            name=name,
+            dtype=dtype_name(t.dtype),
+            shape=t.shape,
+            encoding="compressed",
+            nbytes=t.nbytes,
+            compressed=t.layout,
+        )
     return tensor_pb2.TensorHeader(
         name=name,
         dtype=dtype_name(t.dtype),
@@ -41,13 +70,32 @@ def header_of(name: str, t: torch.Tensor) -> tensor_pb2.TensorHeader:
     )
 
 
-def check_header(h: tensor_pb2.TensorHeader) -> tuple[torch.dtype, tuple[int, ...]]:
-    """The dtype and shape a header declares, after checking it is self-consistent."""
+def check_header(
+    h: tensor_pb2.TensorHeader, *, compressed: bool = False
+) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The dtype and shape a header declares, after checking it is self-consistent;
+    `compressed` also admits compressed tensors (whose layout the receiver checks in full
+    when it decodes them; here only that its parts add up)."""
     what = f"tensor {h.name!r}"
     if h.dtype not in DTYPES:
         raise CodecError(f"{what}: unknown dtype {h.dtype!r} (supported: {', '.join(DTYPES)})")
+    if compressed and h.encoding == "compressed":
+        if len(h.shape) > MAX_DIMS or any(d < 0 for d in h.shape):
+            raise CodecError(f"{what}: invalid shape {list(h.shape)}")
+        if math.prod(max(d, 1) for d in h.shape) * dtype_of(h.dtype).itemsize >= 1 << 63:
+            raise CodecError(f"{what}: invalid shape {list(h.shape)} (too large)")
+        c = h.compressed
+        parts = c.values_bytes + c.indices_bytes + c.scales_bytes
+        if not h.HasField("compressed") or parts != h.nbytes:
+            raise CodecError(
+                f"{what}: a compressed tensor's layout must account for its {h.nbytes} bytes "
+                f"(values {c.values_bytes} + indices {c.indices_bytes} + scales "
+                f"{c.scales_bytes})"
+            )
+        return dtype_of(h.dtype), tuple(h.shape)
     if h.encoding != "raw":
-        raise CodecError(f"{what}: unknown encoding {h.encoding!r} (expected 'raw')")
+        allowed = "'raw' or 'compressed'" if compressed else "'raw'"
+        raise CodecError(f"{what}: unknown encoding {h.encoding!r} (expected {allowed})")
     if len(h.shape) > MAX_DIMS or any(d < 0 for d in h.shape):
         raise CodecError(f"{what}: invalid shape {list(h.shape)}")
     dtype = dtype_of(h.dtype)
@@ -63,13 +111,13 @@ def check_header(h: tensor_pb2.TensorHeader) -> tuple[torch.dtype, tuple[int, ..
     return dtype, tuple(h.shape)
 
 
-def iter_chunks(tensors: Sequence[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def iter_chunks(tensors: Sequence[Wire], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The raw bytes of `tensors`, concatenated in order, cut into chunks of `chunk_bytes`
     (the last one shorter); small tensors share a chunk."""
     pending: list[bytes] = []
     pending_size = 0
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
+    for item in tensors:
+        t = (item.data if isinstance(item, EncodedTensor) else item).detach().cpu().contiguous()
         size = t.numel() * t.element_size()
         address = t.data_ptr()
         offset = 0
@@ -88,21 +136,36 @@ def iter_chunks(tensors: Sequence[torch.Tensor], chunk_bytes: int = CHUNK_BYTES)
 class TensorAssembler:
     """Rebuilds the tensors of a stream from their headers and the chunks that follow."""
 
-    def __init__(self, headers: Sequence[tensor_pb2.TensorHeader], *, max_bytes: int) -> None:
+    def __init__(
+        self,
+        headers: Sequence[tensor_pb2.TensorHeader],
+        *,
+        max_bytes: int,
+        compressed: bool = False,
+    ) -> None:
+        """`compressed`: the stream may hold compressed tensors (peer transfers only);
+        `finish` returns them as `EncodedTensor`s for the caller to decode."""
         if len(headers) > MAX_TENSORS:
             raise CodecError(f"{len(headers)} tensors in one stream (at most {MAX_TENSORS})")
         self._names: list[str] = []
-        self._targets: list[torch.Tensor] = []
+        self._targets: list[Wire] = []
         self._flat: list[torch.Tensor] = []
         total = 0
         for h in headers:
-            dtype, shape = check_header(h)
+            dtype, shape = check_header(h, compressed=compressed)
             total += h.nbytes
             if total > max_bytes:
                 raise CodecError(f"the stream declares over {max_bytes} bytes of tensors")
             self._names.append(h.name)
-            self._targets.append(torch.empty(shape, dtype=dtype))
-        for t in self._targets:
+            if h.encoding == "compressed":
+                data = torch.empty(h.nbytes, dtype=torch.uint8)
+                layout = tensor_pb2.CompressedLayout()
+                layout.CopyFrom(h.compressed)
+                self._targets.append(EncodedTensor(dtype, shape, layout, data))
+                self._flat.append(data)
+                continue
+            t = torch.empty(shape, dtype=dtype)
+            self._targets.append(t)
             self._flat.append(
                 t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
             )
@@ -135,28 +198,38 @@ class TensorAssembler:
             pos += take
         self.received += len(chunk)
 
-    def finish(self) -> list[tuple[str, torch.Tensor]]:
-        """The tensors, once every declared byte has arrived."""
+    def finish_wire(self) -> list[tuple[str, Wire]]:
+        """The tensors (compressed ones as `EncodedTensor`s), once every declared byte has
+        arrived."""
         if self.received != self.total:
             raise CodecError(
                 f"the stream ended after {self.received} of the {self.total} bytes declared"
             )
         return list(zip(self._names, self._targets, strict=True))
 
+    def finish(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors of a stream without compressed ones, once every byte has arrived."""
+        out = []
+        for name, t in self.finish_wire():
+            if isinstance(t, EncodedTensor):
+                raise CodecError(f"tensor {name!r}: a compressed tensor cannot be read here")
+            out.append((name, t))
+        return out
+
 
 # -- values ----------------------------------------------------------------------------------
 
 
 def encode_values(
-    values: Mapping[str, Value],
-) -> tuple[list[tensor_pb2.NamedValue], list[tuple[str, torch.Tensor]]]:
+    values: Mapping[str, Value | EncodedTensor],
+) -> tuple[list[tensor_pb2.NamedValue], list[tuple[str, Wire]]]:
     """The wire structure of named values and the tensors it refers to, in order."""
-    tensors: list[tuple[str, torch.Tensor]] = []
+    tensors: list[tuple[str, Wire]] = []
 
-    def encode(name: str, v: Value, out: tensor_pb2.WireValue, depth: int) -> None:
+    def encode(name: str, v: Value | EncodedTensor, out: tensor_pb2.WireValue, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise CodecError(f"value {name!r} nests deeper than {MAX_DEPTH} levels")
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, torch.Tensor | EncodedTensor):
             out.tensor = len(tensors)
             tensors.append((f"{name}.{len(tensors)}", v))
         elif isinstance(v, bool):
@@ -189,11 +262,12 @@ def encode_values(
 
 def decode_values(
     named: Sequence[tensor_pb2.NamedValue],
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[Wire],
     *,
     device: torch.device,
 ) -> dict[str, Value]:
-    """Named values from their wire structure and the stream's tensors (each used once)."""
+    """Named values from their wire structure and the stream's tensors (each used once);
+    an `EncodedTensor` is left in place for the caller to decode."""
     used: set[int] = set()
 
     def decode(name: str, pb: tensor_pb2.WireValue, depth: int) -> Value:
@@ -207,7 +281,8 @@ def decode_values(
                     f"{'used twice' if pb.tensor in used else 'not in the stream'}"
                 )
             used.add(pb.tensor)
-            return tensors[pb.tensor].to(device)
+            t = tensors[pb.tensor]
+            return t if isinstance(t, EncodedTensor) else t.to(device)
         if kind == "int_value":
             return int(pb.int_value)
         if kind == "float_value":

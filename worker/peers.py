@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 import grpc
 
 from archipelago.rpc import TlsConfig, open_channel, token_metadata
-from opdag.tensor_stream import encode_values, header_of, iter_chunks
+from opdag.tensor_stream import EncodedTensor, encode_values, header_of, iter_chunks
 from opdag.values import Value
 from proto import worker_pb2, worker_pb2_grpc
 from worker.serde import StagePlan, transfer_header_pb
@@ -56,7 +56,12 @@ class PeerLinks:
         return stub
 
     async def send(
-        self, kind: str, dst: int, step: int, mb: int, values: Mapping[str, Value]
+        self,
+        kind: str,
+        dst: int,
+        step: int,
+        mb: int,
+        values: Mapping[str, Value | EncodedTensor],
     ) -> int:
         """Send one micro-batch's values ("F") or gradients ("B") to stage `dst`; returns
         the tensor bytes sent."""

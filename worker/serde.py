@@ -8,7 +8,7 @@ in range, and data and optimizer settings pass their own validation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opdag import codec
 from opdag.data import DataConfig
@@ -16,6 +16,7 @@ from opdag.errors import CodecError, OpDagError
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from proto import tensor_pb2, worker_pb2
+from worker.edge_codecs import EdgeCodec
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class StagePlan:
     checkpoint_every: int
     job_secret: str
     tensors: tuple[tensor_pb2.TensorHeader, ...]
+    # dst stage -> how what this stage sends there is compressed
+    codecs: Mapping[int, EdgeCodec] = field(default_factory=dict)
 
     @property
     def loads_data(self) -> bool:
@@ -136,6 +139,16 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         )
     if len(a.job_secret) < 16:
         raise _fail("the job secret is too short")
+    codecs: dict[int, EdgeCodec] = {}
+    targets = {s for stages in sends.values() for s in stages}
+    for c in a.codecs:
+        if c.dst_stage not in targets or c.dst_stage in codecs:
+            raise _fail(f"a codec for stage {c.dst_stage}, which this stage does not send to once")
+        codecs[c.dst_stage] = EdgeCodec(c.dst_stage, c.codec, c.ratio, c.values)
+        try:
+            codecs[c.dst_stage].build()
+        except CodecError as e:
+            raise _fail(str(e)) from None
     return StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
@@ -155,6 +168,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         checkpoint_every=a.checkpoint_every,
         job_secret=a.job_secret,
         tensors=tuple(a.tensors),
+        codecs=codecs,
     )
 
 

@@ -149,9 +149,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         try:
             limit = job.expected_bytes(kind, header.src_stage)
-            assembler = TensorAssembler(header.tensors, max_bytes=limit)
+            assembler = TensorAssembler(header.tensors, max_bytes=limit, compressed=True)
             await _read_chunks(parts, assembler, context)
-            tensors = [t for _, t in assembler.finish()]
+            tensors = [t for _, t in assembler.finish_wire()]
             values = decode_values(header.values, tensors, device=self.node.device)
             await self.node.deliver(
                 job, kind, header.step, header.micro_batch, header.src_stage, values

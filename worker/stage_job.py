@@ -34,7 +34,9 @@ from opdag.optim import (
 from opdag.partition import Stage
 from opdag.rad import StageRunner
 from opdag.stage import StageModule
+from opdag.tensor_stream import EncodedTensor
 from opdag.values import Value, add_grads
+from worker.edge_codecs import EdgeCodecs
 from worker.schedule import one_f_one_b
 from worker.serde import StagePlan
 
@@ -71,7 +73,7 @@ class Reporter(Protocol):
 
 
 # Sends one micro-batch's values to one peer stage; returns the bytes it sent.
-Sender = Callable[[str, int, int, int, Mapping[str, Value]], Awaitable[int]]
+Sender = Callable[[str, int, int, int, Mapping[str, Value | EncodedTensor]], Awaitable[int]]
 
 
 def check_value(value: Value, meta: ValueMeta, what: str, *, grad: bool = False) -> None:
@@ -185,6 +187,15 @@ class StageJob:
                     self._expected_backward.setdefault(dst, set()).add(name)
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._compute_s = 0.0
+        metas = {
+            name: meta
+            for name in (*plan.sends, *plan.receives)
+            if (meta := plan.graph.node(name).meta) is not None
+        }
+        # Only activations are compressed: not the data stage 0 passes on, nor a
+        # parameter read in two stages (its value must arrive whole).
+        activations = {n for n in plan.sends if plan.graph.node(n).op not in ("input", "param")}
+        self.codecs = EdgeCodecs(plan.codecs, metas, activations)
 
     # -- construction -----------------------------------------------------------------------
 
@@ -235,13 +246,14 @@ class StageJob:
 
     def expected_bytes(self, kind: str, src: int) -> int:
         """Tensor bytes a message of `kind` from stage `src` may carry (sizes declared by a
-        sender are checked against this before any memory is set aside)."""
+        sender are checked against this before any memory is set aside). A compressed
+        value may take a little more than dense: at worst all its values and a bitmap."""
         names = (self._expected_forward if kind == "F" else self._expected_backward).get(src, ())
         total = 0
         for name in names:
             meta = self.plan.graph.node(name).meta
             total += meta.nbytes if meta is not None else 0
-        return total
+        return total + total // 8 + (64 << 10)
 
     async def deliver(
         self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]
@@ -259,6 +271,10 @@ class StageJob:
             )
         if set(values) != expected:
             raise CodecError(f"stage {src} sent {sorted(values)}, expected {sorted(expected)}")
+        if any(isinstance(v, EncodedTensor) for v in values.values()):
+            await asyncio.to_thread(self.codecs.decode, kind, step, mb, src, values)
+        elif kind == "B":
+            self.codecs.decode(kind, step, mb, src, values)  # forgets what was kept
         for name, value in values.items():
             meta = plan.graph.node(name).meta
             if meta is None:
@@ -309,6 +325,7 @@ class StageJob:
                     if (current is not None and current.cancelling()) or not self._draining():
                         raise
                     await self._compute(self.runner.discard)
+                    self.codecs.forget(self.step)
                     break
                 self.step += 1
                 due = self.step % plan.checkpoint_every == 0 or self.step == plan.total_steps
@@ -398,6 +415,7 @@ class StageJob:
                 task.cancel()
             raise
         await self._compute(self.runner.step)
+        self.codecs.forget(step)
         loss = sum(losses) / len(losses) if losses else None
         self.reporter.progress(
             self._report(
@@ -419,7 +437,10 @@ class StageJob:
         sent: dict[int, int],
     ) -> asyncio.Task[int]:
         async def go() -> int:
-            n = await self.sender(kind, dst, step, mb, values)
+            # Compression runs beside compute, never in the way of the next forward.
+            encode = self.codecs.encode_forward if kind == "F" else self.codecs.encode_backward
+            wire = await asyncio.to_thread(encode, step, mb, dst, values)
+            n = await self.sender(kind, dst, step, mb, wire)
             sent[dst] = sent.get(dst, 0) + n
             return n
 
