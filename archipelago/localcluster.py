@@ -1,6 +1,11 @@
 """A real cluster on one machine: a coordinator process and worker processes, each started
 with the `archipelago` command exactly as a user would, each logging to its own file.
-`archipelago demo` runs its job on one; the multi-process tests use it too."""
+`archipelago demo` runs its job on one; the multi-process tests use it too.
+
+`Cluster` runs everything on loopback; `TestbedCluster` runs the same processes on a WAN
+testbed (`deploy.wan.Testbed`): the coordinator in the root namespace on the testbed's
+bridge, each worker inside its host's namespace, so the links between workers are the
+testbed's shaped ones."""
 
 from __future__ import annotations
 
@@ -13,17 +18,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, WorkerView
 
+if TYPE_CHECKING:
+    from deploy.wan import Testbed
+
 T = TypeVar("T")
 TOKEN = "local-cluster-token"
+# The directory that holds the `archipelago` package (and `coordinator`, `worker`...).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -80,39 +90,81 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    # -- what a subclass changes: where a process runs and how it is reached --------------
+
+    def _command(self, args: list[str], host: str | None) -> list[str]:
+        """The argv that runs `archipelago ARGS` (`host`: where; loopback knows one place)."""
+        return [sys.executable, "-m", "archipelago.cli", *args]
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def _cwd(self) -> Path | None:
+        return None  # this process's own
+
+    def _coordinator_args(self) -> list[str]:
+        return [
+            "coordinator",
+            "--port",
+            str(self.port),
+            "--token",
+            self.token,
+            "--store",
+            self.store,
+            "--heartbeat-interval",
+            str(self.heartbeat_s),
+            "--worker-timeout",
+            str(self.worker_timeout_s),
+            *self.extra_coordinator_args,
+        ]
+
+    def _worker_args(self, name: str, token: str | None) -> list[str]:
+        return [
+            "worker",
+            "--coordinator",
+            self.address,
+            "--token",
+            token or self.token,
+            "--name",
+            name,
+            "--threads",
+            "1",
+            "--probe-networks",
+            self.probe_networks,
+            *self.extra_worker_args,
+        ]
+
+    # -- processes ----------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], host: str | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with log.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "archipelago.cli", *args],
+                self._command(args, host),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=self._env(),
+                cwd=self._cwd(),
             )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
 
-    def start_coordinator(self, name: str = "coordinator") -> Proc:
-        proc = self._spawn(
-            name,
-            [
-                "coordinator",
-                "--port",
-                str(self.port),
-                "--token",
-                self.token,
-                "--store",
-                self.store,
-                "--heartbeat-interval",
-                str(self.heartbeat_s),
-                "--worker-timeout",
-                str(self.worker_timeout_s),
-                *self.extra_coordinator_args,
-            ],
+    def _wait_joined(self, proc: Proc, name: str) -> None:
+        wait_for(
+            f"worker {name} to join",
+            lambda: (
+                not proc.alive
+                or any(w.name == name and w.state == "idle" for w in self.workers_safe())
+            ),
+            60,
         )
+        if not proc.alive:
+            raise RuntimeError(f"worker {name} exited:\n{proc.tail()}")
+
+    def start_coordinator(self, name: str = "coordinator") -> Proc:
+        proc = self._spawn(name, self._coordinator_args())
         self.coordinator = proc
         wait_for(f"{name} to listen", lambda: not proc.alive or "listening on" in proc.tail(), 60)
         if not proc.alive:
@@ -120,34 +172,9 @@ class Cluster:
         return proc
 
     def start_worker(self, name: str, *, wait: bool = True, token: str | None = None) -> Proc:
-        proc = self._spawn(
-            name,
-            [
-                "worker",
-                "--coordinator",
-                self.address,
-                "--token",
-                token or self.token,
-                "--name",
-                name,
-                "--threads",
-                "1",
-                "--probe-networks",
-                self.probe_networks,
-                *self.extra_worker_args,
-            ],
-        )
+        proc = self._spawn(name, self._worker_args(name, token))
         if wait:
-            wait_for(
-                f"worker {name} to join",
-                lambda: (
-                    not proc.alive
-                    or any(w.name == name and w.state == "idle" for w in self.workers_safe())
-                ),
-                60,
-            )
-            if not proc.alive:
-                raise RuntimeError(f"worker {name} exited:\n{proc.tail()}")
+            self._wait_joined(proc, name)
         return proc
 
     def client(self, token: str | None = None) -> CoordinatorClient:
@@ -208,7 +235,7 @@ class Cluster:
             for p in self.procs
         )
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -225,3 +252,64 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
+
+
+# Every worker in a namespace of its own has that namespace's ports to itself; a second
+# worker on the same host takes the next.
+TESTBED_WORKER_PORT = 7100
+
+
+@dataclass
+class TestbedCluster(Cluster):
+    """A `Cluster` on a WAN testbed that is up: the coordinator in the root namespace,
+    listening on the testbed's bridge address, and each worker inside its host's
+    namespace, listening on and advertising the host's address, measuring links only
+    inside the testbed's subnet. Stopping the testbed stops its processes too."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    testbed: Testbed = field(kw_only=True)
+    hosts_of: dict[str, str] = field(default_factory=dict)  # worker name -> its host
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(str(self.testbed.bridge_address))
+        self.probe_networks = str(self.testbed.spec.subnet)
+        super().__post_init__()
+
+    @property
+    def address(self) -> str:
+        return f"{self.testbed.bridge_address}:{self.port}"
+
+    def _command(self, args: list[str], host: str | None) -> list[str]:
+        argv = super()._command(args, host)
+        return argv if host is None else self.testbed.exec_args(host, argv)
+
+    def _env(self) -> dict[str, str]:
+        # Inside a namespace as outside: this checkout's packages, whatever is installed.
+        env = super()._env()
+        paths = [str(SOURCE_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    def _cwd(self) -> Path | None:
+        return SOURCE_ROOT
+
+    def _coordinator_args(self) -> list[str]:
+        return [*super()._coordinator_args(), "--host", str(self.testbed.bridge_address)]
+
+    # A worker here is placed first, then named: `host` comes where `Cluster` has `name`.
+    def start_worker(  # type: ignore[override]
+        self, host: str, name: str | None = None, *, wait: bool = True, token: str | None = None
+    ) -> Proc:
+        """Start a worker inside `host`'s namespace (named after the host by default)."""
+        name = name or host
+        if name in self.hosts_of:
+            raise ValueError(f"a worker named {name!r} was already started")
+        port = TESTBED_WORKER_PORT + sum(h == host for h in self.hosts_of.values())
+        endpoint = f"{self.testbed.address(host)}:{port}"
+        self.hosts_of[name] = host
+        args = [*self._worker_args(name, token), "--listen", endpoint, "--advertise", endpoint]
+        proc = self._spawn(name, args, host)
+        if wait:
+            self._wait_joined(proc, name)
+        return proc
