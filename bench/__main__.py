@@ -10,6 +10,8 @@ BENCHMARKS = {
     "capture": "bench.capture_speed",
     "service": "bench.service_throughput",
     "heartbeats": "bench.heartbeats",
+    "compressors": "bench.compressors",
+    "opfence": "bench.opfence_speed",
 }
 
 
