@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -26,9 +27,11 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from coordinator.estimator import ComputeModel, StageTiming, fit_compute_model
 from coordinator.jobspec import JobSpec, parse_job_spec
 from coordinator.link_prober import LinkProber
-from coordinator.planner import Plan, plan_even, stage_routes
+from coordinator.planner import Plan, stage_routes
+from coordinator.planning import PlanRequest, make_plan, predict
 from coordinator.registry import Registry, WorkerState
 from coordinator.serde import stage_assignment_pb
 from coordinator.store import StateStore
@@ -49,6 +52,10 @@ TERMINAL = ("completed", "failed", "cancelled")
 # Re-plans in a row without a single step of progress before a job is declared failed.
 MAX_FRUITLESS_RECOVERIES = 5
 KEEP_CHECKPOINTS = 2
+# How long a job waits for links between free workers to be measured before it is
+# planned with what is known; and the steps a stage is profiled for before calibrating.
+LINK_WAIT_S = 30.0
+PROFILE_STEPS = 3
 
 
 class JobError(OpDagError):
@@ -86,6 +93,7 @@ class Job:
     plan: Plan | None = None
     draining_until: float = 0.0
     running_since: float = 0.0
+    waiting_since: float = 0.0
     version: int = 0
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -184,6 +192,11 @@ class JobManager:
         self.registry = registry
         self.workers = workers
         self.links = links
+        # The compute model plans are made with, refit from every profiled stage.
+        self.compute_model = ComputeModel()
+        self._timings: dict[str, StageTiming] = {}
+        self._compute_samples: dict[tuple[str, int, int], list[float]] = {}
+        self._stage_flops: dict[tuple[str, int, int], tuple[float, float, int]] = {}
         self.drain_timeout_s = drain_timeout_s
         self.jobs: dict[str, Job] = {}
         self._models: dict[str, CapturedModel] = {}
@@ -359,15 +372,32 @@ class JobManager:
                 n = want if len(free) >= want else 0
             if n == 0:
                 return
+            if not self._links_ready(job, [w.worker_id for w in free]):
+                return
             start_step = await self._io(self.store.latest_checkpoint, job.job_id) or 0
-            plan, cut = plan_even(
-                model.graph,
-                free,
+            request = PlanRequest(
                 job_id=job.job_id,
                 epoch=job.epoch + 1,
-                stages=n,
                 start_step=start_step,
+                graph=model.graph,
+                spec=job.spec,
+                workers=free,
+                figures=self.links.figures(w.worker_id for w in free) if self.links else {},
+                compute=self.compute_model,
             )
+            try:
+                plan, cut = await asyncio.to_thread(make_plan, request)
+            except ValueError as e:
+                log.warning("job %s cannot be planned on %d workers: %s", job.job_id, n, e)
+                return
+            job.waiting_since = 0.0
+            for stage in cut.stages:
+                g = stage.graph
+                self._stage_flops[(job.job_id, plan.epoch, stage.index)] = (
+                    g.total("fwd_flops"),
+                    g.total("bwd_flops"),
+                    len(g.compute_nodes),
+                )
             job.epoch, job.plan = plan.epoch, plan
             job.state = "starting"
             job.finished_stages.clear()
@@ -505,6 +535,75 @@ class JobManager:
 
     # -- what workers report ----------------------------------------------------------------
 
+    def _links_ready(self, job: Job, worker_ids: list[str]) -> bool:
+        """Whether to plan now: OP-Fence and AdaTopK plan on measured links, so they wait
+        (a bounded time) for the links between the free workers to be measured."""
+        if self.links is None:
+            return True
+        spec = job.spec
+        wants_links = spec.parallel.planner == "opfence" or spec.compression.kind == "adatopk"
+        if not wants_links or not self.links.unmeasured(worker_ids):
+            return True
+        now = time.monotonic()
+        if not job.waiting_since:
+            job.waiting_since = now
+            log.info("job %s waits for link measurements between the free workers", job.job_id)
+        if now - job.waiting_since < LINK_WAIT_S:
+            return False
+        log.warning(
+            "job %s: links still unmeasured after %.0f s; planning with what is known",
+            job.job_id,
+            LINK_WAIT_S,
+        )
+        return True
+
+    # -- calibration -----------------------------------------------------------------------
+
+    def _profile(self, job: Job, p: Progress) -> None:
+        """Record a stage's measured compute time; once a stage has a few steps of this
+        plan, refit the compute model every later plan (and prediction) uses."""
+        plan = job.plan
+        if plan is None or p.compute_seconds <= 0 or p.stage >= plan.num_stages:
+            return
+        placement = plan.placements[p.stage]
+        key = (job.job_id, plan.epoch, p.stage)
+        seen = self._compute_samples.setdefault(key, [])
+        seen.append(p.compute_seconds)
+        if p.step == plan.start_step:
+            seen.clear()  # the first step of a plan warms up: leave it out
+        if len(seen) < PROFILE_STEPS:
+            return
+        del seen[: -4 * PROFILE_STEPS]
+        w = self.registry.get(placement.worker_id)
+        if w is None or w.gflops <= 0:
+            return
+        stage = self._stage_flops.get(key)
+        if stage is None:
+            return
+        fwd, bwd, nodes = stage
+        per_mb = statistics.median(seen) / job.spec.data.micro_batches
+        share = fwd / (fwd + bwd) if fwd + bwd > 0 else 0.5
+        self._timings[placement.worker_id] = StageTiming(
+            placement.worker_id, w.gflops, fwd, bwd, nodes, per_mb * share, per_mb * (1 - share)
+        )
+        self.compute_model = fit_compute_model(list(self._timings.values()))
+
+    async def _calibrated_prediction(self, job: Job) -> float:
+        """The plan's step time predicted again with the compute model as calibrated now
+        (0 before any stage of any plan has been profiled)."""
+        plan = job.plan
+        if plan is None or not self._timings:
+            return 0.0
+        model = await self._model(job)
+        speeds = {
+            pl.worker_id: (w.gflops if (w := self.registry.get(pl.worker_id)) else 0.0)
+            for pl in plan.placements
+        }
+        figures = self.links.figures(speeds) if self.links else {}
+        return await asyncio.to_thread(
+            predict, plan, model.graph, job.spec, speeds, figures, self.compute_model
+        )
+
     def _current(self, job_id: str, epoch: int) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
@@ -528,6 +627,7 @@ class JobManager:
                     )
             await self._check_end(job)
             return
+        self._profile(job, p)
         record: dict[str, Any] = {
             "epoch": p.epoch,
             "step_seconds": p.step_seconds,
@@ -663,7 +763,8 @@ class JobManager:
         measured = 0.0
         if len(times) >= 2:
             measured = (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
-        return PlanReport(measured, 0.0, max(len(times) - 1, 0))
+        calibrated = await self._calibrated_prediction(job)
+        return PlanReport(measured, calibrated, max(len(times) - 1, 0))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -1,86 +1,69 @@
-"""Which cut links of a plan travel compressed, and how much each keeps.
+"""Compression of a plan's cut links, chosen together with the plan.
 
-A link carries, per micro-batch, the float activations one stage sends another (and their
-gradients back, the same size, in the other direction). With `compression: {topk: R}`
-every cut link keeps the fraction R. With `adatopk` each link keeps the largest fraction
-whose transfer still fits the plan's target - the pipeline's bottleneck compute time per
-micro-batch, so the link stops being the bottleneck - never less than the spec's floor;
-links that fit uncompressed stay uncompressed, and so do links never measured.
+The estimator asks a compression policy, for each cut link it prices, what the link's
+activations would cost on the wire; the planner thus weighs placements with their
+compression, and the plan's links carry the codec and ratio chosen for them. With
+`compression: {topk: R}` every cut link keeps the fraction R. With `adatopk` a link keeps
+the largest fraction whose transfer still fits its budget - the compute time of a
+micro-batch at its busier end, so the link stops being the bottleneck - never less than
+the spec's floor; links that fit uncompressed stay uncompressed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 from compressors import AdaTopKConfig, choose_link_compression, compressed_wire_bytes
+from coordinator.estimator import NO_CODEC, WireCompression
 from coordinator.jobspec import CompressionSpec
+from coordinator.opfence import OpFencePlan
 from coordinator.planner import LinkCodec
-from opdag.partition import Partition
 
-FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 # The spec says fp32 for "as computed"; the compressors call that value format raw.
 VALUE_FORMATS = {"fp32": "raw", "fp16": "fp16"}
 CODEC = "sampled_topk"
 
 
-def activation_bytes(cut: Partition) -> dict[tuple[int, int], int]:
-    """Float activation bytes per micro-batch on each (src stage, dst stage) link: the
-    values compressors may touch (not data inputs, not a parameter read in two stages)."""
-    out: dict[tuple[int, int], int] = {}
-    for edge in cut.edges:
-        node = cut.graph.node(edge.node)
-        if node.op in ("input", "param") or edge.meta.kind != "tensor":
-            continue
-        if edge.meta.dtype not in FLOAT_DTYPES:
-            continue
-        for dst in edge.dsts:
-            out[(edge.src, dst)] = out.get((edge.src, dst), 0) + edge.nbytes
-    return out
-
-
-def plan_link_codecs(
-    cut: Partition,
-    stage_workers: Sequence[str],
-    spec: CompressionSpec,
-    figures: Mapping[tuple[str, str], tuple[float, float]],
-    *,
-    target_s: float,
-) -> tuple[LinkCodec, ...]:
-    """The codecs of a plan's cut links. `figures` holds (bytes/s, rtt s) per directed
-    worker pair; `target_s` is the bottleneck stage's compute time per micro-batch."""
+def wire_compression(spec: CompressionSpec) -> WireCompression | None:
+    """The policy the estimator prices links with (None: everything travels exact)."""
     if spec.kind == "none":
+        return None
+    values = VALUE_FORMATS[spec.values]
+    if spec.kind == "topk":
+
+        def fixed(
+            dense_bytes: int, bandwidth_Bps: float, budget_s: float
+        ) -> tuple[str, float, int]:
+            del bandwidth_Bps, budget_s  # one ratio everywhere
+            return CODEC, spec.ratio, compressed_wire_bytes(dense_bytes, spec.ratio, values=values)
+
+        return fixed
+    config = AdaTopKConfig(floor=spec.floor, codec=CODEC, values=values)
+
+    def adaptive(dense_bytes: int, bandwidth_Bps: float, budget_s: float) -> tuple[str, float, int]:
+        if budget_s <= 0 or bandwidth_Bps <= 0:
+            return NO_CODEC, 1.0, dense_bytes
+        choice = choose_link_compression(
+            dense_bytes=dense_bytes, bandwidth=bandwidth_Bps, target_s=budget_s, config=config
+        )
+        return choice.codec, choice.ratio, choice.wire_bytes
+
+    return adaptive
+
+
+def plan_codecs(plan: OpFencePlan, spec: CompressionSpec) -> tuple[LinkCodec, ...]:
+    """The codec of every compressed cut link of `plan`, as the estimator chose it."""
+    policy = wire_compression(spec)
+    if policy is None:
         return ()
     values = VALUE_FORMATS[spec.values]
     out = []
-    for (src, dst), dense in sorted(activation_bytes(cut).items()):
-        fig = figures.get((stage_workers[src], stage_workers[dst]))
-        if spec.kind == "topk":
-            wire = compressed_wire_bytes(dense, spec.ratio, values=values)
-            seconds = wire / fig[0] + fig[1] / 2 if fig else 0.0
-            out.append(LinkCodec(src, dst, CODEC, spec.ratio, values, dense, wire, seconds))
+    for x in plan.links:
+        if x.replica != 0 or x.fwd_codec == NO_CODEC:
             continue
-        if fig is None or target_s <= 0:
-            continue  # nothing known to size it by: the link stays exact
-        bandwidth, rtt = fig
-        choice = choose_link_compression(
-            dense_bytes=dense,
-            bandwidth=bandwidth,
-            target_s=target_s,
-            latency_s=rtt / 2,
-            config=AdaTopKConfig(floor=spec.floor, codec=CODEC, values=values),
-        )
-        if choice.codec == "none":
-            continue
+        dense = x.fwd_bytes - x.data_bytes  # data inputs always travel exact
+        wire = compressed_wire_bytes(dense, x.fwd_ratio, values=values)
         out.append(
             LinkCodec(
-                src,
-                dst,
-                choice.codec,
-                choice.ratio,
-                choice.values,
-                dense,
-                choice.wire_bytes,
-                choice.seconds,
+                x.src_stage, x.dst_stage, x.fwd_codec, x.fwd_ratio, values, dense, wire, x.fwd_s
             )
         )
     return tuple(out)

@@ -4,6 +4,7 @@ submitted with the `archipelago` client, losses checked against plain PyTorch.""
 from __future__ import annotations
 
 import functools
+import math
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,37 @@ def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
         ),
         30,
     )
+
+
+def test_topk_at_ratio_one_equals_the_uncompressed_run_and_lossy_topk_moves_fewer_bytes(
+    cluster: Cluster,
+) -> None:
+    cluster.start_coordinator()
+    for i in range(2):
+        cluster.start_worker(f"w{i}")
+    steps = 6
+    base = SPEC.format(steps=steps, stages=2, every=steps)
+    runs = {}
+    for name, setting in (
+        ("exact", "none"),
+        ("ratio-1", "{topk: 1.0}"),
+        ("lossy", "{topk: 0.05, values: fp16}"),
+    ):
+        job_id = cluster.submit(base + f"compression: {setting}\n")
+        cluster.wait_job(job_id, lambda j: j.state == "completed", f"the {name} job to complete")
+        runs[name] = cluster.job(job_id, with_metrics=True)
+        client = cluster.client()
+        try:
+            plan = client.plan(job_id)
+        finally:
+            client.close()
+        if name != "exact":
+            assert "sampled_topk" in plan.text, plan.text
+    exact = {m.step: m.loss for m in runs["exact"].metrics}
+    same = {m.step: m.loss for m in runs["ratio-1"].metrics}
+    lossy = {m.step: m.loss for m in runs["lossy"].metrics}
+    assert same == exact  # through the codec path, bit for bit
+    assert_losses_match_reference(cluster, runs["exact"].job_id, steps)
+    # Lossy: it trains (finite losses, not equal), on a fraction of the bytes.
+    assert all(math.isfinite(v) for v in lossy.values()) and lossy != exact
+    assert runs["lossy"].bytes_per_step < 0.25 * runs["exact"].bytes_per_step
