@@ -75,7 +75,8 @@ class Cluster:
     worker_timeout_s: float = 2.0
     extra_coordinator_args: list[str] = field(default_factory=list)
     extra_worker_args: list[str] = field(default_factory=list)
-    # Workers measure links only inside these networks: every address here is local.
+    # The cluster's networks: workers measure links only inside them, and the coordinator
+    # accepts only workers there. Every address here is local.
     probe_networks: str = "127.0.0.0/8"
     procs: list[Proc] = field(default_factory=list)
     port: int = 0
@@ -115,6 +116,10 @@ class Cluster:
             str(self.heartbeat_s),
             "--worker-timeout",
             str(self.worker_timeout_s),
+            # Every address of this cluster is local: the coordinator accepts no worker
+            # elsewhere, so nothing it calls can be off this machine.
+            "--worker-networks",
+            self.probe_networks,
             *self.extra_coordinator_args,
         ]
 

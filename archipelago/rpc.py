@@ -7,7 +7,9 @@ It imports nothing of the coordinator or the worker, so both may use it.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,33 @@ MAX_MESSAGE_BYTES = 16 << 20
 MAX_DETAILS_CHARS = 1000
 # What a worker's address must look like (HOST:PORT) wherever one is received.
 ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,255}:\d{1,5}$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(items: Sequence[str], option: str) -> tuple[Network, ...]:
+    """CIDR blocks given to `option` as networks; ValueError naming a bad one."""
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not a CIDR block") from None
+    return tuple(out)
+
+
+def address_in_networks(address: str, networks: Sequence[Network]) -> bool:
+    """Whether HOST:PORT may be contacted under a restriction to `networks` (none: any).
+    With networks given, only a literal IP inside one of them passes: no name is looked
+    up, so nothing outside the chosen networks is ever reached."""
+    if not networks:
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks if net.version == ip.version)
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

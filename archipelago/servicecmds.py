@@ -43,6 +43,19 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="a worker silent this long is lost and its job re-planned",
     )
+    p.add_argument(
+        "--worker-networks",
+        default="",
+        metavar="CIDR[,CIDR]",
+        help="accept only workers whose address lies in these networks (default: any)",
+    )
+    p.add_argument(
+        "--link-probes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="links measured at once between idle workers (0: never measure)",
+    )
     _log_arg(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -177,6 +190,7 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.link_prober import ProbeConfig
     from coordinator.main import DEFAULT_STORE, CoordinatorConfig, serve
 
     _logging(args)
@@ -188,12 +202,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         tls=_tls(args),
         heartbeat_s=args.heartbeat_interval,
         worker_timeout_s=args.worker_timeout,
+        worker_networks=tuple(n for n in args.worker_networks.split(",") if n.strip()),
+        probes=ProbeConfig(concurrency=args.link_probes),
     )
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
         raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
     try:
         return asyncio.run(serve(cfg))
-    except (OSError, TlsError) as e:
+    except (OSError, TlsError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 

@@ -28,6 +28,11 @@ log = logging.getLogger("archipelago.coordinator")
 STORE_KEY = "links"
 # A failed measurement is tried again after this long, not at every scheduler pass.
 RETRY_FAILED_S = 30.0
+# What is due is worked out again at most this often (it is quadratic in the workers).
+RESCAN_S = 2.0
+# Links are measured among at most this many idle workers (the earliest registered): a
+# swarm of hundreds would otherwise spend its life probing n^2 pairs.
+MAX_PROBED_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,8 @@ class LinkProber:
         self.links: dict[tuple[str, str], LinkRecord] = {}
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._due: list[tuple[str, str]] = []
+        self._next_scan = 0.0
 
     async def load(self) -> None:
         blob = await asyncio.to_thread(self.store.get_blob, STORE_KEY)
@@ -125,7 +132,7 @@ class LinkProber:
 
     def _wanted(self) -> list[tuple[str, str]]:
         """Pairs of idle workers to measure, the never-measured first, then the oldest."""
-        idle = [w.worker_id for w in self.registry.free()]
+        idle = [w.worker_id for w in self.registry.free()][:MAX_PROBED_WORKERS]
         now = time.time()
         wanted: list[tuple[float, str, str]] = []
         for a in idle:
@@ -144,11 +151,17 @@ class LinkProber:
 
     def step(self) -> None:
         """Start measurements for the most wanted pairs that fit the concurrency limit."""
-        for a, b in self._wanted():
+        if len(self._tasks) >= self.config.concurrency:
+            return
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._due, self._next_scan = self._wanted(), now + RESCAN_S
+        for a, b in list(self._due):
             if len(self._tasks) >= self.config.concurrency:
                 return
             if a in self._busy or b in self._busy:
                 continue
+            self._due.remove((a, b))
             self._busy.update((a, b))
             task = asyncio.create_task(self._measure(a, b))
             self._tasks.add(task)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from archipelago.rpc import SERVER_OPTIONS, TlsConfig
+from archipelago.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from coordinator.jobs import JobManager
 from coordinator.link_prober import LinkProber, ProbeConfig
 from coordinator.registry import Registry
@@ -45,9 +45,15 @@ class CoordinatorConfig:
     tick_s: float = 0.2
     drain_timeout_s: float = 120.0
     probes: ProbeConfig = field(default_factory=ProbeConfig)
+    # CIDR blocks worker addresses must lie in (empty: any): the coordinator calls every
+    # worker that registers, so this bounds where it may ever send anything.
+    worker_networks: tuple[str, ...] = ()
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
+    networks = parse_networks(cfg.worker_networks, "--worker-networks")
+    if cfg.probes.concurrency < 0:
+        raise ValueError("--link-probes must be 0 or more")
     if cfg.store.startswith("sqlite:///") and cfg.store != "sqlite:///:memory:":
         Path(cfg.store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     store = await asyncio.to_thread(open_store, cfg.store)
@@ -62,7 +68,14 @@ async def serve(cfg: CoordinatorConfig) -> int:
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorService(manager, registry, token=cfg.token, heartbeat_s=cfg.heartbeat_s), server
+        CoordinatorService(
+            manager,
+            registry,
+            token=cfg.token,
+            heartbeat_s=cfg.heartbeat_s,
+            worker_networks=networks,
+        ),
+        server,
     )
     address = f"{cfg.host}:{cfg.port}"
     credentials = cfg.tls.server_credentials() if cfg.tls else None

@@ -12,7 +12,13 @@ from typing import NoReturn
 
 import grpc
 
-from archipelago.rpc import ADDRESS_PATTERN, MAX_DETAILS_CHARS, require_token
+from archipelago.rpc import (
+    ADDRESS_PATTERN,
+    MAX_DETAILS_CHARS,
+    Network,
+    address_in_networks,
+    require_token,
+)
 from coordinator.jobs import JobError, JobManager, StaleReport
 from coordinator.registry import Registry
 from coordinator.serde import (
@@ -42,12 +48,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     """gRPC face of the job manager and the worker registry."""
 
     def __init__(
-        self, manager: JobManager, registry: Registry, *, token: str, heartbeat_s: float
+        self,
+        manager: JobManager,
+        registry: Registry,
+        *,
+        token: str,
+        heartbeat_s: float,
+        worker_networks: tuple[Network, ...] = (),
     ) -> None:
         self.manager = manager
         self.registry = registry
         self.token = token
         self.heartbeat_s = heartbeat_s
+        self.worker_networks = worker_networks
 
     async def _guard(self, context: grpc.aio.ServicerContext) -> None:
         await require_token(context, self.token)
@@ -69,6 +82,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"worker address {request.address[:80]!r} is not HOST:PORT",
+            )
+        if not address_in_networks(request.address, self.worker_networks):
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"worker address {request.address[:80]!r} is outside the networks this "
+                "coordinator accepts workers from (--worker-networks)",
             )
         r = request.resources
         if not 0 <= r.gflops < 1e9 or len(r.device) > 32:

@@ -10,11 +10,9 @@ over the time it took less one round trip (the request's own latency and the emp
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -55,34 +53,6 @@ def check_request(max_bytes: int, target_seconds: float) -> None:
         raise ValueError(
             f"target_seconds must be between 0.01 and {MAX_TARGET_SECONDS}, not {target_seconds}"
         )
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
-    """`--probe-networks` values (CIDR blocks) as networks; ValueError naming a bad one."""
-    out = []
-    for item in items:
-        try:
-            out.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"--probe-networks: {item!r} is not a CIDR block") from None
-    return tuple(out)
-
-
-def probe_allowed(address: str, networks: Sequence[Network]) -> bool:
-    """Whether this worker may send probes to `address` (HOST:PORT). With networks given,
-    only a literal IP inside one of them is allowed: no name is looked up, so a coordinator
-    cannot turn probes on hosts outside the volunteer's chosen networks."""
-    if not networks:
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks if net.version == ip.version)
 
 
 async def measure_link(

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from archipelago.rpc import SERVER_OPTIONS, TlsConfig
+from archipelago.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from proto import worker_pb2_grpc
 from worker.coordinator_link import CoordinatorLink
-from worker.link_probe import parse_networks
 from worker.node import WorkerNode
 from worker.probe import measure_resources
 from worker.service import WorkerService
@@ -74,7 +73,7 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             node,
             worker_id=lambda: link.worker_id,
             name=name,
-            probe_networks=parse_networks(cfg.probe_networks),
+            probe_networks=parse_networks(cfg.probe_networks, "--probe-networks"),
         ),
         server,
     )

@@ -13,11 +13,17 @@ from typing import Any, NoReturn
 
 import grpc
 
-from archipelago.rpc import ADDRESS_PATTERN, MAX_DETAILS_CHARS, MAX_MESSAGE_BYTES, require_token
+from archipelago.rpc import (
+    ADDRESS_PATTERN,
+    MAX_DETAILS_CHARS,
+    MAX_MESSAGE_BYTES,
+    address_in_networks,
+    require_token,
+)
 from opdag.errors import OpDagError
 from opdag.tensor_stream import TensorAssembler, decode_values
 from proto import worker_pb2, worker_pb2_grpc
-from worker.link_probe import check_request, measure_link, probe_allowed
+from worker.link_probe import check_request, measure_link
 from worker.node import JobStateError, WorkerNode
 from worker.serde import stage_plan_from_pb, transfer_from_pb
 
@@ -209,7 +215,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     f"link target {t.worker_id[:40]!r} at {t.address[:80]!r} is not a worker "
                     "id and HOST:PORT",
                 )
-            if not probe_allowed(t.address, self.probe_networks):
+            if not address_in_networks(t.address, self.probe_networks):
                 await _abort(
                     context,
                     grpc.StatusCode.PERMISSION_DENIED,

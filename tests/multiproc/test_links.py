@@ -14,7 +14,7 @@ import pytest
 
 from archipelago.client import LinkView
 from archipelago.rpc import open_blocking_channel, token_metadata
-from proto import worker_pb2, worker_pb2_grpc
+from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.multiproc.cluster import TOKEN, Cluster, wait_for
 
 pytestmark = pytest.mark.multiproc
@@ -105,3 +105,19 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
         assert reply.links[0].bandwidth > 0 and not reply.links[0].error
     finally:
         channel.close()
+
+
+def test_coordinator_refuses_workers_outside_its_networks(cluster: Cluster) -> None:
+    cluster.start_coordinator()  # the cluster's coordinator accepts 127.0.0.0/8 only
+    channel = open_blocking_channel(cluster.address, None)
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    try:
+        for address in ("192.0.2.1:7100", "worker.example:7100"):
+            request = coordinator_pb2.RegisterRequest(name="far", address=address)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Register(request, metadata=token_metadata(TOKEN), timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "--worker-networks" in (info.value.details() or "")
+    finally:
+        channel.close()
+    assert cluster.workers_safe() == []

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from worker.link_probe import check_request, parse_networks, probe_allowed
+from archipelago.rpc import address_in_networks as probe_allowed
+from archipelago.rpc import parse_networks as parse
+from worker.link_probe import check_request
+
+
+def parse_networks(items: list[str]) -> tuple:  # type: ignore[type-arg]
+    return parse(items, "--probe-networks")
 
 pytestmark = pytest.mark.unit
 
