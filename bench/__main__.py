@@ -12,6 +12,8 @@ BENCHMARKS = {
     "heartbeats": "bench.heartbeats",
     "compressors": "bench.compressors",
     "opfence": "bench.opfence_speed",
+    "wan-planners": "bench.wan_planners",
+    "wan-compression": "bench.wan_compression",
 }
 
 
