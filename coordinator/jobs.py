@@ -415,7 +415,7 @@ class JobManager:
                 "job %s epoch %d: %d stages on %s, from step %d",
                 job.job_id,
                 plan.epoch,
-                n,
+                plan.num_stages,
                 ", ".join(p.worker_name for p in plan.placements),
                 start_step,
             )

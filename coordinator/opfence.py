@@ -268,7 +268,7 @@ class OpFencePlan:
             f"{_count(self.replicas, 'replica')}, "
             f"{self.micro_batches} micro-batches per step, {self.blocks} blocks; "
             f"predicted step {est.total_s:.4g} s",
-            f"bottleneck: {est.bottleneck}",
+            f"bottleneck: {_named(est.bottleneck, label)}",
             f"islands ({len(self.islands)}):",
         ]
         for i, isl in enumerate(self.islands):
@@ -309,6 +309,13 @@ class OpFencePlan:
 
 def _count(n: int, what: str) -> str:
     return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _named(text: str, names: Mapping[str, str]) -> str:
+    """`text` with every worker id in it replaced by the worker's name."""
+    for worker_id, name in names.items():
+        text = text.replace(worker_id, name)
+    return text
 
 
 def _format_bytes(n: int) -> str:

@@ -143,8 +143,8 @@ def test_worker_with_a_wrong_token_is_refused(cluster: Cluster) -> None:
 
 def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
     cluster.start_coordinator()
-    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(2)}
-    cluster.start_worker("spare")
+    # Three workers for two stages: whichever two the planner picks, one is spare.
+    workers = {name: cluster.start_worker(name) for name in ("w0", "w1", "spare")}
     steps = 120
     # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
     job_id = cluster.submit(SPEC.format(steps=steps, stages=2, every=1000))
