@@ -51,7 +51,7 @@ def demo_spec(steps: int, stages: int) -> str:
         },
         "optimizer": {"name": DEMO_OPTIMIZER.name, "lr": DEMO_OPTIMIZER.lr},
         "steps": steps,
-        "parallel": {"planner": "even", "stages": stages},
+        "parallel": {"planner": "opfence", "stages": stages},
         "checkpoint": {"every": 50},
     }
     return yaml.safe_dump(spec, sort_keys=False)
