@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opdag.ir import Graph
-from opdag.partition import Partition, balanced_assignment, partition
+from opdag.partition import Partition, Stage, balanced_assignment, partition
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,20 @@ class WorkerSlot:
     gflops: float
 
 
+def placement_of(stage: Stage, worker: WorkerSlot) -> Placement:
+    """`stage` placed on `worker`, with the sizes `status` shows."""
+    g = stage.graph
+    return Placement(
+        stage=stage.index,
+        worker_id=worker.worker_id,
+        worker_name=worker.name,
+        address=worker.address,
+        nodes=len(g.compute_nodes),
+        params=g.num_params(),
+        flops=g.total("fwd_flops") + g.total("bwd_flops"),
+    )
+
+
 def plan_even(
     graph: Graph,
     workers: Sequence[WorkerSlot],
@@ -121,20 +135,9 @@ def plan_even(
         raise ValueError(f"cannot place {stages} stages on {len(workers)} workers")
     assignment = balanced_assignment(graph, stages)
     cut = partition(graph, assignment)
-    placements = []
-    for stage, worker in zip(cut.stages, workers, strict=False):
-        g = stage.graph
-        placements.append(
-            Placement(
-                stage=stage.index,
-                worker_id=worker.worker_id,
-                worker_name=worker.name,
-                address=worker.address,
-                nodes=len(g.compute_nodes),
-                params=g.num_params(),
-                flops=g.total("fwd_flops") + g.total("bwd_flops"),
-            )
-        )
+    placements = [
+        placement_of(stage, worker) for stage, worker in zip(cut.stages, workers, strict=False)
+    ]
     plan = Plan(
         job_id=job_id,
         epoch=epoch,

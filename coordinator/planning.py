@@ -19,7 +19,7 @@ from coordinator.jobspec import JobSpec
 from coordinator.link_codecs import plan_codecs, wire_compression
 from coordinator.links import BandwidthMatrix
 from coordinator.opfence import OpFencePlan, find_islands, plan_even_baseline, plan_opfence
-from coordinator.planner import Placement, Plan, WorkerSlot, plan_even
+from coordinator.planner import Plan, WorkerSlot, placement_of, plan_even
 from opdag.ir import Graph
 from opdag.partition import Partition, partition
 
@@ -129,20 +129,10 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
             found = _fixed_stages(req, workers, links, want)
         cut = partition(req.graph, found.assignment)
     by_id = {w.worker_id: w for w in workers}
-    placements = []
-    for stage, worker_id in zip(cut.stages, found.stage_workers, strict=True):
-        g, w = stage.graph, by_id[worker_id]
-        placements.append(
-            Placement(
-                stage=stage.index,
-                worker_id=w.worker_id,
-                worker_name=w.name,
-                address=w.address,
-                nodes=len(g.compute_nodes),
-                params=g.num_params(),
-                flops=g.total("fwd_flops") + g.total("bwd_flops"),
-            )
-        )
+    placements = [
+        placement_of(stage, by_id[worker_id])
+        for stage, worker_id in zip(cut.stages, found.stage_workers, strict=True)
+    ]
     names = {w.worker_id: w.name for w in workers}
     plan = Plan(
         job_id=req.job_id,

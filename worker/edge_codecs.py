@@ -29,13 +29,13 @@ from compressors import (
     decode_payload,
     encode_dense,
 )
+from compressors.dtypes import FLOATING
 from opdag.errors import CodecError
 from opdag.ir import ValueMeta, dtype_name, dtype_of
 from opdag.tensor_stream import EncodedTensor
 from opdag.values import Value
 from proto import tensor_pb2
 
-FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 MASK = "mask"
 
 
@@ -126,7 +126,7 @@ class EdgeCodecs:
             if (
                 name not in self._compressible
                 or not isinstance(v, torch.Tensor)
-                or dtype_name(v.dtype) not in FLOAT_DTYPES
+                or dtype_name(v.dtype) not in FLOATING
             ):
                 out[name] = v
                 continue
