@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import math
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from coordinator.jobspec import parse_job_spec
 from opdag.reference import ReferenceTrainer
-from tests.multiproc.cluster import Cluster, wait_for
+from tests.multiproc.cluster import TOKEN, Cluster, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -197,6 +199,16 @@ def test_topk_at_ratio_one_equals_the_uncompressed_run_and_lossy_topk_moves_fewe
             client.close()
         if name != "exact":
             assert "sampled_topk" in plan.text, plan.text
+    command = ["plan", "show", job_id, "--coordinator", cluster.address, "--token", TOKEN]
+    shown = subprocess.run(
+        [sys.executable, "-m", "archipelago.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "cut links" in shown.stdout and "sampled_topk, x0.05" in shown.stdout, shown.stdout
+    assert "step time: predicted" in shown.stdout and "measured" in shown.stdout
     exact = {m.step: m.loss for m in runs["exact"].metrics}
     same = {m.step: m.loss for m in runs["ratio-1"].metrics}
     lossy = {m.step: m.loss for m in runs["lossy"].metrics}
