@@ -74,14 +74,14 @@ def test_three_workers_train_three_stages_exactly_like_one_process(cluster: Clus
 
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster: Cluster) -> None:
     cluster.start_coordinator()
-    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(3)}
-    spare = cluster.start_worker("spare")  # idle: the job asks for exactly 3 stages
+    # Four workers for a job of exactly 3 stages: whichever the planner leaves out is spare.
+    workers = {name: cluster.start_worker(name) for name in ("w0", "w1", "w2", "w3")}
     steps = 120
     job_id = cluster.submit(SPEC.format(steps=steps, stages=3, every=10))
     running = cluster.wait_job(
         job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
     )
-    assert "spare" not in {s.worker_name for s in running.stages}
+    (spare,) = set(workers) - {s.worker_name for s in running.stages}
     victim = running.stages[1].worker_name
     cluster.kill(workers[victim])
     job = cluster.wait_job(
@@ -89,8 +89,8 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster:
     )
     assert job.epoch >= 2 and job.recoveries >= 1
     assert victim not in {s.worker_name for s in job.stages}
-    assert "spare" in {s.worker_name for s in job.stages}
-    assert spare.alive
+    assert spare in {s.worker_name for s in job.stages}
+    assert workers[spare].alive
     # The resumed run continues the curve: every step, before and after the kill, has the
     # loss one uninterrupted process gets.
     assert_losses_match_reference(cluster, job_id, steps)
