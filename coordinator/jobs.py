@@ -15,6 +15,7 @@ if their workers are still there, and are re-planned from their checkpoint if no
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import statistics
@@ -56,6 +57,8 @@ KEEP_CHECKPOINTS = 2
 # planned with what is known; and the steps a stage is profiled for before calibrating.
 LINK_WAIT_S = 30.0
 PROFILE_STEPS = 3
+# The calibrated compute model, kept so a restarted coordinator plans as well at once.
+COMPUTE_MODEL_KEY = "compute-model"
 
 
 class JobError(OpDagError):
@@ -194,8 +197,10 @@ class JobManager:
         self.links = links
         # The compute model plans are made with, refit from every profiled stage.
         self.compute_model = ComputeModel()
+        self._prior_model = self.compute_model  # what the store held at start
         self._timings: dict[str, StageTiming] = {}
         self._compute_samples: dict[tuple[str, int, int], list[float]] = {}
+        self._profiled: dict[tuple[str, int, int], int] = {}
         self._stage_flops: dict[tuple[str, int, int], tuple[float, float, int]] = {}
         self.drain_timeout_s = drain_timeout_s
         self.jobs: dict[str, Job] = {}
@@ -238,6 +243,13 @@ class JobManager:
 
     async def restore(self) -> None:
         """Take over what a previous coordinator left in the store."""
+        blob = await self._io(self.store.get_blob, COMPUTE_MODEL_KEY)
+        if blob is not None:
+            try:
+                self.compute_model = ComputeModel.from_dict(json.loads(blob))
+                self._prior_model = self.compute_model
+            except (ValueError, TypeError, AttributeError) as e:
+                log.warning("stored compute model unreadable (%s); calibrating afresh", e)
         self.registry.load(await self._io(self.store.list_workers))
         for record in await self._io(self.store.list_jobs):
             job = Job.from_record(record)
@@ -567,13 +579,15 @@ class JobManager:
             return
         placement = plan.placements[p.stage]
         key = (job.job_id, plan.epoch, p.stage)
+        if p.step == plan.start_step:
+            return  # the first step of a plan warms up: leave it out
         seen = self._compute_samples.setdefault(key, [])
         seen.append(p.compute_seconds)
-        if p.step == plan.start_step:
-            seen.clear()  # the first step of a plan warms up: leave it out
-        if len(seen) < PROFILE_STEPS:
-            return
         del seen[: -4 * PROFILE_STEPS]
+        n = self._profiled[key] = self._profiled.get(key, 0) + 1
+        # Refit once a stage has a few steps, then every tenth step: not on every report.
+        if n < PROFILE_STEPS or (n - PROFILE_STEPS) % 10:
+            return
         w = self.registry.get(placement.worker_id)
         if w is None or w.gflops <= 0:
             return
@@ -586,14 +600,18 @@ class JobManager:
         self._timings[placement.worker_id] = StageTiming(
             placement.worker_id, w.gflops, fwd, bwd, nodes, per_mb * share, per_mb * (1 - share)
         )
-        self.compute_model = fit_compute_model(list(self._timings.values()))
+        self.compute_model = fit_compute_model(
+            list(self._timings.values()), prior=self._prior_model
+        )
+        blob = json.dumps(self.compute_model.to_dict()).encode()
+        self._spawn(self._io(self.store.put_blob, COMPUTE_MODEL_KEY, blob))
 
     async def _calibrated_prediction(self, job: Job) -> float:
         """The plan's step time predicted again with the compute model as calibrated now
         (0 before any stage of any plan has been profiled)."""
         plan = job.plan
-        if plan is None or not self._timings:
-            return 0.0
+        if plan is None or self.compute_model == ComputeModel():
+            return 0.0  # nothing calibrated yet, here or by a coordinator before
         model = await self._model(job)
         speeds = {
             pl.worker_id: (w.gflops if (w := self.registry.get(pl.worker_id)) else 0.0)

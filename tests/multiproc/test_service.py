@@ -4,6 +4,7 @@ submitted with the `archipelago` client, losses checked against plain PyTorch.""
 from __future__ import annotations
 
 import functools
+import json
 import math
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.jobspec import parse_job_spec
+from coordinator.store import open_store
 from opdag.reference import ReferenceTrainer
 from tests.multiproc.cluster import TOKEN, Cluster, wait_for
 
@@ -217,3 +219,36 @@ def test_topk_at_ratio_one_equals_the_uncompressed_run_and_lossy_topk_moves_fewe
     # Lossy: it trains (finite losses, not equal), on a fraction of the bytes.
     assert all(math.isfinite(v) for v in lossy.values()) and lossy != exact
     assert runs["lossy"].bytes_per_step < 0.25 * runs["exact"].bytes_per_step
+
+
+def test_the_calibrated_compute_model_survives_a_coordinator_restart(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    for i in range(2):
+        cluster.start_worker(f"w{i}")
+    job_id = cluster.submit(SPEC.format(steps=8, stages=2, every=8))
+    job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
+    client = cluster.client()
+    try:
+        before = client.plan(job_id)
+    finally:
+        client.close()
+    assert before.measured_step_s > 0 and before.calibrated_step_s > 0
+    # The fitted model is in the store: an efficiency for each profiled worker.
+    store = open_store(cluster.store)
+    try:
+        blob = store.get_blob("compute-model")
+    finally:
+        store.close()
+    assert blob is not None
+    fitted = json.loads(blob)["efficiency"]
+    assert set(fitted) == {s.worker_id for s in job.stages}
+    assert all(v > 0 for v in fitted.values())
+    assert cluster.coordinator is not None
+    cluster.kill(cluster.coordinator)
+    cluster.start_coordinator("coordinator-2")
+    client = cluster.client()
+    try:
+        after = client.plan(job_id)  # no step has run since the restart
+    finally:
+        client.close()
+    assert after.calibrated_step_s == pytest.approx(before.calibrated_step_s, rel=1e-6)
