@@ -403,6 +403,7 @@ class JobManager:
                 log.warning("job %s cannot be planned on %d workers: %s", job.job_id, n, e)
                 return
             job.waiting_since = 0.0
+            self._forget_profile(job.job_id)
             for stage in cut.stages:
                 g = stage.graph
                 self._stage_flops[(job.job_id, plan.epoch, stage.index)] = (
@@ -606,6 +607,13 @@ class JobManager:
         blob = json.dumps(self.compute_model.to_dict()).encode()
         self._spawn(self._io(self.store.put_blob, COMPUTE_MODEL_KEY, blob))
 
+    def _forget_profile(self, job_id: str) -> None:
+        """Drop the per-stage profiling state of a job's earlier plans (the fitted model
+        keeps what was learnt from them)."""
+        for table in (self._compute_samples, self._profiled, self._stage_flops):
+            for key in [k for k in table if k[0] == job_id]:
+                del table[key]
+
     async def _calibrated_prediction(self, job: Job) -> float:
         """The plan's step time predicted again with the compute model as calibrated now
         (0 before any stage of any plan has been profiled)."""
@@ -680,6 +688,7 @@ class JobManager:
             async with job.busy:
                 job.state = "completed"
                 job.steps_done = job.spec.steps
+                self._forget_profile(job.job_id)
                 changed = self.registry.release(job.plan.worker_ids, job.job_id)
                 await self._save_workers(changed)
                 await self._save(job)
