@@ -9,6 +9,7 @@ the process's memory while a sender declares a huge tensor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import secrets
 import threading
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from archipelago.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
+from compressors import Payload, TopK
 from coordinator.jobspec import JobSpec, parse_job_spec
 from coordinator.planner import WorkerSlot, plan_even, stage_routes
 from coordinator.serde import stage_assignment_pb
@@ -30,6 +32,7 @@ from opdag.ir import dtype_of
 from opdag.tensor_stream import encode_values, header_of, iter_chunks
 from opdag.zoo import build_model, example_batch
 from proto import worker_pb2, worker_pb2_grpc
+from worker.edge_codecs import encoded
 from worker.node import WorkerNode
 from worker.serde import StagePlan
 from worker.service import WorkerService
@@ -610,3 +613,61 @@ def test_worker_refuses_a_stage_whose_tensors_do_not_fit_its_graph(loaded: Loade
     # held (it takes a new stage only when the coordinator thinks it free); hand it back.
     _load_stage(loaded, list(hand_out.parts()))
     loaded.assert_still_serving(next(loaded.slots))
+
+
+# -- compressed activations ----------------------------------------------------------------
+
+
+def _compressed(loaded: LoadedStage, **topk: Any) -> tuple[dict[str, Any], str, Payload]:
+    """The correct values with the first float activation as a top-k payload."""
+    values: dict[str, Any] = dict(loaded.correct_values())
+    name = next(n for n, v in values.items() if v.dtype == torch.float32)
+    payload = TopK(**{"ratio": 0.1, **topk}).compress(values[name])
+    values[name] = encoded(payload)
+    return values, name, payload
+
+
+def test_worker_accepts_a_compressed_activation(loaded: LoadedStage) -> None:
+    values, _, _ = _compressed(loaded)
+    assert isinstance(
+        loaded.send(loaded.transfer(next(loaded.slots), values).parts()), worker_pb2.Ack
+    )
+
+
+def test_worker_rejects_a_compressed_activation_with_an_index_out_of_range(
+    loaded: LoadedStage,
+) -> None:
+    slot = next(loaded.slots)
+    values, name, payload = _compressed(loaded, indices="int32")
+    numel = payload.numel
+    indices = payload.indices[:-4] + numel.to_bytes(4, "little")  # one past the last entry
+    values[name] = encoded(dataclasses.replace(payload, indices=indices))
+    loaded.assert_refused(
+        loaded.transfer(slot, values).parts(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"value {name!r}: index {numel} out of range for {numel} elements",
+        then_accepts=slot,
+    )
+
+
+def test_worker_rejects_a_compressed_layout_that_does_not_add_up(loaded: LoadedStage) -> None:
+    slot = next(loaded.slots)
+    values, _, _ = _compressed(loaded)
+    t = loaded.transfer(slot, values)
+    compressed = next(h for h in t.header.tensors if h.encoding == "compressed")
+    compressed.compressed.indices_bytes += 1
+    loaded.assert_refused(
+        t.parts(), grpc.StatusCode.INVALID_ARGUMENT, "must account for", then_accepts=slot
+    )
+
+
+def test_worker_rejects_a_forward_value_without_its_positions(loaded: LoadedStage) -> None:
+    slot = next(loaded.slots)
+    values, name, payload = _compressed(loaded)
+    values[name] = encoded(payload, "mask")
+    loaded.assert_refused(
+        loaded.transfer(slot, values).parts(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must carry positions",
+        then_accepts=slot,
+    )
