@@ -57,6 +57,9 @@ class CoordinatorLink:
         self._reports: collections.deque[coordinator_pb2.ProgressReport] = collections.deque()
         self._report_ready = asyncio.Event()
         self._unreachable_logged = False
+        # Set once this worker has asked to leave: a coordinator that then no longer
+        # knows it has let it go, and must not get it back as a fresh volunteer.
+        self.leaving = False
 
     # -- joining ---------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class CoordinatorLink:
                     timeout=max(5.0, 3 * self.heartbeat_s),
                 )
                 self._unreachable_logged = False
-                if not reply.known:
+                if not reply.known and not self.leaving:
                     await self.register()
                 for dropped in reply.stop_jobs:
                     result = stop_job(dropped)
@@ -125,6 +128,7 @@ class CoordinatorLink:
             await asyncio.sleep(self.heartbeat_s)
 
     async def leave(self) -> None:
+        self.leaving = True
         try:
             await self._stub.Leave(
                 coordinator_pb2.LeaveRequest(worker_id=self.worker_id),

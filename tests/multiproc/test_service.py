@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -167,6 +168,11 @@ def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
     # The new plan starts exactly where the old one stopped: no step ran twice.
     assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
     assert_losses_match_reference(cluster, job_id, steps)
+    # It left for good: it never joined again while it drained and went.
+    name = running.stages[0].worker_name
+    assert cluster.coordinator is not None
+    joins = re.findall(rf"worker {name} \(\w+\) at \S+ joined", cluster.coordinator.tail(10_000))
+    assert len(joins) == 1, joins
     wait_for(
         "the drained worker to be marked left",
         lambda: any(
