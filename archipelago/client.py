@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from archipelago.rpc import TlsConfig, open_blocking_channel, token_metadata
 from proto import coordinator_pb2, coordinator_pb2_grpc
+from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
 
 
 class ClientError(Exception):

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
 from archipelago.errors import UsageError
-from archipelago.rpc import TlsConfig, TlsError
 from opdag.report import human_bytes, human_count
+from proto.rpc import TlsConfig, TlsError
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
 
@@ -239,7 +239,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from coordinator.jobspec import load_job_spec
+    from coordinator.planning.jobspec import load_job_spec
 
     load_job_spec(args.spec)  # refuse a bad spec here, before the network
     client = _client(args)

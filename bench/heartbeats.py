@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from archipelago.localcluster import Cluster
-from archipelago.rpc import open_channel, token_metadata
 from proto import coordinator_pb2, coordinator_pb2_grpc
+from proto.rpc import open_channel, token_metadata
 
 WORKERS = 500
 INTERVAL_S = 1.0

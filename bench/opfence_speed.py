@@ -12,9 +12,9 @@ import random
 import statistics
 import time
 
-from coordinator.links import BandwidthMatrix
-from coordinator.opfence import plan_even_baseline, plan_opfence
-from coordinator.planner import WorkerSlot
+from coordinator.planning.links import BandwidthMatrix
+from coordinator.planning.opfence import plan_even_baseline, plan_opfence
+from coordinator.planning.plan import WorkerSlot
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.zoo import build_model, example_batch

@@ -28,11 +28,11 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from coordinator.estimator import ComputeModel, StageTiming, fit_compute_model
-from coordinator.jobspec import JobSpec, parse_job_spec
 from coordinator.link_prober import LinkProber
-from coordinator.planner import Plan, stage_routes
-from coordinator.planning import PlanRequest, make_plan, predict
+from coordinator.planning.estimator import ComputeModel, StageTiming, fit_compute_model
+from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.plan import Plan, stage_routes
+from coordinator.planning.planner import PlanRequest, make_plan, predict
 from coordinator.registry import Registry, WorkerState
 from coordinator.serde import stage_assignment_pb
 from coordinator.store import StateStore

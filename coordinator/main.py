@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 
-from archipelago.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from coordinator.jobs import JobManager
 from coordinator.link_prober import LinkProber, ProbeConfig
 from coordinator.registry import Registry
@@ -24,6 +23,7 @@ from coordinator.service import CoordinatorService
 from coordinator.store import open_store
 from coordinator.worker_client import WorkerClient
 from proto import coordinator_pb2_grpc
+from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 
 log = logging.getLogger("archipelago.coordinator")
 

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.planner import WorkerSlot
+from coordinator.planning.plan import WorkerSlot
 
 
 @dataclass

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coordinator.jobspec import JobSpec
-from coordinator.planner import Plan
+from coordinator.planning.jobspec import JobSpec
+from coordinator.planning.plan import Plan
 from coordinator.registry import Registry, WorkerState
 from opdag import codec
 from opdag.partition import Stage
-from opdag.tensor_stream import header_of
 from proto import coordinator_pb2, worker_pb2
+from proto.tensor_stream import header_of
 
 if TYPE_CHECKING:
     from coordinator.jobs import Job, PlanReport, Progress

@@ -12,13 +12,6 @@ from typing import NoReturn
 
 import grpc
 
-from archipelago.rpc import (
-    ADDRESS_PATTERN,
-    MAX_DETAILS_CHARS,
-    Network,
-    address_in_networks,
-    require_token,
-)
 from coordinator.jobs import JobError, JobManager, StaleReport
 from coordinator.registry import Registry
 from coordinator.serde import (
@@ -29,8 +22,15 @@ from coordinator.serde import (
     worker_info_pb,
 )
 from opdag.errors import OpDagError
-from opdag.tensor_stream import TensorAssembler
 from proto import coordinator_pb2, coordinator_pb2_grpc
+from proto.rpc import (
+    ADDRESS_PATTERN,
+    MAX_DETAILS_CHARS,
+    Network,
+    address_in_networks,
+    require_token,
+)
+from proto.tensor_stream import TensorAssembler
 
 log = logging.getLogger("archipelago.coordinator")
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 import torch
 
-from archipelago.rpc import TlsConfig, open_channel, token_metadata
-from opdag.tensor_stream import iter_chunks
 from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.tensor_stream import iter_chunks
 
 log = logging.getLogger("archipelago.coordinator")
 

@@ -32,9 +32,9 @@ from compressors import (
 from compressors.dtypes import FLOATING
 from opdag.errors import CodecError
 from opdag.ir import ValueMeta, dtype_name, dtype_of
-from opdag.tensor_stream import EncodedTensor
 from opdag.values import Value
 from proto import tensor_pb2
+from proto.tensor_stream import EncodedTensor
 
 MASK = "mask"
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from archipelago.rpc import TlsConfig, open_channel, token_metadata
 from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import TlsConfig, open_channel, token_metadata
 
 log = logging.getLogger("archipelago.worker")
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from archipelago.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from proto import worker_pb2_grpc
+from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.node import WorkerNode
 from worker.probe import measure_resources

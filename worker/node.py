@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from archipelago.rpc import TlsConfig
 from opdag.errors import OpDagError
 from opdag.values import Value
+from proto.rpc import TlsConfig
 from worker.peers import PeerLinks
 from worker.serde import StagePlan
 from worker.stage_job import Reporter, StageJob

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
-from archipelago.rpc import TlsConfig, open_channel, token_metadata
-from opdag.tensor_stream import EncodedTensor, encode_values, header_of, iter_chunks
 from opdag.values import Value
 from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.tensor_stream import EncodedTensor, encode_values, header_of, iter_chunks
 from worker.serde import StagePlan, transfer_header_pb
 
 log = logging.getLogger("archipelago.worker")

@@ -13,16 +13,16 @@ from typing import Any, NoReturn
 
 import grpc
 
-from archipelago.rpc import (
+from opdag.errors import OpDagError
+from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import (
     ADDRESS_PATTERN,
     MAX_DETAILS_CHARS,
     MAX_MESSAGE_BYTES,
     address_in_networks,
     require_token,
 )
-from opdag.errors import OpDagError
-from opdag.tensor_stream import TensorAssembler, decode_values
-from proto import worker_pb2, worker_pb2_grpc
+from proto.tensor_stream import TensorAssembler, decode_values
 from worker.link_probe import check_request, measure_link
 from worker.node import JobStateError, WorkerNode
 from worker.serde import stage_plan_from_pb, transfer_from_pb

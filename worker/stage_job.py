@@ -33,11 +33,11 @@ from opdag.optim import (
 )
 from opdag.partition import Stage
 from opdag.rad import StageRunner
+from opdag.schedule import one_f_one_b
 from opdag.stage import StageModule
-from opdag.tensor_stream import EncodedTensor
 from opdag.values import Value, add_grads
+from proto.tensor_stream import EncodedTensor
 from worker.edge_codecs import EdgeCodecs
-from worker.schedule import one_f_one_b
 from worker.serde import StagePlan
 
 log = logging.getLogger("archipelago.worker")

@@ -29,10 +29,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from archipelago.client import ClientError
-from archipelago.rpc import CHANNEL_OPTIONS, token_metadata
-from coordinator.jobspec import parse_job_spec
-from opdag.tensor_stream import encode_values, header_of, iter_chunks
+from coordinator.planning.jobspec import parse_job_spec
 from proto import coordinator_pb2, worker_pb2
+from proto.rpc import CHANNEL_OPTIONS, token_metadata
+from proto.tensor_stream import encode_values, header_of, iter_chunks
 from tests.multiproc.cluster import Cluster, wait_for
 from tests.multiproc.test_worker_rejects_bad_messages import build_stage_hand_out
 

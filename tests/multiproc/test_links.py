@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from archipelago.client import LinkView
-from archipelago.rpc import open_blocking_channel, token_metadata
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from proto.rpc import open_blocking_channel, token_metadata
 from tests.multiproc.cluster import TOKEN, Cluster, wait_for
 
 pytestmark = pytest.mark.multiproc

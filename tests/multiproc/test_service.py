@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.jobspec import parse_job_spec
+from coordinator.planning.jobspec import parse_job_spec
 from coordinator.store import open_store
 from opdag.reference import ReferenceTrainer
 from tests.multiproc.cluster import TOKEN, Cluster, wait_for

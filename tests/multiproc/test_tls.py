@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from archipelago.client import ClientError, CoordinatorClient
-from archipelago.rpc import TlsConfig, open_blocking_channel, token_metadata
 from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
 from tests.multiproc.cluster import Cluster, wait_for
 from tests.multiproc.test_service import SPEC
 

@@ -22,16 +22,16 @@ import grpc
 import pytest
 import torch
 
-from archipelago.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
 from compressors import Payload, TopK
-from coordinator.jobspec import JobSpec, parse_job_spec
-from coordinator.planner import WorkerSlot, plan_even, stage_routes
+from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.plan import WorkerSlot, plan_even, stage_routes
 from coordinator.serde import stage_assignment_pb
 from opdag.capture import capture
 from opdag.ir import dtype_of
-from opdag.tensor_stream import encode_values, header_of, iter_chunks
 from opdag.zoo import build_model, example_batch
 from proto import worker_pb2, worker_pb2_grpc
+from proto.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
+from proto.tensor_stream import encode_values, header_of, iter_chunks
 from worker.edge_codecs import encoded
 from worker.node import WorkerNode
 from worker.serde import StagePlan

@@ -9,15 +9,15 @@ import torch
 
 from opdag.errors import CodecError
 from opdag.ir import tensor_meta
-from opdag.tensor_stream import (
+from opdag.values import Value
+from proto.tensor_stream import (
     EncodedTensor,
     TensorAssembler,
     encode_values,
     header_of,
     iter_chunks,
 )
-from opdag.tensor_stream import decode_values as wire_decode
-from opdag.values import Value
+from proto.tensor_stream import decode_values as wire_decode
 from worker.edge_codecs import EdgeCodec, EdgeCodecs
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from coordinator.estimator import (
+from coordinator.planning.estimator import (
     BlockChain,
     ComputeModel,
     Estimator,
@@ -21,12 +21,12 @@ from coordinator.estimator import (
     one_f_one_b,
     simulate_1f1b,
 )
-from coordinator.links import BandwidthMatrix
+from coordinator.planning.links import BandwidthMatrix
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.partition import balanced_assignment, partition
+from opdag.schedule import one_f_one_b as workers_one_f_one_b
 from opdag.zoo import build_model, example_batch
-from worker.schedule import one_f_one_b as workers_one_f_one_b
 
 pytestmark = pytest.mark.unit
 

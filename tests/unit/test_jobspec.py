@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from coordinator.jobspec import (
+from coordinator.planning.jobspec import (
     PLANNERS,
     CheckpointSpec,
     CompressionSpec,

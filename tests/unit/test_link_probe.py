@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from archipelago.rpc import address_in_networks as probe_allowed
-from archipelago.rpc import parse_networks as parse
+from proto.rpc import address_in_networks as probe_allowed
+from proto.rpc import parse_networks as parse
 from worker.link_probe import check_request
 
 

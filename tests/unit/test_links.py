@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from coordinator.links import BandwidthMatrix, Link, format_rate
+from coordinator.planning.links import BandwidthMatrix, Link, format_rate
 
 pytestmark = pytest.mark.unit
 

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from coordinator.estimator import Block, BlockChain, ChainValue, ComputeModel, Estimator
-from coordinator.links import BandwidthMatrix
-from coordinator.opfence import (
+from coordinator.planning.estimator import Block, BlockChain, ChainValue, ComputeModel, Estimator
+from coordinator.planning.links import BandwidthMatrix
+from coordinator.planning.opfence import (
     OpFencePlan,
     coarse_starts,
     find_islands,
@@ -20,7 +20,7 @@ from coordinator.opfence import (
     plan_even_baseline,
     plan_opfence,
 )
-from coordinator.planner import WorkerSlot, plan_even
+from coordinator.planning.plan import WorkerSlot, plan_even
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.partition import partition

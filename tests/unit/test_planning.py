@@ -9,10 +9,10 @@ import itertools
 import pytest
 import yaml
 
-from coordinator.estimator import ComputeModel
-from coordinator.jobspec import JobSpec, parse_job_spec
-from coordinator.planner import WorkerSlot
-from coordinator.planning import PlanRequest, make_plan, predict
+from coordinator.planning.estimator import ComputeModel
+from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.plan import WorkerSlot
+from coordinator.planning.planner import PlanRequest, make_plan, predict
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.partition import partition

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.estimator import (
+from coordinator.planning.estimator import (
     NO_CODEC,
     BlockChain,
     ComputeModel,
@@ -43,8 +43,8 @@ from coordinator.estimator import (
     StepEstimate,
     WireCompression,
 )
-from coordinator.links import BandwidthMatrix, format_rate
-from coordinator.planner import WorkerSlot
+from coordinator.planning.links import BandwidthMatrix, format_rate
+from coordinator.planning.plan import WorkerSlot
 from opdag.ir import Graph
 from opdag.partition import balanced_assignment, partition
 

@@ -12,10 +12,10 @@ the spec's floor; links that fit uncompressed stay uncompressed.
 from __future__ import annotations
 
 from compressors import AdaTopKConfig, choose_link_compression, compressed_wire_bytes
-from coordinator.estimator import NO_CODEC, WireCompression
-from coordinator.jobspec import CompressionSpec
-from coordinator.opfence import OpFencePlan
-from coordinator.planner import LinkCodec
+from coordinator.planning.estimator import NO_CODEC, WireCompression
+from coordinator.planning.jobspec import CompressionSpec
+from coordinator.planning.opfence import OpFencePlan
+from coordinator.planning.plan import LinkCodec
 
 # The spec says fp32 for "as computed"; the compressors call that value format raw.
 VALUE_FORMATS = {"fp32": "raw", "fp16": "fp16"}

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.links import BandwidthMatrix
+from coordinator.planning.links import BandwidthMatrix
 from opdag.ir import Graph, Node, ValueMeta
 from opdag.partition import Partition
 
