@@ -11,7 +11,7 @@ import yaml
 
 from archipelago.cli import parse_assignments
 from archipelago.errors import UsageError
-from opdag import codec, report
+from opdag import graph_serde, report
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition
 from opdag.zoo import build_model, example_batch
@@ -27,7 +27,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise UsageError(f"directory {out.parent} does not exist")
-    codec.save(captured, out)
+    graph_serde.save(captured, out)
     g = captured.graph
     print(
         f"captured {args.model}: {len(g.nodes)} nodes, {report.human_count(g.num_params())} "
@@ -37,7 +37,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
-    model = codec.load(args.file)
+    model = graph_serde.load(args.file)
     summary = report.dag_summary(model.graph, top=args.top)
     if args.nodes:
         summary["listing"] = model.graph.describe().splitlines()
@@ -66,7 +66,7 @@ def _read_assignment(path: str) -> dict[str, Any]:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    model = codec.load(args.file)
+    model = graph_serde.load(args.file)
     if args.stages is not None:
         assignment = balanced_assignment(model.graph, args.stages)
     else:

@@ -190,7 +190,7 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.link_prober import ProbeConfig
+    from coordinator.link_survey import ProbeConfig
     from coordinator.main import DEFAULT_STORE, CoordinatorConfig, serve
 
     _logging(args)

@@ -14,7 +14,8 @@ from compressors.adatopk import (
     choose_link_compression,
     compressed_wire_bytes,
 )
-from compressors.codec import (
+from compressors.compressor import Compressor
+from compressors.encoding import (
     DEFAULT_MAX_ELEMENTS,
     decode_payload,
     dense_wire_bytes,
@@ -23,7 +24,6 @@ from compressors.codec import (
     kept_indices,
     sparse_wire_bytes,
 )
-from compressors.compressor import Compressor
 from compressors.errors import PayloadError
 from compressors.feedback import ErrorFeedback
 from compressors.gradient_mask import KeptMask

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compressors.codec import dense_wire_bytes, sparse_wire_bytes
 from compressors.compressor import check_ratio, check_values
 from compressors.dtypes import DTYPES, itemsize
+from compressors.encoding import dense_wire_bytes, sparse_wire_bytes
 from compressors.selection import kept_count
 from compressors.sparsifiers import INDEX_CHOICES
 from compressors.value_coding import DEFAULT_INT8_CHUNK

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from compressors.codec import DEFAULT_MAX_ELEMENTS, decode_payload
+from compressors.encoding import DEFAULT_MAX_ELEMENTS, decode_payload
 from compressors.payload import MAX_ELEMENTS, Payload
 from compressors.value_coding import VALUE_FORMATS
 

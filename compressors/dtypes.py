@@ -1,32 +1,18 @@
-"""The tensor dtypes a payload may describe, by the same stable names the OP-DAG IR uses."""
+"""Dtype look-ups for payloads, over the one dtype table (`proto.dtypes`)."""
 
 from __future__ import annotations
 
 import torch
 
-# Kept here rather than imported from opdag.ir so the package needs nothing of ours but
-# the error class; the names match, so a header reads the same in both layers.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+from proto.dtypes import DTYPE_NAMES, DTYPES, FLOATING
 
-FLOATING: frozenset[str] = frozenset({"float32", "float64", "float16", "bfloat16"})
+__all__ = ["DTYPES", "FLOATING", "dtype_name", "itemsize"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The stable name of a supported dtype; ValueError for any other."""
     try:
-        return _NAMES[dtype]
+        return DTYPE_NAMES[dtype]
     except KeyError:
         raise ValueError(
             f"dtype {dtype} cannot be compressed (supported: {', '.join(DTYPES)})"

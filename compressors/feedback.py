@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from compressors.codec import decode_payload
 from compressors.compressor import Compressor
 from compressors.dtypes import FLOATING, dtype_name
+from compressors.encoding import decode_payload
 from compressors.payload import Payload
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compressors.codec import DEFAULT_MAX_ELEMENTS, kept_indices
+from compressors.encoding import DEFAULT_MAX_ELEMENTS, kept_indices
 from compressors.payload import Payload
 
 

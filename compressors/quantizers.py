@@ -6,9 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from compressors.codec import encode_dense
 from compressors.compressor import Compressor, check_chunk
 from compressors.dtypes import FLOATING, dtype_name
+from compressors.encoding import encode_dense
 from compressors.payload import Payload
 from compressors.value_coding import DEFAULT_INT8_CHUNK
 

@@ -14,9 +14,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from compressors.codec import encode_dense, encode_sparse, flat_cpu
 from compressors.compressor import Compressor, check_chunk, check_ratio, check_seed, check_values
 from compressors.dtypes import FLOATING, dtype_name
+from compressors.encoding import encode_dense, encode_sparse, flat_cpu
 from compressors.index_coding import SPARSE_INDEX_FORMATS
 from compressors.payload import Payload
 from compressors.selection import (

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from compressors.codec import DEFAULT_MAX_ELEMENTS, decode_payload
+from compressors.encoding import DEFAULT_MAX_ELEMENTS, decode_payload
 from compressors.errors import PayloadError
 from compressors.payload import Payload, checked_numel, show_int
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
-from coordinator.link_prober import LinkProber
+from coordinator.link_survey import LinkProber
 from coordinator.planning.estimator import ComputeModel, StageTiming, fit_compute_model
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import Plan, stage_routes
@@ -37,7 +37,7 @@ from coordinator.registry import Registry, WorkerState
 from coordinator.serde import stage_assignment_pb
 from coordinator.store import StateStore
 from coordinator.worker_client import WorkerCallError, WorkerClient
-from opdag import codec
+from opdag import graph_serde
 from opdag.capture import capture
 from opdag.data import build_source
 from opdag.errors import OpDagError
@@ -292,7 +292,9 @@ class JobManager:
                 f"model: {spec.model.zoo} cannot be built with these args: {reason}"
             ) from None
         job.fingerprint = fingerprint
-        await self._io(self.store.put_blob, f"job/{job.job_id}/model", codec.encode_model(model))
+        await self._io(
+            self.store.put_blob, f"job/{job.job_id}/model", graph_serde.encode_model(model)
+        )
         self._models[job.job_id] = model
         self.jobs[job.job_id] = job
         await self._save(job)
@@ -317,7 +319,7 @@ class JobManager:
             blob = await self._io(self.store.get_blob, f"job/{job.job_id}/model")
             if blob is None:
                 raise JobError(f"job {job.job_id}: its model is missing from the store")
-            model = await asyncio.to_thread(codec.decode_model, blob)
+            model = await asyncio.to_thread(graph_serde.decode_model, blob)
             self._models[job.job_id] = model
         return model
 
@@ -461,7 +463,9 @@ class JobManager:
         parts = await self._io(self.store.checkpoint_parts, job.job_id, step)
         state: dict[str, torch.Tensor] = {}
         for part in parts:
-            state.update(await asyncio.to_thread(codec.decode_state, part, f"checkpoint {step}"))
+            state.update(
+                await asyncio.to_thread(graph_serde.decode_state, part, f"checkpoint {step}")
+            )
         return state
 
     async def _hand_out(
@@ -734,7 +738,7 @@ class JobManager:
             owner = optimizer_param_name(name) or name
             if owner not in allowed:
                 raise JobError(f"checkpoint tensor {name!r} is not part of the model")
-        blob = await asyncio.to_thread(codec.encode_state, tensors)
+        blob = await asyncio.to_thread(graph_serde.encode_state, tensors)
         complete = await self._io(
             self.store.put_checkpoint_part, job_id, step, stage, num_stages, blob
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.jobs import JobManager
-from coordinator.link_prober import LinkProber, ProbeConfig
+from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
 from coordinator.service import CoordinatorService
 from coordinator.store import open_store

@@ -15,7 +15,7 @@ import torch
 from coordinator.planning.jobspec import JobSpec
 from coordinator.planning.plan import Plan
 from coordinator.registry import Registry, WorkerState
-from opdag import codec
+from opdag import graph_serde
 from opdag.partition import Stage
 from proto import coordinator_pb2, worker_pb2
 from proto.tensor_stream import header_of
@@ -45,7 +45,7 @@ def stage_assignment_pb(
         epoch=epoch,
         stage=stage.index,
         num_stages=plan.num_stages,
-        graph=codec.graph_to_pb(stage.graph),
+        graph=graph_serde.graph_to_pb(stage.graph),
         peers=[
             worker_pb2.Peer(stage=p.stage, address=p.address)
             for p in plan.placements

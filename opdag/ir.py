@@ -3,7 +3,7 @@
 A `Graph` is a list of `Node`s in topological order; each node names one allow-listed
 operator and refers to the values of earlier nodes through `NodeRef` arguments. Parameters
 are described by `ParamSpec`s and travel as named tensors beside the graph. Everything here
-is plain, frozen data: printable, comparable and serialisable by `opdag.codec`.
+is plain, frozen data: printable, comparable and serialisable by `opdag.graph_serde`.
 """
 
 from __future__ import annotations
@@ -19,29 +19,17 @@ from typing import TypeAlias
 import torch
 
 from opdag.errors import IRError
+from proto.dtypes import DTYPE_NAMES, DTYPES
 
 IR_VERSION = 1
 
-# The tensor dtypes a graph, a file or the wire may carry, by their stable names.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# The dtypes a graph may carry are the one table in proto.dtypes; these name them for the IR.
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The stable name of a supported dtype."""
     try:
-        return _DTYPE_NAMES[dtype]
+        return DTYPE_NAMES[dtype]
     except KeyError:
         raise IRError(f"dtype {dtype} is not supported (supported: {', '.join(DTYPES)})") from None
 

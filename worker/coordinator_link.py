@@ -19,7 +19,7 @@ import torch
 from proto import coordinator_pb2, coordinator_pb2_grpc
 from proto.rpc import TlsConfig, open_channel, token_metadata
 from proto.tensor_stream import header_of, iter_chunks
-from worker.probe import Resources
+from worker.resources import Resources
 from worker.serde import StagePlan
 from worker.stage_job import StepReport
 

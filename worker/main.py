@@ -22,7 +22,7 @@ from proto import worker_pb2_grpc
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.node import WorkerNode
-from worker.probe import measure_resources
+from worker.resources import measure_resources
 from worker.service import WorkerService
 
 log = logging.getLogger("archipelago.worker")

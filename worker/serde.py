@@ -1,7 +1,7 @@
 """The worker's serialisation boundary: protobuf messages to the worker's own dataclasses.
 
 Everything a worker receives is checked here before anything else sees it: the stage graph
-passes the allow-list (via `opdag.codec`), routes name values that exist, stage numbers are
+passes the allow-list (via `opdag.graph_serde`), routes name values that exist, stage numbers are
 in range, and data and optimizer settings pass their own validation.
 """
 
@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from opdag import codec
+from opdag import graph_serde
 from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from proto import tensor_pb2, worker_pb2
-from worker.edge_codecs import EdgeCodec
+from worker.edge_compression import EdgeCodec
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         raise _fail("missing or overlong job id")
     if a.num_stages < 1 or a.num_stages > 4096 or a.stage >= a.num_stages:
         raise _fail(f"stage {a.stage} of {a.num_stages} is out of range")
-    graph = codec.graph_from_pb(a.graph)
+    graph = graph_serde.graph_from_pb(a.graph)
     peers = {p.stage: p.address for p in a.peers}
     if any(s >= a.num_stages for s in peers):
         raise _fail("a peer's stage is out of range")

@@ -37,7 +37,7 @@ from opdag.schedule import one_f_one_b
 from opdag.stage import StageModule
 from opdag.values import Value, add_grads
 from proto.tensor_stream import EncodedTensor
-from worker.edge_codecs import EdgeCodecs
+from worker.edge_compression import EdgeCodecs
 from worker.serde import StagePlan
 
 log = logging.getLogger("archipelago.worker")

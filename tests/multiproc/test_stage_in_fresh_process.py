@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdag import codec
+from opdag import graph_serde
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition
 from opdag.stage import StageModule
@@ -25,23 +25,24 @@ STAGE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from opdag import codec
+    from opdag import graph_serde
     from opdag.partition import partition
     from opdag.stage import StageModule
 
     work = Path(sys.argv[1])
-    model = codec.load(work / "model.opdag")
+    model = graph_serde.load(work / "model.opdag")
     assignment = json.loads((work / "assignment.json").read_text())
     stages = partition(model.graph, assignment).stages
     values = {}
     for name in model.graph.inputs:
-        values[name] = codec.decode_tensor((work / f"in_{name}.bin").read_bytes())[1]
+        values[name] = graph_serde.decode_tensor((work / f"in_{name}.bin").read_bytes())[1]
     for stage in stages:
         module = StageModule(stage.graph, model.state)
         outputs = module({k: values[k] for k in stage.graph.inputs})
         values.update(outputs)
         for name, value in outputs.items():
-            (work / f"out_{stage.index}_{name}.bin").write_bytes(codec.encode_tensor(name, value))
+            blob = graph_serde.encode_tensor(name, value)
+            (work / f"out_{stage.index}_{name}.bin").write_bytes(blob)
     model_code = ("opdag.zoo", "opdag.capture")
     print(json.dumps(sorted(m for m in sys.modules if m.startswith(model_code))))
     """
@@ -61,7 +62,7 @@ def test_stage_rebuilt_from_file_in_fresh_process_gives_same_outputs(
     args = CASES[name]
     model = build_model(name, args, seed=3)
     captured = capture(model, example_batch(name, args, 4, device="meta"), name=name)
-    codec.save(captured, tmp_path / "model.opdag")
+    graph_serde.save(captured, tmp_path / "model.opdag")
     assignment = balanced_assignment(captured.graph, 3)
     (tmp_path / "assignment.json").write_text(json.dumps(assignment))
 
@@ -73,7 +74,7 @@ def test_stage_rebuilt_from_file_in_fresh_process_gives_same_outputs(
             inputs[key] = torch.randint(0, high, t.shape, generator=gen)
         else:
             inputs[key] = torch.randn(t.shape, generator=gen)
-        (tmp_path / f"in_{key}.bin").write_bytes(codec.encode_tensor(key, inputs[key]))
+        (tmp_path / f"in_{key}.bin").write_bytes(graph_serde.encode_tensor(key, inputs[key]))
 
     result = subprocess.run(
         [sys.executable, "-c", STAGE_SCRIPT, str(tmp_path)],
@@ -95,7 +96,7 @@ def test_stage_rebuilt_from_file_in_fresh_process_gives_same_outputs(
         values.update(outputs)
         for key, value in outputs.items():
             path = tmp_path / f"out_{stage.index}_{key}.bin"
-            theirs = codec.decode_tensor(path.read_bytes())[1]
+            theirs = graph_serde.decode_tensor(path.read_bytes())[1]
             assert torch.equal(theirs, value.detach()), f"stage {stage.index} output {key}"
     loss = values[captured.graph.loss]
     assert torch.equal(loss.detach(), model(**inputs).detach())

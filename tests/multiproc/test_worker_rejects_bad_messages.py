@@ -32,7 +32,7 @@ from opdag.zoo import build_model, example_batch
 from proto import worker_pb2, worker_pb2_grpc
 from proto.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
 from proto.tensor_stream import encode_values, header_of, iter_chunks
-from worker.edge_codecs import encoded
+from worker.edge_compression import encoded
 from worker.node import WorkerNode
 from worker.serde import StagePlan
 from worker.service import WorkerService

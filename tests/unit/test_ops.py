@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from opdag import codec, ops
+from opdag import graph_serde, ops
 from opdag.capture import capture
 from opdag.errors import CaptureError, IRError
 from opdag.ir import LOCAL_DEVICE, Graph, LocalDevice, ModuleSpec, Node, NodeRef
@@ -179,7 +179,7 @@ def test_allow_listed_module_rebuilds_from_its_spec_with_identical_output(
         outputs=("m",),
         params=(),
     )
-    assert codec.decode_graph(codec.encode_graph(graph)).node("m").module == spec
+    assert graph_serde.decode_graph(graph_serde.encode_graph(graph)).node("m").module == spec
 
     rebuilt = ops.build_module(spec)
     assert type(rebuilt) is type(original)
@@ -701,7 +701,7 @@ def test_device_constant_captures_as_the_local_device_and_runs() -> None:
     torch.manual_seed(0)
     model = MovesToDevice()
     captured = capture(model, {"x": torch.zeros(2, 4)})
-    graph = codec.decode_graph(codec.encode_graph(captured.graph))
+    graph = graph_serde.decode_graph(graph_serde.encode_graph(captured.graph))
     assert graph == captured.graph
     to = next(n for n in graph.nodes if n.op == "method" and n.target == "to")
     assert isinstance(to.args[1], LocalDevice)

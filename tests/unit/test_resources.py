@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from worker.probe import Resources, host_memory_bytes, measure_resources
+from worker.resources import Resources, host_memory_bytes, measure_resources
 
 pytestmark = pytest.mark.unit
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opdag import codec
+from opdag import graph_serde
 from opdag.capture import capture
 from opdag.errors import CodecError, IRError
 from opdag.ir import (
@@ -131,13 +131,13 @@ def victim() -> CapturedModel:
 
 @pytest.fixture(scope="module")
 def victim_file(victim: CapturedModel) -> bytes:
-    return codec.encode_model(victim)
+    return graph_serde.encode_model(victim)
 
 
 def refuse(data: bytes, pattern: str = "") -> str:
     """Decode a model that must be refused with a CodecError matching `pattern`."""
     with pytest.raises(CodecError) as info:
-        codec.decode_model(data)
+        graph_serde.decode_model(data)
     message = str(info.value)
     assert re.search(pattern, message), message
     return message
@@ -151,11 +151,11 @@ def test_zoo_model_round_trips_byte_identically_and_losslessly(
     zoo: dict[str, CapturedModel], name: str
 ) -> None:
     model = zoo[name]
-    data = codec.encode_model(model)
-    assert codec.encode_model(model) == data, "encoding is not deterministic"
-    decoded = codec.decode_model(data)
+    data = graph_serde.encode_model(model)
+    assert graph_serde.encode_model(model) == data, "encoding is not deterministic"
+    decoded = graph_serde.decode_model(data)
     assert decoded.graph == model.graph
-    assert codec.encode_model(decoded) == data
+    assert graph_serde.encode_model(decoded) == data
     assert list(decoded.state) == [p.name for p in model.graph.params]
     for key, original in model.state.items():
         got = decoded.state[key]
@@ -166,15 +166,17 @@ def test_zoo_model_round_trips_byte_identically_and_losslessly(
     records = split_records(data)
     assert [k for k, _ in records] == [b"G"] + [b"T"] * len(model.graph.params) + [b"E"]
     assert records[-1][1] == b""
-    assert codec.decode_graph(records[0][1]) == model.graph
-    names = [codec.decode_tensor(payload)[0] for _, payload in records[1:-1]]
+    assert graph_serde.decode_graph(records[0][1]) == model.graph
+    names = [graph_serde.decode_tensor(payload)[0] for _, payload in records[1:-1]]
     assert names == [p.name for p in model.graph.params]
 
 
 def test_crafted_records_have_the_codecs_own_layout() -> None:
     for kind, payload in ((b"G", b"abc"), (b"T", bytes(range(256))), (b"E", b"")):
-        assert record(kind, payload) == codec._record(kind, payload)
-    assert HEADER.pack(MAGIC, 1) == codec._HEADER.pack(codec.MAGIC, codec.FORMAT_VERSION)
+        assert record(kind, payload) == graph_serde._record(kind, payload)
+    assert HEADER.pack(MAGIC, 1) == graph_serde._HEADER.pack(
+        graph_serde.MAGIC, graph_serde.FORMAT_VERSION
+    )
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
@@ -182,16 +184,16 @@ def test_save_then_load_gives_the_same_bytes_and_leaves_no_partial_file(
     zoo: dict[str, CapturedModel], name: str, tmp_path: Path
 ) -> None:
     path = tmp_path / f"{name}.opdag"
-    codec.save(zoo[name], path)
-    data = codec.encode_model(zoo[name])
+    graph_serde.save(zoo[name], path)
+    data = graph_serde.encode_model(zoo[name])
     assert path.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    loaded = codec.load(path)
+    loaded = graph_serde.load(path)
     assert loaded.graph == zoo[name].graph
-    assert codec.encode_model(loaded) == data
+    assert graph_serde.encode_model(loaded) == data
     # Saving over an existing file replaces it whole.
-    codec.save(zoo["mlp"], path)
-    assert path.read_bytes() == codec.encode_model(zoo["mlp"])
+    graph_serde.save(zoo["mlp"], path)
+    assert path.read_bytes() == graph_serde.encode_model(zoo["mlp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -199,26 +201,26 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_partial_file(
     victim: CapturedModel, tmp_path: Path
 ) -> None:
     path = tmp_path / "model.opdag"
-    codec.save(victim, path)
+    graph_serde.save(victim, path)
     before = path.read_bytes()
     missing = CapturedModel(victim.graph, {k: v for k, v in victim.state.items() if k != "scale"})
     with pytest.raises(CodecError, match=r"tensors missing for parameters \['scale'\]"):
-        codec.save(missing, path)
+        graph_serde.save(missing, path)
     # Fails half-way: the graph and the tensors before `scale` are written when it is reached.
     unwritable = CapturedModel(
         victim.graph, {**victim.state, "scale": torch.ones(8, dtype=torch.complex64)}
     )
     with pytest.raises(IRError, match="complex64"):
-        codec.save(unwritable, path)
+        graph_serde.save(unwritable, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_loading_a_missing_file_or_a_directory_is_a_codec_error(tmp_path: Path) -> None:
     with pytest.raises(CodecError, match="cannot read"):
-        codec.load(tmp_path / "absent.opdag")
+        graph_serde.load(tmp_path / "absent.opdag")
     with pytest.raises(CodecError, match="cannot read"):
-        codec.load(tmp_path)
+        graph_serde.load(tmp_path)
 
 
 # -- truncation --------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def test_loading_a_missing_file_or_a_directory_is_a_codec_error(tmp_path: Path) 
 def test_truncated_file_is_refused_at_every_record_boundary(
     zoo: dict[str, CapturedModel], name: str
 ) -> None:
-    data = codec.encode_model(zoo[name])
+    data = graph_serde.encode_model(zoo[name])
     bounds = record_boundaries(data)
     assert bounds[-1] == len(data) and len(bounds) == len(zoo[name].graph.params) + 3
     cuts = set()
@@ -250,7 +252,7 @@ def test_file_cut_inside_its_header_is_refused_as_truncated(victim_file: bytes) 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_file_cut_at_random_positions_is_refused(zoo: dict[str, CapturedModel], name: str) -> None:
-    data = codec.encode_model(zoo[name])
+    data = graph_serde.encode_model(zoo[name])
     rng = random.Random(f"truncate-{name}")
     for cut in rng.sample(range(len(data)), 40):
         refuse(data[:cut], TRUNCATED.pattern)
@@ -261,7 +263,7 @@ def test_file_cut_at_random_positions_is_refused(zoo: dict[str, CapturedModel], 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_single_bit_flips_are_refused(zoo: dict[str, CapturedModel], name: str) -> None:
-    data = codec.encode_model(zoo[name])
+    data = graph_serde.encode_model(zoo[name])
     rng = random.Random(f"flip-{name}")
     # Random positions, plus every byte of the header and of the first record's framing.
     positions = rng.sample(range(len(data)), 60) + list(range(HEADER.size + RECORD.size))
@@ -317,13 +319,15 @@ def test_record_length_beyond_the_file_is_refused_before_reading(victim_file: by
 
 def test_tensor_that_is_not_a_parameter_is_refused(victim_file: bytes) -> None:
     records = [record(*r) for r in split_records(victim_file)]
-    ghost = record(b"T", codec.encode_tensor("ghost", torch.zeros(3)))
+    ghost = record(b"T", graph_serde.encode_tensor("ghost", torch.zeros(3)))
     refuse(opdag_file(*records[:-1], ghost, records[-1]), r"\['ghost'\] are not parameters")
 
 
 def test_missing_tensor_is_refused(victim: CapturedModel, victim_file: bytes) -> None:
     records = split_records(victim_file)
-    kept = [r for r in records if not (r[0] == b"T" and codec.decode_tensor(r[1])[0] == "fc.bias")]
+    kept = [
+        r for r in records if not (r[0] == b"T" and graph_serde.decode_tensor(r[1])[0] == "fc.bias")
+    ]
     assert len(kept) == len(records) - 1
     refuse(opdag_file(*[record(*r) for r in kept]), r"missing \['fc.bias'\]")
 
@@ -343,8 +347,8 @@ def test_tensor_disagreeing_with_its_param_spec_is_refused(
 ) -> None:
     records = split_records(victim_file)
     swapped = [
-        record(b"T", codec.encode_tensor("fc.weight", tensor))
-        if kind == b"T" and codec.decode_tensor(payload)[0] == "fc.weight"
+        record(b"T", graph_serde.encode_tensor("fc.weight", tensor))
+        if kind == b"T" and graph_serde.decode_tensor(payload)[0] == "fc.weight"
         else record(kind, payload)
         for kind, payload in records
     ]
@@ -410,11 +414,11 @@ def test_inconsistent_tensor_message_is_refused_naming_the_problem(
     message: bytes, pattern: str
 ) -> None:
     with pytest.raises(CodecError, match=pattern):
-        codec.decode_tensor(message)
+        graph_serde.decode_tensor(message)
 
 
 def test_sixteen_dimensions_are_accepted() -> None:
-    name, t = codec.decode_tensor(raw("int8", (1,) * 15 + (2,)))
+    name, t = graph_serde.decode_tensor(raw("int8", (1,) * 15 + (2,)))
     assert name == "t" and t.shape == (1,) * 15 + (2,)
 
 
@@ -442,23 +446,23 @@ def test_every_supported_dtype_round_trips_exactly(dtype_name: str) -> None:
     for shape in [(3, 5), (), (0,), (2, 0, 3), (1, 1, 1, 4)]:
         t = _sample(dtype, shape, g)
         for source in (t, t.t() if t.dim() == 2 else t):  # non-contiguous input too
-            data = codec.encode_tensor("w", source)
-            name, back = codec.decode_tensor(data)
+            data = graph_serde.encode_tensor("w", source)
+            name, back = graph_serde.decode_tensor(data)
             assert name == "w"
             assert back.dtype == dtype and back.shape == source.shape
             # Byte equality, so NaN payloads and -0.0 count.
-            assert codec.tensor_bytes(back) == codec.tensor_bytes(source)
+            assert graph_serde.tensor_bytes(back) == graph_serde.tensor_bytes(source)
             assert back.is_contiguous()
-            assert codec.encode_tensor("w", back) == data
+            assert graph_serde.encode_tensor("w", back) == data
 
 
 def test_decoded_tensor_is_writable_and_does_not_share_the_message_bytes() -> None:
-    data = codec.encode_tensor("w", torch.arange(6, dtype=torch.float32))
-    _, a = codec.decode_tensor(data)
-    _, b = codec.decode_tensor(data)
+    data = graph_serde.encode_tensor("w", torch.arange(6, dtype=torch.float32))
+    _, a = graph_serde.decode_tensor(data)
+    _, b = graph_serde.decode_tensor(data)
     a.add_(1)
     assert torch.equal(b, torch.arange(6, dtype=torch.float32))
-    assert codec.decode_tensor(data)[1][0].item() == 0.0
+    assert graph_serde.decode_tensor(data)[1][0].item() == 0.0
 
 
 # -- malicious graphs ----------------------------------------------------------------------
@@ -608,7 +612,7 @@ MALICIOUS: dict[str, tuple[Callable[[Graph], Graph], str]] = {
 
 @pytest.fixture(scope="module")
 def victim_pb_bytes(victim: CapturedModel) -> bytes:
-    return codec.encode_graph(victim.graph)
+    return graph_serde.encode_graph(victim.graph)
 
 
 @pytest.mark.parametrize("case", list(MALICIOUS))
@@ -619,14 +623,14 @@ def test_malicious_graph_is_refused_at_decode_naming_the_node(
     bad = edit(victim.graph)
     assert bad != victim.graph
     # The bytes an attacker would send: the codec's encoder checks nothing.
-    payload = codec.encode_graph(bad)
+    payload = graph_serde.encode_graph(bad)
     with pytest.raises(CodecError, match=pattern):
-        codec.decode_graph(payload)
+        graph_serde.decode_graph(payload)
     # Inside a file with valid checksums, the same graph is refused the same way.
     records = [record(b"G", payload)]
-    records += [record(b"T", codec.encode_tensor(k, v)) for k, v in victim.state.items()]
+    records += [record(b"T", graph_serde.encode_tensor(k, v)) for k, v in victim.state.items()]
     with pytest.raises(CodecError, match=pattern):
-        codec.decode_model(opdag_file(*records, record(b"E", b"")))
+        graph_serde.decode_model(opdag_file(*records, record(b"E", b"")))
 
 
 @pytest.mark.parametrize("case", list(MALICIOUS))
@@ -638,7 +642,7 @@ def test_stage_module_refuses_the_malicious_graph_object(victim: CapturedModel, 
 
 def test_the_unedited_victim_graph_decodes_and_runs(victim: CapturedModel) -> None:
     # The control for the cases above: only their edit makes them fail.
-    graph = codec.decode_graph(codec.encode_graph(victim.graph))
+    graph = graph_serde.decode_graph(graph_serde.encode_graph(victim.graph))
     model = Victim()
     model.load_state_dict(victim.state)
     model.eval()
@@ -685,7 +689,7 @@ def _collision_graphs() -> dict[str, Graph]:
 
 @pytest.mark.parametrize("case", list(_collision_graphs()))
 def test_stage_module_refuses_a_decoded_graph_whose_names_collide(case: str) -> None:
-    graph = codec.decode_graph(codec.encode_graph(_collision_graphs()[case]))
+    graph = graph_serde.decode_graph(graph_serde.encode_graph(_collision_graphs()[case]))
     with pytest.raises(IRError):
         StageModule(graph, device="meta")
 
@@ -712,13 +716,13 @@ def test_argument_nesting_deeper_than_32_is_refused_naming_the_node(
 
         return edit
 
-    ok = codec.decode_graph(_edited_pb(victim_pb_bytes, nest(32)))
+    ok = graph_serde.decode_graph(_edited_pb(victim_pb_bytes, nest(32)))
     assert ok.node("add").args[1] == nested(32)
     with pytest.raises(CodecError, match=r"node 'add'.*deeper than 32"):
-        codec.decode_graph(_edited_pb(victim_pb_bytes, nest(33)))
+        graph_serde.decode_graph(_edited_pb(victim_pb_bytes, nest(33)))
     # Past protobuf's own recursion limit the message itself is refused as corrupt.
     with pytest.raises(CodecError):
-        codec.decode_graph(_edited_pb(victim_pb_bytes, nest(200)))
+        graph_serde.decode_graph(_edited_pb(victim_pb_bytes, nest(200)))
 
 
 @pytest.mark.parametrize(
@@ -765,7 +769,7 @@ def test_malformed_graph_message_is_refused_naming_where(
     victim_pb_bytes: bytes, edit: Callable[[opdag_pb2.Graph], None], pattern: str
 ) -> None:
     with pytest.raises(CodecError, match=pattern):
-        codec.decode_graph(_edited_pb(victim_pb_bytes, edit))
+        graph_serde.decode_graph(_edited_pb(victim_pb_bytes, edit))
 
 
 def test_local_device_and_every_argument_kind_round_trip() -> None:
@@ -795,12 +799,12 @@ def test_local_device_and_every_argument_kind_round_trip() -> None:
         inputs=("x",),
         outputs=("y",),
     )
-    back = codec.decode_graph(codec.encode_graph(g))
+    back = graph_serde.decode_graph(graph_serde.encode_graph(g))
     assert back == g
     assert isinstance(back.node("y").args[13], LocalDevice)
     assert isinstance(back.node("y").kwargs[0][1], LocalDevice)
     with pytest.raises(CodecError, match="does not fit in 64 bits"):
-        codec.encode_graph(
+        graph_serde.encode_graph(
             g.with_nodes((g.nodes[0], dataclasses.replace(g.nodes[1], args=(1 << 63,))))
         )
 
@@ -936,9 +940,9 @@ def test_fuzzed_bytes_give_success_or_codec_error_and_nothing_else(victim_file: 
     messages += [_mutate_graph_message(records[0][1], rng) for _ in range(200)]
     messages += [p for _, p in records[:-1]]
     decoders: dict[str, Callable[[bytes], Any]] = {
-        "decode_model": codec.decode_model,
-        "decode_graph": codec.decode_graph,
-        "decode_tensor": codec.decode_tensor,
+        "decode_model": graph_serde.decode_model,
+        "decode_graph": graph_serde.decode_graph,
+        "decode_tensor": graph_serde.decode_tensor,
     }
     outcomes = {name: {"ok": 0, "refused": 0} for name in decoders}
     slowest = 0.0

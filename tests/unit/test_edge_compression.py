@@ -18,7 +18,7 @@ from proto.tensor_stream import (
     iter_chunks,
 )
 from proto.tensor_stream import decode_values as wire_decode
-from worker.edge_codecs import EdgeCodec, EdgeCodecs
+from worker.edge_compression import EdgeCodec, EdgeCodecs
 
 pytestmark = pytest.mark.unit
 
