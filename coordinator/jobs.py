@@ -219,7 +219,12 @@ class JobManager:
         await self._io(self.store.put_job, job.record())
         await self._notify(job)
 
-    async def _save_workers(self, workers: list[WorkerState]) -> None:
+    async def metrics(self, job_id: str, since_step: int = 0) -> list[dict[str, Any]]:
+        """The job's stored per-step metrics from `since_step` on."""
+        return await self._io(self.store.metrics, job_id, since_step)
+
+    async def save_workers(self, workers: list[WorkerState]) -> None:
+        """Store the workers' current records (after the registry changed them)."""
         for w in workers:
             await self._io(self.store.put_worker, w.to_record())
 
@@ -313,7 +318,7 @@ class JobManager:
         source = build_source(spec.data, context=spec.context())
         return captured, source.fingerprint
 
-    async def _model(self, job: Job) -> CapturedModel:
+    async def model_of(self, job: Job) -> CapturedModel:
         model = self._models.get(job.job_id)
         if model is None:
             blob = await self._io(self.store.get_blob, f"job/{job.job_id}/model")
@@ -351,7 +356,7 @@ class JobManager:
         """One pass of the scheduler: notice lost workers, plan waiting jobs."""
         lost = self.registry.expire()
         if lost:
-            await self._save_workers(lost)
+            await self.save_workers(lost)
         for w in lost:
             log.warning(
                 "worker %s (%s) %s",
@@ -379,7 +384,7 @@ class JobManager:
                 return
             free = self.registry.free()
             want = job.spec.parallel.stages
-            model = await self._model(job)
+            model = await self.model_of(job)
             if want is None:
                 n = min(len(free), len(model.graph.compute_nodes))
             else:
@@ -424,7 +429,7 @@ class JobManager:
             job.updated_at = time.time()
             await self._io(self.store.put_job_and_plan, job.record(), plan.to_dict())
             await self._io(self.store.discard_checkpoints_after, job.job_id, start_step)
-            await self._save_workers([self.registry.workers[w] for w in plan.worker_ids])
+            await self.save_workers([self.registry.workers[w] for w in plan.worker_ids])
             await self._notify(job)
             log.info(
                 "job %s epoch %d: %d stages on %s, from step %d",
@@ -443,7 +448,7 @@ class JobManager:
                     w = self.registry.get(e.worker_id)
                     if w is not None and w.alive:
                         w.state = "lost"
-                        await self._save_workers([w])
+                        await self.save_workers([w])
                 await self._fail_attempt(job, str(e))
                 return
             except OpDagError as e:
@@ -516,7 +521,7 @@ class JobManager:
                 stops.append(self.workers.stop(p.address, job.job_id, job.epoch, drain=False))
         await asyncio.gather(*stops)
         changed = self.registry.release(job.plan.worker_ids, job.job_id)
-        await self._save_workers(changed)
+        await self.save_workers(changed)
 
     async def _fail_attempt(self, job: Job, reason: str) -> None:
         await self._stop_plan(job)
@@ -624,7 +629,7 @@ class JobManager:
         plan = job.plan
         if plan is None or self.compute_model == ComputeModel():
             return 0.0  # nothing calibrated yet, here or by a coordinator before
-        model = await self._model(job)
+        model = await self.model_of(job)
         speeds = {
             pl.worker_id: (w.gflops if (w := self.registry.get(pl.worker_id)) else 0.0)
             for pl in plan.placements
@@ -634,7 +639,7 @@ class JobManager:
             predict, plan, model.graph, job.spec, speeds, figures, self.compute_model
         )
 
-    def _current(self, job_id: str, epoch: int) -> Job:
+    def current_job(self, job_id: str, epoch: int) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
             raise StaleReport(f"no job {job_id!r}")
@@ -643,7 +648,7 @@ class JobManager:
         return job
 
     async def on_progress(self, p: Progress) -> None:
-        job = self._current(p.job_id, p.epoch)
+        job = self.current_job(p.job_id, p.epoch)
         if p.error:
             self._spawn(self.recover(job, f"stage {p.stage} failed: {p.error}"))
             return
@@ -694,7 +699,7 @@ class JobManager:
                 job.steps_done = job.spec.steps
                 self._forget_profile(job.job_id)
                 changed = self.registry.release(job.plan.worker_ids, job.job_id)
-                await self._save_workers(changed)
+                await self.save_workers(changed)
                 await self._save(job)
             log.info(
                 "job %s completed: %d steps, last loss %s",
@@ -726,13 +731,13 @@ class JobManager:
         step: int,
         tensors: Mapping[str, torch.Tensor],
     ) -> None:
-        job = self._current(job_id, epoch)
+        job = self.current_job(job_id, epoch)
         assert job.plan is not None
         if num_stages != job.plan.num_stages or stage >= num_stages:
             raise JobError(f"checkpoint of stage {stage}/{num_stages} does not fit the plan")
         if not job.plan.start_step < step <= job.spec.steps:
             raise JobError(f"checkpoint step {step} is outside this plan's steps")
-        model = await self._model(job)
+        model = await self.model_of(job)
         allowed = {p.name for p in model.graph.params}
         for name in tensors:
             owner = optimizer_param_name(name) or name
@@ -773,9 +778,9 @@ class JobManager:
         if job is None or job.state != "running" or job.plan is None:
             if w.state in ("idle", "busy") and not w.job_id:
                 w.state = "left"
-            await self._save_workers([w])
+            await self.save_workers([w])
             return
-        await self._save_workers([w])
+        await self.save_workers([w])
         log.info("worker %s leaves: draining job %s", w.name, job.job_id)
         job.draining_until = time.monotonic() + self.drain_timeout_s
         head = job.plan.placements[0]

@@ -102,7 +102,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             threads=r.threads,
             worker_id=request.worker_id[:64],
         )
-        await self.manager._save_workers([w])
+        await self.manager.save_workers([w])
         log.info(
             "worker %s (%s) at %s joined: %.1f GFLOP/s", w.name, w.worker_id, w.address, w.gflops
         )
@@ -161,8 +161,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             )
         h = first.header
         try:
-            job = self.manager._current(h.job_id, h.epoch)
-            model = await self.manager._model(job)
+            job = self.manager.current_job(h.job_id, h.epoch)
+            model = await self.manager.model_of(job)
             # Parameters, buffers and at most two optimizer tensors per parameter.
             limit = 3 * sum(p.nbytes for p in model.graph.params) + (1 << 20)
             assembler = TensorAssembler(h.tensors, max_bytes=limit)
@@ -219,7 +219,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         await self._guard(context)
         job = await self._job(request.job_id, context)
         metrics = (
-            await self.manager._io(self.manager.store.metrics, job.job_id, 0)
+            await self.manager.metrics(job.job_id)
             if request.with_metrics
             else []
         )
