@@ -28,13 +28,13 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from coordinator.handover import StageHandover
 from coordinator.link_survey import LinkProber
 from coordinator.planning.estimator import ComputeModel, StageTiming, fit_compute_model
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import Plan, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan, predict
 from coordinator.registry import Registry, WorkerState
-from coordinator.serde import stage_assignment_pb
 from coordinator.store import StateStore
 from coordinator.worker_client import WorkerCallError, WorkerClient
 from opdag import graph_serde
@@ -487,7 +487,7 @@ class JobManager:
             if missing:
                 raise JobError(f"job {job.job_id}: the checkpoint lacks {missing[:3]}")
             tensors = [state[n] for n in names]
-            assignment = stage_assignment_pb(
+            handover = StageHandover(
                 job_id=job.job_id,
                 epoch=plan.epoch,
                 stage=stage,
@@ -499,9 +499,7 @@ class JobManager:
                 secret=secret,
                 tensors=list(zip(names, tensors, strict=True)),
             )
-            loads.append(
-                self.workers.load_stage(placement.worker_id, placement.address, assignment, tensors)
-            )
+            loads.append(self.workers.load_stage(placement.worker_id, placement.address, handover))
         await asyncio.gather(*loads)
         await asyncio.gather(
             *(

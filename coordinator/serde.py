@@ -10,13 +10,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from coordinator.planning.jobspec import JobSpec
-from coordinator.planning.plan import Plan
+from coordinator.handover import StageHandover
 from coordinator.registry import Registry, WorkerState
 from opdag import graph_serde
-from opdag.partition import Stage
 from proto import coordinator_pb2, worker_pb2
 from proto.tensor_stream import header_of
 
@@ -24,20 +20,17 @@ if TYPE_CHECKING:
     from coordinator.jobs import Job, PlanReport, Progress
 
 
-def stage_assignment_pb(
-    *,
-    job_id: str,
-    epoch: int,
-    stage: Stage,
-    plan: Plan,
-    routes: Mapping[str, Mapping[str, tuple[int, ...]]],
-    spec: JobSpec,
-    fingerprint: str,
-    start_step: int,
-    secret: str,
-    tensors: Sequence[tuple[str, torch.Tensor]],
-) -> worker_pb2.StageAssignment:
+def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
     """What a worker needs to build and run one stage."""
+    spec, plan, stage, routes = h.spec, h.plan, h.stage, h.routes
+    job_id, epoch, fingerprint, start_step, secret, tensors = (
+        h.job_id,
+        h.epoch,
+        h.fingerprint,
+        h.start_step,
+        h.secret,
+        h.tensors,
+    )
     data = spec.data
     opt = spec.optimizer
     return worker_pb2.StageAssignment(

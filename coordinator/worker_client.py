@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
+from coordinator.handover import StageHandover
+from coordinator.serde import stage_assignment_pb
 from proto import worker_pb2, worker_pb2_grpc
 from proto.rpc import TlsConfig, open_channel, token_metadata
 from proto.tensor_stream import iter_chunks
@@ -50,9 +51,11 @@ class WorkerClient:
         self,
         worker_id: str,
         address: str,
-        assignment: worker_pb2.StageAssignment,
-        tensors: Sequence[torch.Tensor],
+        handover: StageHandover,
     ) -> None:
+        assignment = stage_assignment_pb(handover)
+        tensors = [t for _, t in handover.tensors]
+
         async def parts() -> AsyncIterator[worker_pb2.LoadStagePart]:
             yield worker_pb2.LoadStagePart(assignment=assignment)
             for chunk in iter_chunks(tensors):
