@@ -32,6 +32,20 @@ MAX_DIMS = 16
 MAX_DEPTH = 32
 
 
+@dataclass(frozen=True)
+class CompressedLayout:
+    """How a compressed tensor's bytes are laid out: values, then indices, then scales.
+    `codec` is "VALUES/INDICES" as the compressors write it ("mask" for INDICES when a
+    gradient travels only at the entries its forward value kept)."""
+
+    codec: str
+    count: int
+    chunk: int
+    values_bytes: int
+    indices_bytes: int
+    scales_bytes: int
+
+
 @dataclass(frozen=True, eq=False)
 class EncodedTensor:
     """A tensor some codec outside this module turned into bytes (a compressed activation
@@ -40,7 +54,7 @@ class EncodedTensor:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
-    layout: tensor_pb2.CompressedLayout
+    layout: CompressedLayout
     data: torch.Tensor  # uint8, one dimension
 
     @property
@@ -59,7 +73,14 @@ def header_of(name: str, t: Wire) -> tensor_pb2.TensorHeader:
             shape=t.shape,
             encoding="compressed",
             nbytes=t.nbytes,
-            compressed=t.layout,
+            compressed=tensor_pb2.CompressedLayout(
+                codec=t.layout.codec,
+                count=t.layout.count,
+                chunk=t.layout.chunk,
+                values_bytes=t.layout.values_bytes,
+                indices_bytes=t.layout.indices_bytes,
+                scales_bytes=t.layout.scales_bytes,
+            ),
         )
     return tensor_pb2.TensorHeader(
         name=name,
@@ -159,8 +180,15 @@ class TensorAssembler:
             self._names.append(h.name)
             if h.encoding == "compressed":
                 data = torch.empty(h.nbytes, dtype=torch.uint8)
-                layout = tensor_pb2.CompressedLayout()
-                layout.CopyFrom(h.compressed)
+                c = h.compressed
+                layout = CompressedLayout(
+                    codec=c.codec,
+                    count=c.count,
+                    chunk=c.chunk,
+                    values_bytes=c.values_bytes,
+                    indices_bytes=c.indices_bytes,
+                    scales_bytes=c.scales_bytes,
+                )
                 self._targets.append(EncodedTensor(dtype, shape, layout, data))
                 self._flat.append(data)
                 continue

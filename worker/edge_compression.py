@@ -33,8 +33,7 @@ from compressors.dtypes import FLOATING
 from opdag.errors import CodecError
 from opdag.ir import ValueMeta, dtype_name, dtype_of
 from opdag.values import Value
-from proto import tensor_pb2
-from proto.tensor_stream import EncodedTensor
+from proto.tensor_stream import CompressedLayout, EncodedTensor
 
 MASK = "mask"
 
@@ -66,7 +65,7 @@ def encoded(
     shape (the payload holds just the kept values)."""
     values_fmt, index_fmt = payload.encoding.split("/")
     data = payload.values + (b"" if indices == MASK else payload.indices) + payload.scales
-    layout = tensor_pb2.CompressedLayout(
+    layout = CompressedLayout(
         codec=f"{values_fmt}/{indices or index_fmt}",
         count=payload.count,
         chunk=payload.chunk,
