@@ -30,7 +30,7 @@ import yaml
 
 from coordinator.handover import StageHandover
 from coordinator.link_survey import LinkProber
-from coordinator.planning.estimator import ComputeModel, StageTiming, fit_compute_model
+from coordinator.planning.compute import ComputeModel, StageTiming, fit_compute_model
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import Plan, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan, predict

@@ -41,10 +41,3 @@ def one_f_one_b(stage: int, num_stages: int, micro_batches: int) -> tuple[Op, ..
     ops += [Op("B", mb) for mb in range(backward, micro_batches)]
     return tuple(ops)
 
-
-def format_schedule(num_stages: int, micro_batches: int) -> str:
-    """Every stage's schedule, one line each (for logs and `--explain` output)."""
-    return "\n".join(
-        f"stage {s}: " + " ".join(map(str, one_f_one_b(s, num_stages, micro_batches)))
-        for s in range(num_stages)
-    )

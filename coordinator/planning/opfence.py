@@ -33,18 +33,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.planning.compute import ComputeModel
 from coordinator.planning.estimator import (
     NO_CODEC,
-    BlockChain,
-    ComputeModel,
     Estimator,
     LinkLoad,
-    PipelineLoad,
     StepEstimate,
     WireCompression,
 )
 from coordinator.planning.links import BandwidthMatrix, format_rate
 from coordinator.planning.plan import WorkerSlot
+from coordinator.planning.workload import BlockChain, PipelineLoad
 from opdag.ir import Graph
 from opdag.partition import balanced_assignment, partition
 

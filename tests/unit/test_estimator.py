@@ -7,21 +7,17 @@ import json
 
 import pytest
 
-from coordinator.planning.estimator import (
+from coordinator.planning.compute import ComputeModel, StageTiming, fit_compute_model
+from coordinator.planning.estimator import Estimator, StepEstimate
+from coordinator.planning.links import BandwidthMatrix
+from coordinator.planning.simulator import simulate_1f1b, simulated_ops
+from coordinator.planning.workload import (
     BlockChain,
-    ComputeModel,
-    Estimator,
+    EdgeLoad,
     PipelineLoad,
     StageLoad,
-    StageTiming,
-    StepEstimate,
-    Transfer,
-    fit_compute_model,
     load_from_partition,
-    one_f_one_b,
-    simulate_1f1b,
 )
-from coordinator.planning.links import BandwidthMatrix
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.partition import balanced_assignment, partition
@@ -74,7 +70,7 @@ def test_two_stages_on_a_slow_link_are_bound_by_the_transfers() -> None:
     # so M micro-batches take M link-seconds plus one round trip's worth, not 2M.
     est = _estimator(bandwidth=1e6)
     load = PipelineLoad(
-        (StageLoad(0.0, 0.0, 0), StageLoad(0.0, 0.0, 0)), (Transfer(0, 1, 1_000_000, 1_000_000),)
+        (StageLoad(0.0, 0.0, 0), StageLoad(0.0, 0.0, 0)), (EdgeLoad(0, 1, 1_000_000, 1_000_000),)
     )
     step = est.step(load, [["a", "b"]], micro_batches=4)
     assert step.total_s == pytest.approx(5.0)
@@ -87,7 +83,7 @@ def test_two_stages_with_compute_follow_the_hand_computed_1f1b_timeline() -> Non
     # f = 1 s, b = 2 s per micro-batch on each stage; 1 s per message each way.
     est = _estimator(bandwidth=1e6)
     stage = StageLoad(1 * GFLOP, 2 * GFLOP, 1)
-    load = PipelineLoad((stage, stage), (Transfer(0, 1, 1_000_000, 1_000_000),))
+    load = PipelineLoad((stage, stage), (EdgeLoad(0, 1, 1_000_000, 1_000_000),))
     assert est.step(load, [["a", "b"]], micro_batches=4).total_s == pytest.approx(19.0)
     # On a link 1000x faster the same plan is compute bound: (M + S - 1) x (f + b) = 15 s,
     # plus the four 1 ms messages on its critical path.
@@ -116,9 +112,9 @@ def test_data_for_a_later_stage_leave_stage_zero_when_its_forward_starts() -> No
 def test_stage_zero_data_sends_to_the_last_stage_count_in_the_step() -> None:
     est = _estimator(bandwidth=1e6)
     stage = StageLoad(0.1 * GFLOP, 0.2 * GFLOP, 1)
-    cheap = PipelineLoad((stage,) * 3, (Transfer(0, 1, 1000, 1000), Transfer(1, 2, 1000, 1000)))
+    cheap = PipelineLoad((stage,) * 3, (EdgeLoad(0, 1, 1000, 1000), EdgeLoad(1, 2, 1000, 1000)))
     with_data = PipelineLoad(
-        cheap.stages, (*cheap.transfers, Transfer(0, 2, 0, 0, data_bytes=3_000_000))
+        cheap.stages, (*cheap.transfers, EdgeLoad(0, 2, 0, 0, data_bytes=3_000_000))
     )
     base = est.step(cheap, [["a", "b", "c"]], micro_batches=2).total_s
     slow = est.step(with_data, [["a", "b", "c"]], micro_batches=2)
@@ -131,7 +127,7 @@ def test_estimator_schedule_is_the_workers_1f1b() -> None:
     for stages in (1, 2, 4):
         for m in (1, 3, 8):
             for s in range(stages):
-                ours = [("B" if b else "F", mb) for b, mb in one_f_one_b(s, stages, m)]
+                ours = [("B" if b else "F", mb) for b, mb in simulated_ops(s, stages, m)]
                 theirs = [(op.kind, op.micro_batch) for op in workers_one_f_one_b(s, stages, m)]
                 assert ours == theirs
 
@@ -155,7 +151,7 @@ def test_replicas_add_a_ring_all_reduce_over_the_slowest_link() -> None:
 def test_a_placement_reusing_a_worker_is_refused() -> None:
     est = _estimator()
     stage = StageLoad(1.0, 1.0, 1)
-    load = PipelineLoad((stage, stage), (Transfer(0, 1, 10, 10),))
+    load = PipelineLoad((stage, stage), (EdgeLoad(0, 1, 10, 10),))
     with pytest.raises(ValueError, match="two stages"):
         est.step(load, [["a", "a"]], micro_batches=2)
 
@@ -169,7 +165,7 @@ def test_compression_policy_shrinks_what_the_link_carries_and_is_reported() -> N
 
     est = _estimator(bandwidth=1e6, compression=topk)
     load = PipelineLoad(
-        (StageLoad(0.0, 0.0, 0), StageLoad(0.0, 0.0, 0)), (Transfer(0, 1, 1_000_000, 1_000_000),)
+        (StageLoad(0.0, 0.0, 0), StageLoad(0.0, 0.0, 0)), (EdgeLoad(0, 1, 1_000_000, 1_000_000),)
     )
     step = est.step(load, [["a", "b"]], micro_batches=4)
     assert step.total_s == pytest.approx(5.0 / 4)
@@ -180,7 +176,7 @@ def test_compression_policy_shrinks_what_the_link_carries_and_is_reported() -> N
 def test_step_estimate_round_trips_through_json() -> None:
     est = _estimator(bandwidth=1e6)
     stage = StageLoad(1 * GFLOP, 2 * GFLOP, 1)
-    load = PipelineLoad((stage, stage), (Transfer(0, 1, 1_000_000, 1_000_000),))
+    load = PipelineLoad((stage, stage), (EdgeLoad(0, 1, 1_000_000, 1_000_000),))
     step = est.step(load, [["a", "b"]], micro_batches=4)
     assert StepEstimate.from_dict(json.loads(json.dumps(step.to_dict()))) == step
 
@@ -214,7 +210,7 @@ def test_calibration_fit_recovers_known_efficiencies_and_overhead() -> None:
     # After the fit, a plan's predicted step matches the one the "real" workers give.
     links = BandwidthMatrix.uniform(list(speeds), 1e8, 0.001)
     load = PipelineLoad(
-        (StageLoad(2e9, 4e9, 40), StageLoad(1e9, 2e9, 30)), (Transfer(0, 1, 10**6, 10**6),)
+        (StageLoad(2e9, 4e9, 40), StageLoad(1e9, 2e9, 30)), (EdgeLoad(0, 1, 10**6, 10**6),)
     )
     real = Estimator(speeds, links, compute=truth).step(load, [["a", "b"]], micro_batches=4)
     pred = Estimator(speeds, links, compute=fitted).step(load, [["a", "b"]], micro_batches=4)

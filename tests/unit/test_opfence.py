@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from coordinator.planning.estimator import Block, BlockChain, ChainValue, ComputeModel, Estimator
+from coordinator.planning.compute import ComputeModel
+from coordinator.planning.estimator import Estimator
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.opfence import (
     OpFencePlan,
@@ -21,6 +22,7 @@ from coordinator.planning.opfence import (
     plan_opfence,
 )
 from coordinator.planning.plan import WorkerSlot, plan_even
+from coordinator.planning.workload import Block, BlockChain, ChainValue
 from opdag.capture import capture
 from opdag.ir import Graph
 from opdag.partition import partition

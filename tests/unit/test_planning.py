@@ -9,7 +9,7 @@ import itertools
 import pytest
 import yaml
 
-from coordinator.planning.estimator import ComputeModel
+from coordinator.planning.compute import ComputeModel
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import WorkerSlot
 from coordinator.planning.planner import PlanRequest, make_plan, predict
