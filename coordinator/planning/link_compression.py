@@ -14,7 +14,7 @@ from __future__ import annotations
 from compressors import AdaTopKConfig, choose_link_compression, compressed_wire_bytes
 from coordinator.planning.estimator import NO_CODEC, WireCompression
 from coordinator.planning.jobspec import CompressionSpec
-from coordinator.planning.opfence import OpFencePlan
+from coordinator.planning.opfence_plan import OpFencePlan
 from coordinator.planning.plan import LinkCodec
 
 # The spec says fp32 for "as computed"; the compressors call that value format raw.

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from coordinator.planning.compute import ComputeModel
 from coordinator.planning.estimator import Estimator
+from coordinator.planning.islands import find_islands
 from coordinator.planning.jobspec import JobSpec
 from coordinator.planning.link_compression import plan_codecs, wire_compression
 from coordinator.planning.links import BandwidthMatrix
-from coordinator.planning.opfence import OpFencePlan, find_islands, plan_even_baseline, plan_opfence
+from coordinator.planning.opfence import plan_even_baseline, plan_opfence
+from coordinator.planning.opfence_plan import OpFencePlan
 from coordinator.planning.plan import Plan, WorkerSlot, placement_of, plan_even
 from coordinator.planning.workload import load_from_partition
 from opdag.ir import Graph

@@ -10,17 +10,13 @@ import random
 
 import pytest
 
+from coordinator.planning.coarsening import coarse_starts
 from coordinator.planning.compute import ComputeModel
 from coordinator.planning.estimator import Estimator
+from coordinator.planning.islands import find_islands
 from coordinator.planning.links import BandwidthMatrix
-from coordinator.planning.opfence import (
-    OpFencePlan,
-    coarse_starts,
-    find_islands,
-    plan_chain,
-    plan_even_baseline,
-    plan_opfence,
-)
+from coordinator.planning.opfence import plan_chain, plan_even_baseline, plan_opfence
+from coordinator.planning.opfence_plan import OpFencePlan
 from coordinator.planning.plan import WorkerSlot, plan_even
 from coordinator.planning.workload import Block, BlockChain, ChainValue
 from opdag.capture import capture
