@@ -40,4 +40,3 @@ def one_f_one_b(stage: int, num_stages: int, micro_batches: int) -> tuple[Op, ..
         backward += 1
     ops += [Op("B", mb) for mb in range(backward, micro_batches)]
     return tuple(ops)
-
