@@ -3,9 +3,11 @@
 A `Compressor` turns a tensor into a self-describing `Payload` and back; `build_compressor`
 picks one from a small spec. `ErrorFeedback` keeps what lossy compression dropped, per
 edge; `KeptMask` is the backward rule of a sparsified edge; `payload_to_wire` and
-`payload_from_wire` (or `decode_wire`) are the flat header + bytes form the network layer
-sends; `choose_link_compression` is the AdaTopK per-link policy. Every refusal of bad input
-is a `PayloadError` (a `CodecError`) or, for bad settings, a `ValueError`.
+`payload_from_wire` (or `decode_wire`) are the one wire form, a flat `WireHeader` + bytes,
+that the network layer sends (`masked_payload_to_wire` and `masked_payload_from_wire` for a
+gradient at its forward's kept entries, positions left out); `choose_link_compression` is
+the AdaTopK per-link policy. Every refusal of bad input is a `PayloadError` (a
+`ValueError`) or, for bad settings, a plain `ValueError`.
 """
 
 from compressors.adatopk import (
@@ -32,7 +34,15 @@ from compressors.quantizers import Fp16Quantizer, Int8Quantizer, NoCompression
 from compressors.selection import kept_count
 from compressors.sparsifiers import RandomK, SampledTopK, Sparsifier, TopK
 from compressors.spec import COMPRESSORS, build_compressor
-from compressors.wire import HEADER_FIELDS, decode_wire, payload_from_wire, payload_to_wire
+from compressors.wire import (
+    HEADER_FIELDS,
+    WireHeader,
+    decode_wire,
+    masked_payload_from_wire,
+    masked_payload_to_wire,
+    payload_from_wire,
+    payload_to_wire,
+)
 
 __all__ = [
     "COMPRESSORS",
@@ -53,6 +63,7 @@ __all__ = [
     "SampledTopK",
     "Sparsifier",
     "TopK",
+    "WireHeader",
     "build_compressor",
     "choose_link_compression",
     "compressed_wire_bytes",
@@ -63,6 +74,8 @@ __all__ = [
     "encode_sparse",
     "kept_count",
     "kept_indices",
+    "masked_payload_from_wire",
+    "masked_payload_to_wire",
     "payload_from_wire",
     "payload_to_wire",
     "sparse_wire_bytes",

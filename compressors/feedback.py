@@ -1,5 +1,9 @@
 """Error feedback: what a lossy compressor dropped from one transfer is added back into
-the next transfer on the same edge, so over steps nothing is lost, only delayed."""
+the next transfer on the same edge, so over steps nothing is lost, only delayed.
+
+Also for a gradient through a sparsified edge, which is due only at the entries the
+forward payload kept: `compress_kept` sends those entries in a lossy value format and
+keeps what the rounding lost there."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import torch
 
 from compressors.compressor import Compressor
 from compressors.dtypes import FLOATING, dtype_name
-from compressors.encoding import decode_payload
+from compressors.encoding import decode_payload, encode_dense
+from compressors.gradient_mask import KeptMask
 from compressors.payload import Payload
 
 
@@ -50,6 +55,18 @@ class ErrorFeedback:
         self.record(key, corrected, payload)
         return payload
 
+    def compress_kept(self, key: str, x: torch.Tensor, mask: KeptMask, values: str) -> Payload:
+        """The entries `mask` kept of `x` plus `key`'s residual, as a dense payload in value
+        format `values`; the new residual is what that format's rounding lost at those
+        entries (the others owe nothing: the forward pass sent nothing there)."""
+        corrected = self.corrected(key, x)
+        picked = mask.gather(corrected)
+        payload = encode_dense(picked, values)
+        lost = torch.zeros(mask.numel, dtype=picked.dtype)
+        lost[mask.indices] = picked - decode_payload(payload)
+        self._residuals[key] = lost.reshape(corrected.shape)
+        return payload
+
     def residual(self, key: str) -> torch.Tensor | None:
         """The residual stored for `key`, or None."""
         return self._residuals.get(key)
@@ -60,6 +77,10 @@ class ErrorFeedback:
             self._residuals.clear()
         else:
             self._residuals.pop(key, None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """The residual stored for `key`; KeyError when there is none."""
+        return self._residuals[key]
 
     def keys(self) -> list[str]:
         """The edges that hold a residual."""

@@ -17,25 +17,32 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from threading import Lock
+from typing import Literal
 
 import torch
 
 from compressors import (
     Compressor,
+    ErrorFeedback,
     KeptMask,
     Payload,
     PayloadError,
+    WireHeader,
     build_compressor,
     decode_payload,
     encode_dense,
+    masked_payload_from_wire,
+    masked_payload_to_wire,
+    payload_from_wire,
+    payload_to_wire,
 )
-from compressors.dtypes import FLOATING
+from compressors.wire import MASKED, WIRE_VERSION
 from opdag.errors import CodecError
 from opdag.ir import ValueMeta, dtype_name, dtype_of
 from opdag.values import Value
+from proto.dtypes import FLOATING
 from proto.tensor_stream import CompressedLayout, EncodedTensor
-
-MASK = "mask"
+from worker.transfer_kind import TransferKind
 
 
 @dataclass(frozen=True)
@@ -58,34 +65,49 @@ class EdgeCodec:
 
 
 def encoded(
-    payload: Payload, indices: str | None = None, shape: tuple[int, ...] | None = None
+    payload: Payload, indices: Literal["mask"] | None = None, shape: tuple[int, ...] | None = None
 ) -> EncodedTensor:
     """A payload as a tensor the stream carries. For a gradient sent at its forward's kept
     entries only, `indices` is "mask" (the positions are left out) and `shape` the dense
     shape (the payload holds just the kept values)."""
-    values_fmt, index_fmt = payload.encoding.split("/")
-    data = payload.values + (b"" if indices == MASK else payload.indices) + payload.scales
+    if indices == MASKED:
+        return _wire_tensor(*masked_payload_to_wire(payload, shape))
+    return _wire_tensor(*payload_to_wire(payload))
+
+
+def _wire_tensor(header: WireHeader, data: bytes) -> EncodedTensor:
+    """The compressors' wire form as the tensor stream carries it: the header's buffer
+    lengths and counts are the layout, its dtype and shape the tensor's."""
     layout = CompressedLayout(
-        codec=f"{values_fmt}/{indices or index_fmt}",
-        count=payload.count,
-        chunk=payload.chunk,
-        values_bytes=len(payload.values),
-        indices_bytes=0 if indices == MASK else len(payload.indices),
-        scales_bytes=len(payload.scales),
+        codec=header["encoding"],
+        count=header["count"],
+        chunk=header["chunk"],
+        values_bytes=header["values_bytes"],
+        indices_bytes=header["indices_bytes"],
+        scales_bytes=header["scales_bytes"],
     )
     buffer = (
         torch.frombuffer(bytearray(data), dtype=torch.uint8)
         if data
         else torch.empty(0, dtype=torch.uint8)
     )
-    return EncodedTensor(dtype_of(payload.dtype), shape or payload.shape, layout, buffer)
+    return EncodedTensor(dtype_of(header["dtype"]), tuple(header["shape"]), layout, buffer)
 
 
-def _parts(t: EncodedTensor) -> tuple[bytes, bytes, bytes]:
-    raw = t.data.numpy().tobytes()
+def _wire_header(t: EncodedTensor) -> WireHeader:
+    """The compressors' header of a compressed tensor the stream delivered."""
     c = t.layout
-    v, i = c.values_bytes, c.indices_bytes
-    return raw[:v], raw[v : v + i], raw[v + i :]
+    return WireHeader(
+        version=WIRE_VERSION,
+        encoding=c.codec,
+        dtype=dtype_name(t.dtype),
+        shape=list(t.shape),
+        count=c.count,
+        chunk=c.chunk,
+        values_bytes=c.values_bytes,
+        indices_bytes=c.indices_bytes,
+        scales_bytes=c.scales_bytes,
+    )
 
 
 class EdgeCodecs:
@@ -104,7 +126,8 @@ class EdgeCodecs:
         self._sent: dict[tuple[int, int, str, int], Payload] = {}
         # (step, micro-batch, value) -> the entries a received value kept, and its format.
         self._kept: dict[tuple[int, int, str], tuple[KeptMask, str]] = {}
-        self._residuals: dict[str, torch.Tensor] = {}
+        # Per value name: what rounding lost of the gradients sent back in a lossy format.
+        self._residuals = ErrorFeedback()
         self._lock = Lock()
 
     @property
@@ -151,27 +174,22 @@ class EdgeCodecs:
                 continue
             mask, values_fmt = kept
             if values_fmt == "raw":
-                out[name] = encoded(encode_dense(mask.gather(g), "raw"), MASK, mask.shape)
-                continue
-            # Lossy value format: add what rounding lost last time, keep what it loses now.
-            residual = self._residuals.get(name)
-            corrected = g.detach().cpu() if residual is None else g.detach().cpu() + residual
-            picked = mask.gather(corrected)
-            payload = encode_dense(picked, values_fmt)
-            lost = torch.zeros(mask.numel, dtype=picked.dtype)
-            lost[mask.indices] = picked - decode_payload(payload)
-            self._residuals[name] = lost.reshape(g.shape)
-            out[name] = encoded(payload, MASK, mask.shape)
+                payload = encode_dense(mask.gather(g), "raw")
+            else:  # lossy: add what rounding lost last time, keep what it loses now
+                payload = self._residuals.compress_kept(name, g.detach().cpu(), mask, values_fmt)
+            out[name] = encoded(payload, MASKED, mask.shape)
         return out
 
     # -- receiving --------------------------------------------------------------------------
 
-    def decode(self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]) -> None:
+    def decode(
+        self, kind: TransferKind, step: int, mb: int, src: int, values: dict[str, Value]
+    ) -> None:
         """Replace, in place, every compressed tensor received with its dense tensor;
-        CodecError (PayloadError) names whatever does not fit."""
+        CodecError names the value and whatever of it does not fit."""
         for name, v in list(values.items()):
             if not isinstance(v, EncodedTensor):
-                if kind == "B":
+                if kind == TransferKind.BACKWARD:
                     with self._lock:
                         self._sent.pop((step, mb, name, src), None)
                 continue
@@ -180,23 +198,19 @@ class EdgeCodecs:
                 raise CodecError(f"value {name!r} cannot arrive compressed")
             numel = math.prod(meta.shape)
             values_fmt, _, index_fmt = v.layout.codec.partition("/")
-            vals, indices, scales = _parts(v)
-            dtype = dtype_name(v.dtype)
+            header, data = _wire_header(v), v.data.numpy().tobytes()
             try:
-                if kind == "F":
-                    if index_fmt == MASK:
+                if kind == TransferKind.FORWARD:
+                    if index_fmt == MASKED:
                         raise CodecError(f"value {name!r}: a forward value must carry positions")
-                    payload = Payload(
-                        v.layout.codec, dtype, v.shape, v.layout.count, vals, indices, scales,
-                        v.layout.chunk,
-                    )
+                    payload = payload_from_wire(header, data, max_elements=numel)
                     values[name] = decode_payload(payload, max_elements=numel)
                     mask = KeptMask.from_payload(payload, max_elements=numel)
                     if mask is not None and meta.carries_grad:
                         with self._lock:
                             self._kept[(step, mb, name)] = (mask, values_fmt)
                     continue
-                if index_fmt != MASK:
+                if index_fmt != MASKED:
                     raise CodecError(f"gradient {name!r}: gradients come back only masked")
                 with self._lock:
                     sent = self._sent.pop((step, mb, name, src), None)
@@ -205,18 +219,10 @@ class EdgeCodecs:
                         f"gradient {name!r} of step {step}, micro-batch {mb} arrived masked, "
                         f"but its value went to stage {src} uncompressed"
                     )
-                if tuple(v.shape) != sent.shape or v.layout.count != sent.count:
-                    raise CodecError(
-                        f"gradient {name!r}: {v.layout.count} entries of {list(v.shape)}, "
-                        f"its value kept {sent.count} of {list(sent.shape)}"
-                    )
-                payload = Payload(
-                    f"{values_fmt}/{sent.index_format}", dtype, sent.shape, sent.count, vals,
-                    sent.indices, scales, v.layout.chunk,
-                )
+                payload = masked_payload_from_wire(header, data, sent)
                 values[name] = decode_payload(payload, max_elements=numel)
             except PayloadError as e:
-                what = "value" if kind == "F" else "gradient"
+                what = "value" if kind == TransferKind.FORWARD else "gradient"
                 raise CodecError(f"{what} {name!r}: {e}") from None
 
     def forget(self, step: int) -> None:

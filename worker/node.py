@@ -12,6 +12,7 @@ import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -20,7 +21,8 @@ from opdag.values import Value
 from proto.rpc import TlsConfig
 from worker.peers import PeerLinks
 from worker.serde import StagePlan
-from worker.stage_job import Reporter, StageJob
+from worker.stage_job import Reporter, StageJob, StageState
+from worker.transfer_kind import TransferKind
 
 log = logging.getLogger("archipelago.worker")
 
@@ -29,13 +31,22 @@ class JobStateError(OpDagError):
     """A control request that does not fit what the worker holds (wrong job, epoch...)."""
 
 
+class NodeState(StrEnum):
+    """What a worker holding no stage job is doing (otherwise it reports the job's state)."""
+
+    IDLE = "idle"
+    LEAVING = "leaving"
+
+
 @dataclass(frozen=True)
 class NodeStatus:
+    """What a worker holds and where it is, as its heartbeat and status report it."""
+
     job_id: str = ""
     epoch: int = 0
     stage: int = 0
     step: int = 0
-    state: str = "idle"
+    state: NodeState | StageState = NodeState.IDLE
 
 
 class WorkerNode:
@@ -105,13 +116,13 @@ class WorkerNode:
 
     async def start(self, job_id: str, epoch: int) -> None:
         job = self._held(job_id, epoch)
-        if job.state != "loaded":
+        if job.state != StageState.LOADED:
             raise JobStateError(f"job {job_id} is {job.state}, not waiting to start")
         self._task = asyncio.create_task(job.run(), name=f"job {job_id}")
 
     async def stop(self, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0) -> None:
         job = self._held(job_id, epoch)
-        if drain and job.state == "running":
+        if drain and job.state == StageState.RUNNING:
             job.request_drain(steps_done)
             return
         await self._drop_job()
@@ -124,8 +135,8 @@ class WorkerNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if job is not None:
-            if job.state in ("loaded", "running"):
-                job.state = "aborted"
+            if job.state.live:
+                job.state = StageState.ABORTED
             log.info("dropped job %s epoch %d (%s)", job.plan.job_id, job.plan.epoch, job.state)
             # Wait for the compute thread to be done with the job's tensors.
             await asyncio.get_running_loop().run_in_executor(self.compute, job.runner.discard)
@@ -140,21 +151,22 @@ class WorkerNode:
             raise JobStateError(f"no stage of job {job_id} epoch {epoch} here")
         if not hmac.compare_digest(job.plan.job_secret.encode(), secret.encode()):
             raise PermissionError("wrong job secret")
-        if job.state not in ("loaded", "running"):
+        if not job.state.live:
             raise JobStateError(f"job {job_id} is {job.state} here")
         return job
 
     async def deliver(
         self, job: StageJob, kind: str, step: int, mb: int, src: int, values: dict[str, Value]
     ) -> None:
-        await job.deliver(kind, step, mb, src, values)
+        """Hand one peer transfer to the job; `kind` is a `TransferKind` or its string."""
+        await job.deliver(TransferKind(kind), step, mb, src, values)
 
     # -- status and shutdown ---------------------------------------------------------------
 
     def status(self) -> NodeStatus:
         job = self.job
         if job is None:
-            return NodeStatus(state="leaving" if self.leaving else "idle")
+            return NodeStatus(state=NodeState.LEAVING if self.leaving else NodeState.IDLE)
         p = job.plan
         return NodeStatus(
             job_id=p.job_id, epoch=p.epoch, stage=p.stage, step=job.step, state=job.state
@@ -162,7 +174,7 @@ class WorkerNode:
 
     @property
     def busy(self) -> bool:
-        return self.job is not None and self.job.state in ("loaded", "running")
+        return self.job is not None and self.job.state.live
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until the held job (if any) is no longer running; True if it stopped."""

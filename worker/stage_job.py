@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -39,6 +40,7 @@ from opdag.values import Value, add_grads
 from proto.tensor_stream import EncodedTensor
 from worker.edge_compression import EdgeCodecs
 from worker.serde import StagePlan
+from worker.transfer_kind import TransferKind
 
 log = logging.getLogger("archipelago.worker")
 T = TypeVar("T")
@@ -72,8 +74,26 @@ class Reporter(Protocol):
     ) -> None: ...
 
 
+class StageState(StrEnum):
+    """Where a loaded stage job is (the worker reports it in its heartbeat and status)."""
+
+    LOADED = "loaded"  # built, waiting for the coordinator's start
+    RUNNING = "running"
+    DRAINED = "drained"  # stopped at a step boundary on request, checkpoint uploaded
+    FINISHED = "finished"
+    ABORTED = "aborted"  # dropped by the worker (a new plan, a stop, shutdown)
+    FAILED = "failed"
+
+    @property
+    def live(self) -> bool:
+        """Whether the job still takes transfers and holds the worker."""
+        return self in (StageState.LOADED, StageState.RUNNING)
+
+
 # Sends one micro-batch's values to one peer stage; returns the bytes it sent.
-Sender = Callable[[str, int, int, int, Mapping[str, Value | EncodedTensor]], Awaitable[int]]
+Sender = Callable[
+    [TransferKind, int, int, int, Mapping[str, Value | EncodedTensor]], Awaitable[int]
+]
 
 
 def check_value(value: Value, meta: ValueMeta, what: str, *, grad: bool = False) -> None:
@@ -120,10 +140,12 @@ class Inbox:
     """Received values and gradients, waiting for the schedule to reach them."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple[str, int, int], dict[int, dict[str, Value]]] = {}
+        self._items: dict[tuple[TransferKind, int, int], dict[int, dict[str, Value]]] = {}
         self._changed = asyncio.Condition()
 
-    async def put(self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]) -> None:
+    async def put(
+        self, kind: TransferKind, step: int, mb: int, src: int, values: dict[str, Value]
+    ) -> None:
         async with self._changed:
             slot = self._items.setdefault((kind, step, mb), {})
             if src in slot:
@@ -134,7 +156,7 @@ class Inbox:
             self._changed.notify_all()
 
     async def take(
-        self, kind: str, step: int, mb: int, srcs: set[int]
+        self, kind: TransferKind, step: int, mb: int, srcs: set[int]
     ) -> dict[int, dict[str, Value]]:
         key = (kind, step, mb)
         async with self._changed:
@@ -166,7 +188,7 @@ class StageJob:
         self.reporter = reporter
         self.inbox = Inbox()
         self.step = plan.start_step
-        self.state = "loaded"
+        self.state = StageState.LOADED
         self.error = ""
         self._drain = False
         self._drain_target: int | None = None
@@ -244,19 +266,25 @@ class StageJob:
 
     # -- receiving --------------------------------------------------------------------------
 
-    def expected_bytes(self, kind: str, src: int) -> int:
+    def expected_bytes(self, kind: TransferKind, src: int) -> int:
         """Tensor bytes a message of `kind` from stage `src` may carry (sizes declared by a
         sender are checked against this before any memory is set aside). A compressed
         value may take a little more than dense: at worst all its values and a bitmap."""
-        names = (self._expected_forward if kind == "F" else self._expected_backward).get(src, ())
+        names = self._expected(kind).get(src, ())
         total = 0
         for name in names:
             meta = self.plan.graph.node(name).meta
             total += meta.nbytes if meta is not None else 0
         return total + total // 8 + (64 << 10)
 
+    def _expected(self, kind: TransferKind) -> dict[int, set[str]]:
+        """Per sending stage, the value names a transfer of `kind` from it must hold."""
+        if kind == TransferKind.FORWARD:
+            return self._expected_forward
+        return self._expected_backward
+
     async def deliver(
-        self, kind: str, step: int, mb: int, src: int, values: dict[str, Value]
+        self, kind: TransferKind, step: int, mb: int, src: int, values: dict[str, Value]
     ) -> None:
         """Accept one peer message after checking it is one we expect, shaped as expected."""
         plan = self.plan
@@ -264,23 +292,22 @@ class StageJob:
             raise CodecError(f"step {step} is not one this stage will run (now at {self.step})")
         if mb >= plan.data.micro_batches:
             raise CodecError(f"micro-batch {mb} is out of range")
-        expected = (self._expected_forward if kind == "F" else self._expected_backward).get(src)
+        expected = self._expected(kind).get(src)
         if expected is None:
-            raise CodecError(
-                f"stage {src} sends no {'values' if kind == 'F' else 'gradients'} here"
-            )
+            raise CodecError(f"stage {src} sends no {kind.carries} here")
         if set(values) != expected:
             raise CodecError(f"stage {src} sent {sorted(values)}, expected {sorted(expected)}")
         if any(isinstance(v, EncodedTensor) for v in values.values()):
             await asyncio.to_thread(self.codecs.decode, kind, step, mb, src, values)
-        elif kind == "B":
+        elif kind == TransferKind.BACKWARD:
             self.codecs.decode(kind, step, mb, src, values)  # forgets what was kept
         for name, value in values.items():
             meta = plan.graph.node(name).meta
             if meta is None:
                 raise CodecError(f"value {name!r} has no description in the stage graph")
+            backward = kind == TransferKind.BACKWARD
             check_value(
-                value, meta, f"{'value' if kind == 'F' else 'gradient'} {name!r}", grad=kind == "B"
+                value, meta, f"{'gradient' if backward else 'value'} {name!r}", grad=backward
             )
         await self.inbox.put(kind, step, mb, src, values)
 
@@ -314,7 +341,7 @@ class StageJob:
 
     async def run(self) -> None:
         plan = self.plan
-        self.state = "running"
+        self.state = StageState.RUNNING
         try:
             while self.step < plan.total_steps and not self._draining():
                 self._step_task = asyncio.create_task(self._run_step(self.step))
@@ -333,18 +360,18 @@ class StageJob:
                     await self._checkpoint(wait=self.step == plan.total_steps)
             if self.step < plan.total_steps:  # drained at a step boundary
                 await self._checkpoint(wait=True)
-                self.state = "drained"
+                self.state = StageState.DRAINED
                 self.reporter.progress(self._report(self.step - 1, None, 0.0, drained=True))
                 return
             if self._checkpoint_task is not None:
                 await self._checkpoint_task
-            self.state = "finished"
+            self.state = StageState.FINISHED
             self.reporter.progress(self._report(plan.total_steps - 1, None, 0.0, finished=True))
         except asyncio.CancelledError:
-            self.state = "aborted"
+            self.state = StageState.ABORTED
             raise
         except Exception as e:
-            self.state = "failed"
+            self.state = StageState.FAILED
             self.error = f"{type(e).__name__}: {e}"
             log.exception("job %s stage %d failed at step %d", plan.job_id, plan.stage, self.step)
             self.reporter.progress(self._report(self.step, None, 0.0, error=self.error))
@@ -373,11 +400,13 @@ class StageJob:
         try:
             for op in one_f_one_b(plan.stage, plan.num_stages, plan.data.micro_batches):
                 mb = op.micro_batch
-                if op.kind == "F":
+                if op.kind == TransferKind.FORWARD:
                     inputs: dict[str, Value] = {}
                     if self._forward_srcs:
                         for values in (
-                            await self.inbox.take("F", step, mb, self._forward_srcs)
+                            await self.inbox.take(
+                                TransferKind.FORWARD, step, mb, self._forward_srcs
+                            )
                         ).values():
                             inputs.update(values)
                     outbox: dict[int, dict[str, Value]] = {}
@@ -391,13 +420,15 @@ class StageJob:
                         for dst in dsts:
                             outbox.setdefault(dst, {})[name] = outputs[name]
                     for dst, values in outbox.items():
-                        sends.append(self._send("F", dst, step, mb, values, sent))
+                        sends.append(self._send(TransferKind.FORWARD, dst, step, mb, values, sent))
                     if self.runner.stage.loss:
                         losses.append(float(outputs[self.runner.stage.loss]))
                 else:
                     grads: dict[str, Value] = {}
                     if self._backward_srcs:
-                        taken = await self.inbox.take("B", step, mb, self._backward_srcs)
+                        taken = await self.inbox.take(
+                            TransferKind.BACKWARD, step, mb, self._backward_srcs
+                        )
                         for values in taken.values():
                             for name, g in values.items():
                                 grads[name] = add_grads(grads.get(name), g)
@@ -408,7 +439,7 @@ class StageJob:
                         if meta is not None and meta.carries_grad:
                             by_src.setdefault(src, {})[name] = back.get(name)
                     for src, values in by_src.items():
-                        sends.append(self._send("B", src, step, mb, values, sent))
+                        sends.append(self._send(TransferKind.BACKWARD, src, step, mb, values, sent))
             await asyncio.gather(*sends)
         except BaseException:
             for task in sends:
@@ -429,7 +460,7 @@ class StageJob:
 
     def _send(
         self,
-        kind: str,
+        kind: TransferKind,
         dst: int,
         step: int,
         mb: int,
@@ -438,7 +469,8 @@ class StageJob:
     ) -> asyncio.Task[int]:
         async def go() -> int:
             # Compression runs beside compute, never in the way of the next forward.
-            encode = self.codecs.encode_forward if kind == "F" else self.codecs.encode_backward
+            forward = kind == TransferKind.FORWARD
+            encode = self.codecs.encode_forward if forward else self.codecs.encode_backward
             wire = await asyncio.to_thread(encode, step, mb, dst, values)
             n = await self.sender(kind, dst, step, mb, wire)
             sent[dst] = sent.get(dst, 0) + n
