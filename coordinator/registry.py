@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.planning.plan import WorkerSlot
+from coordinator.states import WORKER_ALIVE, StageState, WorkerStatus
 
 
 @dataclass
@@ -27,18 +28,18 @@ class WorkerState:
     device: str = "cpu"
     threads: int = 0
     registered_at: float = field(default_factory=time.time)
-    # idle | busy | lost | left
-    state: str = "idle"
+    state: WorkerStatus = WorkerStatus.IDLE
     job_id: str = ""
     epoch: int = 0
     leaving: bool = False
-    # What the worker last said it was doing, and when (monotonic clock; memory only).
+    # What the worker last said it was doing, and when (monotonic clock; memory only):
+    # job id, epoch, step and its stage's state (the string as it came, see StageState).
     last_seen: float = field(default_factory=time.monotonic)
-    reported: tuple[str, int, int, str] = ("", 0, 0, "idle")
+    reported: tuple[str, int, int, str] = ("", 0, 0, StageState.IDLE.value)
 
     @property
     def alive(self) -> bool:
-        return self.state in ("idle", "busy")
+        return self.state in WORKER_ALIVE
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -50,7 +51,7 @@ class WorkerState:
             "device": self.device,
             "threads": self.threads,
             "registered_at": self.registered_at,
-            "state": self.state,
+            "state": self.state.value,
             "job_id": self.job_id,
             "epoch": self.epoch,
             "leaving": self.leaving,
@@ -67,7 +68,7 @@ class WorkerState:
             device=r.get("device", "cpu"),
             threads=int(r.get("threads", 0)),
             registered_at=float(r.get("registered_at", 0.0)),
-            state=r.get("state", "idle"),
+            state=WorkerStatus.parse(r.get("state", WorkerStatus.IDLE.value)),
             job_id=r.get("job_id", ""),
             epoch=int(r.get("epoch", 0)),
             leaving=bool(r.get("leaving", False)),
@@ -109,7 +110,7 @@ class Registry:
         w.name, w.address = name, address
         w.gflops, w.memory_bytes, w.device, w.threads = gflops, memory_bytes, device, threads
         if not w.alive:
-            w.state, w.job_id, w.epoch = "idle", "", 0
+            w.state, w.job_id, w.epoch = WorkerStatus.IDLE, "", 0
         w.leaving = False
         w.last_seen = time.monotonic()
         return w
@@ -131,20 +132,20 @@ class Registry:
         lost = []
         for w in self.workers.values():
             if w.alive and now - w.last_seen > self.timeout_s:
-                w.state = "left" if w.leaving else "lost"
+                w.state = WorkerStatus.LEFT if w.leaving else WorkerStatus.LOST
                 lost.append(w)
         return lost
 
     def free(self) -> list[WorkerSlot]:
         """Live, idle workers that are not leaving, in registration order."""
-        idle = [w for w in self.workers.values() if w.state == "idle" and not w.leaving]
+        idle = [w for w in self.workers.values() if w.state == WorkerStatus.IDLE and not w.leaving]
         idle.sort(key=lambda w: (w.registered_at, w.worker_id))
         return [WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in idle]
 
     def assign(self, worker_ids: tuple[str, ...], job_id: str, epoch: int) -> None:
         for wid in worker_ids:
             w = self.workers[wid]
-            w.state, w.job_id, w.epoch = "busy", job_id, epoch
+            w.state, w.job_id, w.epoch = WorkerStatus.BUSY, job_id, epoch
 
     def release(self, worker_ids: tuple[str, ...], job_id: str) -> list[WorkerState]:
         """Free the workers still holding `job_id`; returns the ones changed."""
@@ -153,7 +154,7 @@ class Registry:
             w = self.workers.get(wid)
             if w is not None and w.job_id == job_id:
                 w.job_id, w.epoch = "", 0
-                if w.state == "busy":
-                    w.state = "left" if w.leaving else "idle"
+                if w.state == WorkerStatus.BUSY:
+                    w.state = WorkerStatus.LEFT if w.leaving else WorkerStatus.IDLE
                 changed.append(w)
         return changed

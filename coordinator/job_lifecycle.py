@@ -1,0 +1,365 @@
+"""Moving jobs through their states: plan, hand out, run, recover, end.
+
+    queued -> starting -> running -> completed
+                 ^           |
+                 +-- recovering <- (a worker is lost, fails, or leaves)
+    any live state -> cancelled | failed
+
+A plan is stored before any worker hears of it. Training state lives in checkpoints: when
+a plan breaks, the job is planned again on the workers that remain (or that joined) and
+resumes from its last complete checkpoint. A coordinator restarted on the same store
+takes every job back: running jobs keep running if their workers are still there, and are
+re-planned from their checkpoint if not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import torch
+
+from coordinator.calibration import ComputeCalibration
+from coordinator.checkpoints import Checkpoints
+from coordinator.handover import StageHandover
+from coordinator.job_record import Job
+from coordinator.job_table import JobTable
+from coordinator.link_survey import LinkProber
+from coordinator.planning.plan import Plan, stage_routes
+from coordinator.planning.planner import PlanRequest, make_plan
+from coordinator.registry import Registry, WorkerState
+from coordinator.states import JOB_PLAN_OUT, JOB_WAITING, JobState, WorkerStatus
+from coordinator.store import StateStore
+from coordinator.worker_client import WorkerCallError, WorkerClient
+from opdag.errors import OpDagError
+from opdag.partition import Partition
+
+log = logging.getLogger("archipelago.coordinator")
+
+# Re-plans in a row without a single step of progress before a job is declared failed.
+MAX_FRUITLESS_RECOVERIES = 5
+# How long a job waits for links between free workers to be measured before it is
+# planned with what is known.
+LINK_WAIT_S = 30.0
+
+
+class JobLifecycle:
+    """The scheduler: plans waiting jobs on free workers, and re-plans broken ones."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        registry: Registry,
+        workers: WorkerClient,
+        table: JobTable,
+        checkpoints: Checkpoints,
+        calibration: ComputeCalibration,
+        links: LinkProber | None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.workers = workers
+        self.table = table
+        self.checkpoints = checkpoints
+        self.calibration = calibration
+        self.links = links
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` in the background (until it ends or `close` cancels it)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def save_workers(self, workers: list[WorkerState]) -> None:
+        """Store the workers' current records (after the registry changed them)."""
+        for w in workers:
+            await asyncio.to_thread(self.store.put_worker, w.to_record())
+
+    async def _release(self, job: Job) -> None:
+        """Free the workers of the job's plan that still hold it."""
+        assert job.plan is not None
+        changed = self.registry.release(job.plan.worker_ids, job.job_id)
+        await self.save_workers(changed)
+
+    # -- restart ---------------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Take over what a previous coordinator left in the store."""
+        await self.calibration.load()
+        self.registry.load(await asyncio.to_thread(self.store.list_workers))
+        for record in await asyncio.to_thread(self.store.list_jobs):
+            job = Job.from_record(record)
+            self.table.adopt(job)
+            job.plan = await self.table.stored_plan(job.job_id)
+            if job.state == JobState.RUNNING and job.plan is not None:
+                # Its workers may still be training: adopt them; if they are gone, the
+                # lost-worker check re-plans the job from its checkpoint.
+                job.running_since = time.monotonic()
+                log.info(
+                    "adopted running job %s (epoch %d, step %d)",
+                    job.job_id,
+                    job.epoch,
+                    job.steps_done,
+                )
+            elif job.state in JOB_PLAN_OUT:
+                job.state = JobState.RECOVERING
+                await self.table.save(job)
+        # Workers the old coordinator had on jobs that are no longer running are free.
+        for w in self.registry.workers.values():
+            held = self.table.jobs.get(w.job_id)
+            if w.job_id and (
+                held is None or held.state != JobState.RUNNING or held.epoch != w.epoch
+            ):
+                self.registry.release((w.worker_id,), w.job_id)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """One pass of the scheduler: notice lost workers, plan waiting jobs."""
+        lost = self.registry.expire()
+        if lost:
+            await self.save_workers(lost)
+        for w in lost:
+            log.warning(
+                "worker %s (%s) %s",
+                w.name,
+                w.worker_id,
+                "left" if w.state == WorkerStatus.LEFT else "stopped heart-beating: lost",
+            )
+            job = self.table.jobs.get(w.job_id)
+            if job is not None and not job.terminal and job.epoch == w.epoch:
+                if w.state == WorkerStatus.LEFT and job.draining_until:
+                    continue  # it drained and went; the drain finishes without it
+                self.recover_later(job, f"worker {w.name} was lost")
+        now = time.monotonic()
+        for job in sorted(self.table.jobs.values(), key=lambda j: j.created_at):
+            if job.busy.locked():
+                continue
+            if job.state in JOB_WAITING:
+                await self._launch(job)
+            elif job.draining_until and now > job.draining_until:
+                self.recover_later(job, "the drain did not finish in time")
+
+    def _links_ready(self, job: Job, worker_ids: list[str]) -> bool:
+        """Whether to plan now: OP-Fence and AdaTopK plan on measured links, so they wait
+        (a bounded time) for the links between the free workers to be measured."""
+        if self.links is None:
+            return True
+        spec = job.spec
+        wants_links = spec.parallel.planner == "opfence" or spec.compression.kind == "adatopk"
+        if not wants_links or not self.links.unmeasured(worker_ids):
+            return True
+        now = time.monotonic()
+        if not job.waiting_since:
+            job.waiting_since = now
+            log.info("job %s waits for link measurements between the free workers", job.job_id)
+        if now - job.waiting_since < LINK_WAIT_S:
+            return False
+        log.warning(
+            "job %s: links still unmeasured after %.0f s; planning with what is known",
+            job.job_id,
+            LINK_WAIT_S,
+        )
+        return True
+
+    async def _launch(self, job: Job) -> None:
+        async with job.busy:
+            if job.state not in JOB_WAITING:
+                return
+            free = self.registry.free()
+            want = job.spec.parallel.stages
+            model = await self.table.model_of(job)
+            if want is None:
+                n = min(len(free), len(model.graph.compute_nodes))
+            else:
+                n = want if len(free) >= want else 0
+            if n == 0:
+                return
+            if not self._links_ready(job, [w.worker_id for w in free]):
+                return
+            start_step = await self.checkpoints.latest(job.job_id)
+            request = PlanRequest(
+                job_id=job.job_id,
+                epoch=job.epoch + 1,
+                start_step=start_step,
+                graph=model.graph,
+                spec=job.spec,
+                workers=free,
+                figures=self.links.figures(w.worker_id for w in free) if self.links else {},
+                compute=self.calibration.model,
+            )
+            try:
+                plan, cut = await asyncio.to_thread(make_plan, request)
+            except ValueError as e:
+                log.warning("job %s cannot be planned on %d workers: %s", job.job_id, n, e)
+                return
+            job.waiting_since = 0.0
+            self.calibration.new_plan(job.job_id, plan.epoch, cut)
+            job.epoch, job.plan = plan.epoch, plan
+            job.state = JobState.STARTING
+            job.finished_stages.clear()
+            job.drained_stages.clear()
+            job.last_checkpoint = start_step
+            job.steps_done = start_step
+            job.draining_until = 0.0
+            self.registry.assign(plan.worker_ids, job.job_id, plan.epoch)
+            await self.table.save_with_plan(job, plan)
+            await self.checkpoints.discard_after(job.job_id, start_step)
+            await self.save_workers([self.registry.workers[w] for w in plan.worker_ids])
+            await self.table.notify(job)
+            log.info(
+                "job %s epoch %d: %d stages on %s, from step %d",
+                job.job_id,
+                plan.epoch,
+                plan.num_stages,
+                ", ".join(p.worker_name for p in plan.placements),
+                start_step,
+            )
+            try:
+                state = await self.checkpoints.resume_state(job.job_id, model, start_step)
+                await self._hand_out(job, plan, cut, state)
+            except WorkerCallError as e:
+                log.warning("job %s epoch %d could not start: %s", job.job_id, plan.epoch, e)
+                if e.unreachable:
+                    w = self.registry.get(e.worker_id)
+                    if w is not None and w.alive:
+                        w.state = WorkerStatus.LOST
+                        await self.save_workers([w])
+                await self._fail_attempt(job, str(e))
+                return
+            except OpDagError as e:
+                await self._stop_plan(job)
+                job.state, job.error = JobState.FAILED, str(e)
+                await self.table.save(job)
+                return
+            job.state = JobState.RUNNING
+            job.running_since = time.monotonic()
+            await self.table.save(job)
+
+    async def _hand_out(
+        self, job: Job, plan: Plan, cut: Partition, state: Mapping[str, torch.Tensor]
+    ) -> None:
+        secret = secrets.token_hex(16)
+        routes = stage_routes(cut)
+        loads = []
+        for placement, stage in zip(plan.placements, cut.stages, strict=True):
+            handover = StageHandover(
+                job_id=job.job_id,
+                epoch=plan.epoch,
+                stage=stage,
+                plan=plan,
+                routes=routes[stage.index],
+                spec=job.spec,
+                fingerprint=job.fingerprint,
+                start_step=plan.start_step,
+                secret=secret,
+                tensors=self.checkpoints.stage_tensors(job.job_id, stage, state),
+            )
+            loads.append(self.workers.load_stage(placement.worker_id, placement.address, handover))
+        await asyncio.gather(*loads)
+        await asyncio.gather(
+            *(
+                self.workers.start(p.worker_id, p.address, job.job_id, plan.epoch)
+                for p in plan.placements
+            )
+        )
+
+    # -- stopping --------------------------------------------------------------------------
+
+    async def _stop_plan(self, job: Job) -> None:
+        """Tell the plan's live workers to drop the job, and free them."""
+        if job.plan is None:
+            return
+        stops = []
+        for p in job.plan.placements:
+            w = self.registry.get(p.worker_id)
+            if w is not None and w.alive:
+                stops.append(self.workers.stop(p.address, job.job_id, job.epoch, drain=False))
+        await asyncio.gather(*stops)
+        await self._release(job)
+
+    async def _fail_attempt(self, job: Job, reason: str) -> None:
+        await self._stop_plan(job)
+        job.recoveries += 1
+        if job.steps_done > job.progress_mark:
+            job.fruitless, job.progress_mark = 0, job.steps_done
+        job.fruitless += 1
+        job.error = reason
+        if job.fruitless > MAX_FRUITLESS_RECOVERIES:
+            job.state = JobState.FAILED
+            job.error = (
+                f"{MAX_FRUITLESS_RECOVERIES} re-plans in a row made no progress; last: {reason}"
+            )
+            log.error("job %s failed: %s", job.job_id, job.error)
+        else:
+            job.state = JobState.RECOVERING
+        await self.table.save(job)
+
+    async def recover(self, job: Job, reason: str) -> None:
+        """The current plan is broken: stop it; the scheduler plans the job again and it
+        resumes from its last complete checkpoint."""
+        async with job.busy:
+            if job.terminal or job.state not in JOB_PLAN_OUT:
+                return
+            log.warning(
+                "job %s epoch %d: %s; re-planning from step %d",
+                job.job_id,
+                job.epoch,
+                reason,
+                job.last_checkpoint,
+            )
+            await self._fail_attempt(job, reason)
+
+    def recover_later(self, job: Job, reason: str) -> None:
+        """`recover` in the background (the caller must not wait on the job's lock)."""
+        self.spawn(self.recover(job, reason))
+
+    async def cancel(self, job: Job) -> None:
+        """The user cancels the job: stop its plan, and it ends."""
+        async with job.busy:
+            if job.terminal:
+                return
+            await self._stop_plan(job)
+            job.state = JobState.CANCELLED
+            await self.table.save(job)
+        log.info("job %s cancelled", job.job_id)
+
+    async def complete(self, job: Job) -> None:
+        """Every stage finished the last step: the job is done and its workers free."""
+        async with job.busy:
+            job.state = JobState.COMPLETED
+            job.steps_done = job.spec.steps
+            self.calibration.forget(job.job_id)
+            await self._release(job)
+            await self.table.save(job)
+        log.info(
+            "job %s completed: %d steps, last loss %s",
+            job.job_id,
+            job.spec.steps,
+            f"{job.loss:.4f}" if job.loss is not None else "-",
+        )
+
+    async def end_drain(self, job: Job) -> None:
+        """Every stage stopped at the drain's step boundary: plan again without the
+        leaving workers."""
+        async with job.busy:
+            await self._stop_plan(job)
+            job.state, job.draining_until = JobState.RECOVERING, 0.0
+            job.recoveries += 1
+            await self.table.save(job)
+        log.info(
+            "job %s drained at step %d; re-planning without the leaving workers",
+            job.job_id,
+            job.last_checkpoint,
+        )

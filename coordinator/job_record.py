@@ -1,0 +1,139 @@
+"""A job as the coordinator holds and stores it, and the plain data about its steps.
+
+`Job.record` is what the store keeps; `Job.from_record` reads it back (its state through
+`JobState.parse`). `Progress` is one stage's report of one step, `PlanReport` a plan's
+prediction against what its steps measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.plan import Plan
+from coordinator.states import JOB_ENDED, JobState
+from opdag.errors import OpDagError
+
+
+class JobError(OpDagError):
+    """A request about a job that cannot be met (unknown id, bad spec)."""
+
+
+class StaleReport(OpDagError):
+    """A report from an epoch the job has moved on from."""
+
+
+@dataclass
+class Job:
+    """A job as the coordinator holds it."""
+
+    job_id: str
+    name: str
+    spec: JobSpec
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    epoch: int = 0
+    steps_done: int = 0
+    last_checkpoint: int = 0
+    error: str = ""
+    recoveries: int = 0
+    fruitless: int = 0
+    progress_mark: int = 0
+    loss: float | None = None
+    step_seconds: float = 0.0
+    bytes_per_step: int = 0
+    fingerprint: str = ""
+    finished_stages: set[int] = field(default_factory=set)
+    drained_stages: set[int] = field(default_factory=set)
+    # Memory only.
+    plan: Plan | None = None
+    draining_until: float = 0.0
+    running_since: float = 0.0
+    waiting_since: float = 0.0
+    version: int = 0
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in JOB_ENDED
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "spec": self.spec.to_dict(),
+            "state": self.state.value,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "last_checkpoint": self.last_checkpoint,
+            "error": self.error,
+            "recoveries": self.recoveries,
+            "fruitless": self.fruitless,
+            "progress_mark": self.progress_mark,
+            "loss": self.loss,
+            "step_seconds": self.step_seconds,
+            "bytes_per_step": self.bytes_per_step,
+            "fingerprint": self.fingerprint,
+            "finished_stages": sorted(self.finished_stages),
+            "drained_stages": sorted(self.drained_stages),
+        }
+
+    @classmethod
+    def from_record(cls, r: Mapping[str, Any]) -> Job:
+        return cls(
+            job_id=r["job_id"],
+            name=r["name"],
+            spec=parse_job_spec(yaml.safe_dump(r["spec"])),
+            state=JobState.parse(r["state"]),
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+            epoch=r["epoch"],
+            steps_done=r["steps_done"],
+            last_checkpoint=r["last_checkpoint"],
+            error=r["error"],
+            recoveries=r["recoveries"],
+            fruitless=r.get("fruitless", 0),
+            progress_mark=r.get("progress_mark", 0),
+            loss=r["loss"],
+            step_seconds=r["step_seconds"],
+            bytes_per_step=r["bytes_per_step"],
+            fingerprint=r["fingerprint"],
+            finished_stages=set(r["finished_stages"]),
+            drained_stages=set(r["drained_stages"]),
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One stage's report of one step (decoded from the wire)."""
+
+    worker_id: str
+    job_id: str
+    epoch: int
+    stage: int
+    step: int
+    loss: float | None
+    step_seconds: float
+    sent: Mapping[int, int]
+    finished: bool
+    drained: bool
+    error: str
+    compute_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """How a plan's prediction compares with what its steps measured."""
+
+    measured_step_s: float
+    calibrated_step_s: float
+    steps_measured: int
