@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from opdag.errors import CodecError
 
-
-class PayloadError(CodecError):
+class PayloadError(ValueError):
     """A compressed tensor is corrupt, truncated or disagrees with its own header.
 
-    A subclass of the OP-DAG layer's `CodecError`, so code that already refuses bad
-    serialised tensors refuses bad compressed ones the same way.
+    A `ValueError` of the compressors' own: the layer that receives compressed tensors
+    (the worker's edge compression) turns it into its own refusal, naming the value.
     """
