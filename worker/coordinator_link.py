@@ -3,7 +3,8 @@
 The coordinator may restart at any time. Registration is retried until it answers; a
 heartbeat that finds the coordinator does not know this worker registers again (keeping
 the worker's id); progress reports queue up and are delivered in order once it is back, so
-a job's steps keep counting while the coordinator is away.
+a job's steps keep counting while the coordinator is away. Every retry waits by one
+`RetryPolicy` (`COORDINATOR_RETRY`).
 """
 
 from __future__ import annotations
@@ -11,19 +12,41 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 
 import grpc
 import torch
 
-from proto import coordinator_pb2, coordinator_pb2_grpc
+from proto.retry import RetryPolicy, retry
 from proto.rpc import TlsConfig, open_channel, token_metadata
-from proto.tensor_stream import header_of, iter_chunks
 from worker.resources import Resources
-from worker.serde import StagePlan
+from worker.serde import (
+    StagePlan,
+    checkpoint_parts,
+    coordinator_stub,
+    heartbeat_answer_from_pb,
+    heartbeat_request_pb,
+    leave_request_pb,
+    progress_report_pb,
+    register_request_pb,
+    registration_from_pb,
+)
 from worker.stage_job import StepReport
 
 log = logging.getLogger("archipelago.worker")
+
+# A coordinator that is away is asked again every half second, for as long as it takes: the
+# worker has nothing better to do, and comes back as soon as the coordinator does.
+COORDINATOR_RETRY = RetryPolicy(attempts=None, first_delay_s=0.5, backoff=1.0, max_delay_s=0.5)
+# The coordinator's answers that are final: it does not take this worker...
+REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# ...or has moved on from what a report or checkpoint is about (a job, an epoch).
+OUTDATED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+# Registration is retried on anything but a refusal or a bad request; a report or a
+# checkpoint on anything but being outdated.
+REGISTER_RETRIED = frozenset(grpc.StatusCode) - REFUSED - {grpc.StatusCode.INVALID_ARGUMENT}
+DELIVERY_RETRIED = frozenset(grpc.StatusCode) - OUTDATED
 
 
 class RefusedError(Exception):
@@ -41,20 +64,21 @@ class CoordinatorLink:
         tls: TlsConfig | None,
         name: str,
         resources: Resources,
-        retry_s: float = 0.5,
+        retry_policy: RetryPolicy = COORDINATOR_RETRY,
     ) -> None:
         self.address = address
         self.token = token
         self.name = name
         self.resources = resources
-        self.retry_s = retry_s
+        self.retry_policy = retry_policy
         self.advertise = ""
         self.worker_id = ""
         self.heartbeat_s = 1.0
         self._channel = open_channel(address, tls)
-        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        self._stub = coordinator_stub(self._channel)
         self._metadata = token_metadata(token)
-        self._reports: collections.deque[coordinator_pb2.ProgressReport] = collections.deque()
+        # Reports waiting for the coordinator, each with the worker id it was made under.
+        self._reports: collections.deque[tuple[str, StepReport]] = collections.deque()
         self._report_ready = asyncio.Event()
         self._unreachable_logged = False
         # Set once this worker has asked to leave: a coordinator that then no longer
@@ -65,39 +89,33 @@ class CoordinatorLink:
 
     async def register(self) -> str:
         """Register (again), retrying until the coordinator answers; returns the worker id."""
-        request = coordinator_pb2.RegisterRequest(
+        request = register_request_pb(
             name=self.name,
             address=self.advertise,
             worker_id=self.worker_id,
-            resources=coordinator_pb2.WorkerResources(
-                gflops=self.resources.gflops,
-                memory_bytes=self.resources.memory_bytes,
-                device=self.resources.device,
-                threads=self.resources.threads,
-            ),
+            resources=self.resources,
         )
-        while True:
-            try:
-                reply = await self._stub.Register(request, metadata=self._metadata, timeout=10)
-            except grpc.aio.AioRpcError as e:
-                if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                    raise RefusedError(
-                        f"the coordinator refused this worker: {e.details()}"
-                    ) from None
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise RefusedError(
-                        f"the coordinator refused to register: {e.details()}"
-                    ) from None
-                self._log_unreachable(e)
-                await asyncio.sleep(self.retry_s)
-                continue
-            self._unreachable_logged = False
-            self.worker_id = reply.worker_id
-            self.heartbeat_s = reply.heartbeat_interval_s or 1.0
-            log.info("registered with %s as %s (%s)", self.address, self.name, self.worker_id)
-            return self.worker_id
+        try:
+            reply = await retry(
+                partial(self._stub.Register, request, metadata=self._metadata, timeout=10),
+                self.retry_policy,
+                retry_on=REGISTER_RETRIED,
+                on_retry=self._log_unreachable,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in REFUSED:
+                raise RefusedError(f"the coordinator refused this worker: {e.details()}") from None
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RefusedError(f"the coordinator refused to register: {e.details()}") from None
+            raise
+        registration = registration_from_pb(reply)
+        self._unreachable_logged = False
+        self.worker_id = registration.worker_id
+        self.heartbeat_s = registration.heartbeat_s
+        log.info("registered with %s as %s (%s)", self.address, self.name, self.worker_id)
+        return self.worker_id
 
-    def _log_unreachable(self, e: grpc.aio.AioRpcError) -> None:
+    def _log_unreachable(self, e: grpc.aio.AioRpcError, wait_s: float = 0.0) -> None:
         if not self._unreachable_logged:
             log.warning("coordinator %s unreachable (%s); retrying", self.address, e.code().name)
             self._unreachable_logged = True
@@ -110,16 +128,17 @@ class CoordinatorLink:
             job_id, epoch, step, state = status()
             try:
                 reply = await self._stub.Heartbeat(
-                    coordinator_pb2.HeartbeatRequest(
+                    heartbeat_request_pb(
                         worker_id=self.worker_id, job_id=job_id, epoch=epoch, step=step, state=state
                     ),
                     metadata=self._metadata,
                     timeout=max(5.0, 3 * self.heartbeat_s),
                 )
+                answer = heartbeat_answer_from_pb(reply)
                 self._unreachable_logged = False
-                if not reply.known and not self.leaving:
+                if not answer.known and not self.leaving:
                     await self.register()
-                for dropped in reply.stop_jobs:
+                for dropped in answer.stop_jobs:
                     result = stop_job(dropped)
                     if asyncio.iscoroutine(result):
                         await result
@@ -131,9 +150,7 @@ class CoordinatorLink:
         self.leaving = True
         try:
             await self._stub.Leave(
-                coordinator_pb2.LeaveRequest(worker_id=self.worker_id),
-                metadata=self._metadata,
-                timeout=10,
+                leave_request_pb(self.worker_id), metadata=self._metadata, timeout=10
             )
         except grpc.aio.AioRpcError as e:
             log.warning("could not tell the coordinator this worker leaves: %s", e.code().name)
@@ -141,25 +158,7 @@ class CoordinatorLink:
     # -- reports (the stage job's Reporter) ------------------------------------------------
 
     def progress(self, report: StepReport) -> None:
-        pb = coordinator_pb2.ProgressReport(
-            worker_id=self.worker_id,
-            job_id=report.job_id,
-            epoch=report.epoch,
-            stage=report.stage,
-            step=report.step,
-            has_loss=report.loss is not None,
-            loss=report.loss or 0.0,
-            step_seconds=report.step_seconds,
-            compute_seconds=report.compute_seconds,
-            sent=[
-                coordinator_pb2.LinkBytes(dst_stage=d, bytes=b)
-                for d, b in sorted(report.sent.items())
-            ],
-            finished=report.finished,
-            drained=report.drained,
-            error=report.error,
-        )
-        self._reports.append(pb)
+        self._reports.append((self.worker_id, report))
         self._report_ready.set()
 
     async def report_loop(self) -> None:
@@ -167,21 +166,22 @@ class CoordinatorLink:
         while True:
             await self._report_ready.wait()
             while self._reports:
-                report = self._reports[0]
+                worker_id, report = self._reports[0]
+                request = progress_report_pb(worker_id, report)
                 try:
-                    await self._stub.ReportProgress(report, metadata=self._metadata, timeout=10)
+                    await retry(
+                        partial(
+                            self._stub.ReportProgress, request, metadata=self._metadata, timeout=10
+                        ),
+                        self.retry_policy,
+                        retry_on=DELIVERY_RETRIED,
+                        on_retry=self._log_unreachable,
+                    )
                 except grpc.aio.AioRpcError as e:
-                    if e.code() in (
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                    ):
-                        # The coordinator has moved on from that job or epoch: drop it.
-                        log.info("report for job %s dropped: %s", report.job_id, e.details())
-                        self._reports.popleft()
-                        continue
-                    self._log_unreachable(e)
-                    await asyncio.sleep(self.retry_s)
-                    continue
+                    if e.code() not in OUTDATED:
+                        raise
+                    # The coordinator has moved on from that job or epoch: drop it.
+                    log.info("report for job %s dropped: %s", report.job_id, e.details())
                 self._reports.popleft()
             self._report_ready.clear()
 
@@ -198,35 +198,20 @@ class CoordinatorLink:
         self, plan: StagePlan, steps_done: int, tensors: Mapping[str, torch.Tensor]
     ) -> None:
         """Upload this stage's state after `steps_done` steps, retrying while unreachable."""
-        items = list(tensors.items())
-        header = coordinator_pb2.CheckpointHeader(
-            worker_id=self.worker_id,
-            job_id=plan.job_id,
-            epoch=plan.epoch,
-            stage=plan.stage,
-            num_stages=plan.num_stages,
-            step=steps_done,
-            tensors=[header_of(name, t) for name, t in items],
+        parts = checkpoint_parts(
+            worker_id=self.worker_id, plan=plan, step=steps_done, tensors=tensors
         )
-
-        async def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
-            yield coordinator_pb2.CheckpointPart(header=header)
-            for chunk in iter_chunks([t for _, t in items]):
-                yield coordinator_pb2.CheckpointPart(chunk=chunk)
-
-        while True:
-            try:
-                await self._stub.UploadCheckpoint(parts(), metadata=self._metadata)
-                return
-            except grpc.aio.AioRpcError as e:
-                if e.code() in (
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                ):
-                    log.warning("checkpoint of step %d refused: %s", steps_done, e.details())
-                    return
-                self._log_unreachable(e)
-                await asyncio.sleep(self.retry_s)
+        try:
+            await retry(
+                lambda: self._stub.UploadCheckpoint(parts(), metadata=self._metadata),
+                self.retry_policy,
+                retry_on=DELIVERY_RETRIED,
+                on_retry=self._log_unreachable,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in OUTDATED:
+                raise
+            log.warning("checkpoint of step %d refused: %s", steps_done, e.details())
 
     async def close(self) -> None:
         await self._channel.close()

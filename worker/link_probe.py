@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto import worker_pb2, worker_pb2_grpc
 from proto.rpc import TlsConfig, open_channel, token_metadata
 
 log = logging.getLogger("archipelago.worker")
@@ -65,15 +64,18 @@ async def measure_link(
     target_seconds: float,
 ) -> LinkFigure:
     """Round trip and bandwidth from here to the worker at `address`."""
+    # Imported here, not at the top: the serde imports this module (for `LinkFigure`).
+    from worker.serde import probe_request_pb, worker_stub
+
     channel = open_channel(address, tls)
-    stub = worker_pb2_grpc.WorkerStub(channel)
+    stub = worker_stub(channel)
     sent = 0
 
     async def timed(payload: int) -> float:
         nonlocal sent
         began = time.perf_counter()
         await stub.Probe(
-            worker_pb2.ProbeRequest(payload=bytes(payload), reply_bytes=0),
+            probe_request_pb(payload),
             metadata=token_metadata(token),
             timeout=PROBE_TIMEOUT_S,
         )

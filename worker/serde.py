@@ -7,16 +7,25 @@ in range, and data and optimizer settings pass their own validation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
 
 from opdag import graph_serde
 from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
-from proto import tensor_pb2, worker_pb2
+from proto import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from proto.tensor_stream import encode_values, header_of, iter_chunks
 from worker.edge_compression import EdgeCodec
+from worker.resources import Resources
+
+if TYPE_CHECKING:
+    from worker.stage_job import StepReport
 
 
 @dataclass(frozen=True)
@@ -220,3 +229,151 @@ def transfer_header_pb(
         values=values,
         tensors=tensors,
     )
+
+
+# -- what the worker sends: to the coordinator, to peer stages, to probed links ---------------
+
+CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
+WorkerStub = worker_pb2_grpc.WorkerStub
+
+
+def coordinator_stub(channel: grpc.aio.Channel) -> CoordinatorStub:
+    """The coordinator API over `channel`."""
+    return CoordinatorStub(channel)
+
+
+def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
+    """Another worker's API over `channel`."""
+    return WorkerStub(channel)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The coordinator's answer to a registration: this worker's id, how often to beat."""
+
+    worker_id: str
+    heartbeat_s: float
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """The coordinator's answer to a heartbeat: whether it knows this worker, and the jobs
+    it has dropped that this worker should stop."""
+
+    known: bool
+    stop_jobs: tuple[str, ...]
+
+
+def register_request_pb(
+    *, name: str, address: str, worker_id: str, resources: Resources
+) -> coordinator_pb2.RegisterRequest:
+    return coordinator_pb2.RegisterRequest(
+        name=name,
+        address=address,
+        worker_id=worker_id,
+        resources=coordinator_pb2.WorkerResources(
+            gflops=resources.gflops,
+            memory_bytes=resources.memory_bytes,
+            device=resources.device,
+            threads=resources.threads,
+        ),
+    )
+
+
+def registration_from_pb(reply: coordinator_pb2.RegisterReply) -> Registration:
+    return Registration(worker_id=reply.worker_id, heartbeat_s=reply.heartbeat_interval_s or 1.0)
+
+
+def heartbeat_request_pb(
+    *, worker_id: str, job_id: str, epoch: int, step: int, state: str
+) -> coordinator_pb2.HeartbeatRequest:
+    return coordinator_pb2.HeartbeatRequest(
+        worker_id=worker_id, job_id=job_id, epoch=epoch, step=step, state=state
+    )
+
+
+def heartbeat_answer_from_pb(reply: coordinator_pb2.HeartbeatReply) -> HeartbeatAnswer:
+    return HeartbeatAnswer(known=reply.known, stop_jobs=tuple(reply.stop_jobs))
+
+
+def leave_request_pb(worker_id: str) -> coordinator_pb2.LeaveRequest:
+    return coordinator_pb2.LeaveRequest(worker_id=worker_id)
+
+
+def progress_report_pb(worker_id: str, report: StepReport) -> coordinator_pb2.ProgressReport:
+    return coordinator_pb2.ProgressReport(
+        worker_id=worker_id,
+        job_id=report.job_id,
+        epoch=report.epoch,
+        stage=report.stage,
+        step=report.step,
+        has_loss=report.loss is not None,
+        loss=report.loss or 0.0,
+        step_seconds=report.step_seconds,
+        compute_seconds=report.compute_seconds,
+        sent=[
+            coordinator_pb2.LinkBytes(dst_stage=d, bytes=b) for d, b in sorted(report.sent.items())
+        ],
+        finished=report.finished,
+        drained=report.drained,
+        error=report.error,
+    )
+
+
+def checkpoint_parts(
+    *, worker_id: str, plan: StagePlan, step: int, tensors: Mapping[str, torch.Tensor]
+) -> Callable[[], AsyncIterator[coordinator_pb2.CheckpointPart]]:
+    """The UploadCheckpoint stream of a stage's state after `step` steps: a function that
+    makes it afresh, once for each try."""
+    items = list(tensors.items())
+    header = coordinator_pb2.CheckpointHeader(
+        worker_id=worker_id,
+        job_id=plan.job_id,
+        epoch=plan.epoch,
+        stage=plan.stage,
+        num_stages=plan.num_stages,
+        step=step,
+        tensors=[header_of(name, t) for name, t in items],
+    )
+
+    async def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
+        yield coordinator_pb2.CheckpointPart(header=header)
+        for chunk in iter_chunks([t for _, t in items]):
+            yield coordinator_pb2.CheckpointPart(chunk=chunk)
+
+    return parts
+
+
+def transfer_parts(
+    *,
+    plan: StagePlan,
+    step: int,
+    micro_batch: int,
+    values: Mapping[str, object],
+) -> tuple[int, Callable[[], AsyncIterator[worker_pb2.TransferPart]]]:
+    """The tensor bytes of one micro-batch's transfer from this stage, and a function that
+    makes its Activations or Gradients stream afresh, once for each try."""
+    named, tensors = encode_values(values)
+    header = transfer_header_pb(
+        job_id=plan.job_id,
+        epoch=plan.epoch,
+        job_secret=plan.job_secret,
+        step=step,
+        micro_batch=micro_batch,
+        src_stage=plan.stage,
+        values=named,
+        tensors=[header_of(name, t) for name, t in tensors],
+    )
+    nbytes = sum(h.nbytes for h in header.tensors)
+
+    async def parts() -> AsyncIterator[worker_pb2.TransferPart]:
+        yield worker_pb2.TransferPart(header=header)
+        for chunk in iter_chunks([t for _, t in tensors]):
+            yield worker_pb2.TransferPart(chunk=chunk)
+
+    return nbytes, parts
+
+
+def probe_request_pb(payload_bytes: int) -> worker_pb2.ProbeRequest:
+    """A link probe carrying `payload_bytes` zero bytes, asking for nothing back."""
+    return worker_pb2.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=0)
