@@ -5,22 +5,41 @@ as plain data, and parsing that again yields an equal spec, which is how the coo
 stores jobs. Every error is a `JobSpecError` whose message starts with the dotted path of
 the field at fault (`data.batch_size: ...`), so a user knows which line to fix.
 
-The spec's structure (keys, mappings, which policies exist) is checked here; the rules of
-each component (model arguments, corpus, optimizer) stay with the component, and their
-errors are re-raised here with the path of the field that caused them.
+The spec's classes are pydantic dataclasses: pydantic checks the structure (keys, mappings,
+types) and knows the path of each field. The rules of each component (model arguments,
+corpus, optimizer) stay with the component; its errors are re-raised here with the path of
+the field that caused them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 import re
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, dataclass_transform
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    PlainValidator,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
 from opdag.errors import OpDagError
@@ -46,7 +65,7 @@ MAX_SPEC_CHARS = 100_000
 # Counts travel as uint32 and seeds as uint64 in the worker protocol (proto/worker.proto);
 # a value that does not fit must be refused here, not when a stage is assigned.
 _UINT32_MAX = 2**32 - 1
-_INT64_LIMIT = 2**63
+_INT64_MAX = 2**63 - 1
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ROOT = "spec"  # the path of errors about the document as a whole
@@ -61,29 +80,37 @@ _MOE_OFF = "auto"
 _MOE_LATER = ("data-centric", "expert-centric")
 _REPLICAS_OFF = 1
 
-_TOP_KEYS = (
-    "name",
-    "model",
-    "data",
-    "optimizer",
-    "steps",
-    "parallel",
-    "checkpoint",
-    "seed",
-    "compression",
-    "sync",
-    "moe",
-)
-_REQUIRED_TOP_KEYS = ("name", "model", "data", "steps")
-
 _T = TypeVar("_T")
 
 
-# -- small checks shared by the dataclasses and the parser -------------------------------
+# -- errors: pydantic's, as one line that names the field --------------------------------
 
 
-def _join(parent: str, key: object) -> str:
-    return f"{parent}.{key}" if parent else str(key)
+class _Blame(ValueError):
+    """A check's error about a field below the one checked (`where`, relative to it)."""
+
+    def __init__(self, message: str, *where: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+# The class that reads each mapping of a spec, by dotted path ("" is the whole document):
+# an unknown or missing key is reported with the keys that mapping takes.
+_SECTIONS: dict[str, type] = {}
+
+
+def _section(path: str) -> Callable[[type[_T]], type[_T]]:
+    def register(cls: type[_T]) -> type[_T]:
+        _SECTIONS[path] = cls
+        return cls
+
+    return register
+
+
+def _keys(section: str, *, required: bool = False) -> str:
+    reader = _SECTIONS.get(section)
+    params = inspect.signature(reader).parameters.values() if reader else ()
+    return ", ".join(p.name for p in params if not required or p.default is p.empty)
 
 
 def _show(value: object) -> str:
@@ -96,36 +123,169 @@ def _show(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def _check_int(value: object, path: str, *, lo: int, hi: int) -> int:
-    # bool is an int to Python but never what a spec means by a count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise JobSpecError(f"{path}: must be an int, got {_show(value)}")
-    if not lo <= value <= hi:
-        raise JobSpecError(f"{path}: must be in [{lo}, {hi}], got {value}")
+def _spec_error(error: ValidationError, path: str = "") -> JobSpecError:
+    """pydantic's first error (the topmost field's) as `dotted.path: what is wrong`."""
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    loc = [*([path] if path else []), *first["loc"], *getattr(cause, "where", ())]
+    where, section = ".".join(map(str, loc)), ".".join(map(str, loc[:-1]))
+    kind, got = first["type"], _show(first["input"])
+    if kind in ("extra_forbidden", "unexpected_keyword_argument", "invalid_key"):
+        message = f"unknown key ({section or ROOT} takes: {_keys(section)})"
+    elif kind.startswith("missing"):
+        message = f"missing; {section or ROOT} needs: {_keys(section, required=True)}"
+    elif kind in ("model_type", "dataclass_type"):
+        message = f"must be a mapping with keys {_keys(where)}, got {got}"
+    elif kind == "string_type":
+        message = f"must be a string, got {got}"
+    else:
+        message = str(cause) if isinstance(cause, Exception) else f"{first['msg']}, got {got}"
+    return JobSpecError(f"{where or ROOT}: {message}")
+
+
+_C = TypeVar("_C")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(Field,))
+def _spec_dataclass(path: str, *, kw_only: bool = False) -> Callable[[type[_C]], type[_C]]:
+    """A frozen pydantic dataclass that reads the spec's mapping at `path`; built directly,
+    it raises a JobSpecError as parsing does."""
+
+    def build(cls: type[_C]) -> type[_C]:
+        checked: Any = pydantic_dataclass(frozen=True, kw_only=kw_only, config=_FORBID_EXTRA)(cls)
+        validate, signature = checked.__init__, inspect.signature(checked)
+
+        @functools.wraps(validate)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                # By keyword, so that pydantic names a positional argument too.
+                validate(self, **signature.bind(*args, **kwargs).arguments)
+            except ValidationError as e:
+                raise _spec_error(e, path) from None
+
+        checked.__init__ = __init__
+        return _section(path)(checked)
+
+    return build
+
+
+_FORBID_EXTRA = ConfigDict(extra="forbid")
+
+
+class _Form(BaseModel):
+    """A mapping of the spec that no class of the spec keeps as it is written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _arguments_of(component: type, path: str) -> type[BaseModel]:
+    """The form of `component`'s keyword arguments, values unchecked: pydantic names an
+    unknown or missing key, the component checks the values (and names its rule)."""
+    params = inspect.signature(component).parameters.values()
+    fields: dict[str, Any] = {p.name: (Any, ... if p.default is p.empty else None) for p in params}
+    return _section(path)(create_model(f"_{component.__name__}Form", __base__=_Form, **fields))
+
+
+# -- checks of single values ------------------------------------------------------------
+
+
+def _in_range(lo: int, hi: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        # bool is an int to Python but never what a spec means by a count.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an int, got {_show(value)}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    return check
+
+
+def _compression_values(value: object) -> str:
+    if isinstance(value, str) and value in COMPRESSION_VALUES:
+        return value
+    raise ValueError(f"must be one of {', '.join(COMPRESSION_VALUES)}, got {_show(value)}")
+
+
+def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[object], object]:
+    """The check of a policy whose feature is for later: only its off value is accepted."""
+
+    def check(value: object) -> object:
+        if value == off:
+            return value
+        if value in later:
+            raise ValueError(f"{value!r} is not available yet (available: {off})")
+        raise ValueError(
+            f"unknown {setting} setting {_show(value)} (settings: {', '.join((off, *later))})"
+        )
+
+    return check
+
+
+def _one_replica(value: object) -> object:
+    if value != _REPLICAS_OFF:
+        raise ValueError(f"{value!r} is not available yet (available: {_REPLICAS_OFF})")
     return value
 
 
-def _check_str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        raise JobSpecError(f"{path}: must be a string, got {_show(value)}")
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, got {_show(value)}")
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f"must be a fraction in (0, 1], got {value}")
     return value
 
 
-def _strip_prefix(message: str, prefix: str) -> str:
-    # Component errors start with their own short prefix ("data: ..."); the field path
-    # replaces it.
-    return message[len(prefix) + 2 :] if message.startswith(f"{prefix}: ") else message
+def _job_name(name: str) -> str:
+    if not name or len(name) > MAX_NAME_CHARS or not _NAME_PATTERN.fullmatch(name):
+        # Leading letter or digit: the name never reads as a CLI flag or as "..".
+        raise ValueError(
+            f"must be 1 to {MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, got {_show(name)}"
+        )
+    return name
+
+
+def _zoo_name(zoo: str) -> str:
+    if zoo not in ZOO_NAMES:
+        raise ValueError(f"unknown model {zoo!r} (the zoo has: {', '.join(ZOO_NAMES)})")
+    return zoo
+
+
+def _planner(planner: str) -> str:
+    if planner in PLANNERS_LATER:
+        raise ValueError(f"{planner!r} is not available yet (available: {', '.join(PLANNERS)})")
+    if planner not in PLANNERS:
+        planners = ", ".join(PLANNERS + PLANNERS_LATER)
+        raise ValueError(f"unknown planner {planner!r} (planners: {planners})")
+    return planner
+
+
+def _stages(value: object) -> int | None:
+    """`auto` (None: as many stages as the planner finds workers for) or a count."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"must be auto or an int >= 1, got {_show(value)}")
+    return _in_range(1, _UINT32_MAX)(value)
+
+
+Steps = Annotated[int, PlainValidator(_in_range(1, MAX_STEPS))]
+Seed = Annotated[int, PlainValidator(_in_range(0, _INT64_MAX))]
+Fraction = Annotated[float, PlainValidator(_fraction)]
+
+
+# -- components: built by their own class, their errors given the path of the culprit ----
 
 
 def _build_attributed(
     build: Callable[[Mapping[str, Any]], _T],
     given: Mapping[str, Any],
     *,
-    path: str,
     error: type[Exception] | tuple[type[Exception], ...],
     prefix: str,
 ) -> _T:
-    """`build(given)`, its error re-raised under the path of the argument that causes it.
+    """`build(given)`, its error re-raised as a _Blame of the argument that causes it.
 
     The component's error names the rule, not the spec field. The culprit is the first
     argument that fails on its own (the others at their defaults); failing that, for a
@@ -149,9 +309,11 @@ def _build_attributed(
         culprit = next(
             (k for k in given if not fails({j: v for j, v in given.items() if j != k})), None
         )
-    where = _join(path, culprit) if culprit is not None else path
-    hint = _number_hint(given[culprit]) if culprit is not None else ""
-    raise JobSpecError(f"{where}: {_strip_prefix(str(whole), prefix)}{hint}") from whole
+    # Component errors start with their own short prefix ("data: "); the path replaces it.
+    message = str(whole).removeprefix(f"{prefix}: ")
+    if culprit is None:
+        raise _Blame(message) from whole
+    raise _Blame(message + _number_hint(given[culprit]), str(culprit)) from whole
 
 
 # PyYAML follows YAML 1.1, where a float needs a '.' and a signed exponent: `3e-4` and
@@ -169,13 +331,6 @@ def _number_hint(value: object) -> str:
     return ""
 
 
-def _plain(value: Any) -> Any:
-    """`value` as YAML-safe plain data: tuples become lists (safe_dump refuses tuples)."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _finite(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -184,10 +339,67 @@ def _finite(value: Any) -> bool:
     return True
 
 
+_DATA_FORM = _arguments_of(DataConfig, "data")
+_OPTIMIZER_FORM = _arguments_of(OptimizerConfig, "optimizer")
+
+
+def _data_config(value: object) -> object:
+    """The `data` mapping as the DataConfig it describes."""
+    if isinstance(value, DataConfig):
+        return value
+    _DATA_FORM.model_validate(value)
+    assert isinstance(value, dict)  # the form took only a mapping
+    # The corpus goes first so a bad corpus is blamed before the fields that depend on it.
+    corpus = value["corpus"]
+    config = _build_attributed(
+        lambda d: DataConfig(**{"corpus": corpus, **d}),
+        {"corpus": corpus, **value},
+        error=DataError,
+        prefix="data",
+    )
+    # DataConfig checked the lower bounds; the worker protocol's fields set the upper ones.
+    for name, lo, hi in (
+        ("batch_size", 1, _UINT32_MAX),
+        ("micro_batches", 1, _UINT32_MAX),
+        ("seed", 0, _INT64_MAX),
+        ("max_bytes", 1, _INT64_MAX),
+    ):
+        if getattr(config, name) > hi:
+            raise _Blame(f"must be in [{lo}, {hi}], got {getattr(config, name)}", name)
+    return config
+
+
+def _is_small_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53
+
+
+def _optimizer_config(value: object) -> object:
+    """The `optimizer` mapping as the OptimizerConfig it describes."""
+    if isinstance(value, OptimizerConfig):
+        return value
+    _OPTIMIZER_FORM.model_validate(value)
+    assert isinstance(value, dict)  # the form took only a mapping
+    given: dict[str, Any] = {}
+    for key, item in value.items():
+        # Whole numbers become floats so equal settings compare and print alike; one too
+        # big for a float is left for OptimizerConfig to refuse.
+        if _is_small_int(item):
+            item = float(item)
+        elif isinstance(item, list):
+            item = tuple(float(v) if _is_small_int(v) else v for v in item)
+        given[key] = item
+    return _build_attributed(
+        lambda o: OptimizerConfig(**o),
+        given,
+        error=(OptimizerError, OverflowError),
+        prefix="optimizer",
+    )
+
+
 # -- the spec ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@_spec_dataclass("model")
 class ModelSpec:
     """Which zoo model to train and its arguments.
 
@@ -196,100 +408,73 @@ class ModelSpec:
     changes later.
     """
 
-    zoo: str
-    args: tuple[tuple[str, Any], ...] = ()
+    zoo: Annotated[StrictStr, AfterValidator(_zoo_name)]
+    args: tuple[tuple[str, Any], ...] = Field(default=(), validate_default=True)
 
-    def __post_init__(self) -> None:
-        zoo = _check_str(self.zoo, "model.zoo")
-        if zoo not in ZOO_NAMES:
-            raise JobSpecError(
-                f"model.zoo: unknown model {zoo!r} (the zoo has: {', '.join(ZOO_NAMES)})"
-            )
+    @field_validator("args", mode="before")
+    @classmethod
+    def _every_argument(cls, args: object, info: ValidationInfo) -> tuple[tuple[str, Any], ...]:
+        zoo = info.data.get("zoo")
+        if zoo is None:
+            return ()  # the zoo's own error is the one reported
         try:
-            given = dict(self.args)
+            # A spec gives a mapping; ModelSpec built directly, sorted items.
+            given = dict(args) if isinstance(args, dict | tuple) else None
         except (TypeError, ValueError):
-            raise JobSpecError(
-                f"model.args: must be a mapping of argument names to values, got {_show(self.args)}"
-            ) from None
+            given = None
+        if given is None:
+            raise ValueError(f"must be a mapping of argument names to values, got {_show(args)}")
         known = [f.name for f in dataclasses.fields(model_config(zoo))]
         for key in sorted(given, key=str):
             if key not in known:
-                raise JobSpecError(
-                    f"model.args.{key}: unknown argument ({zoo} takes: {', '.join(known)})"
-                )
+                raise _Blame(f"unknown argument ({zoo} takes: {', '.join(known)})", key)
+        # A huge YAML int given for a float argument overflows in the conversion.
         config = _build_attributed(
-            lambda args: model_config(zoo, args),
-            given,
-            path="model.args",
-            # A huge YAML int given for a float argument overflows in the conversion.
-            error=(ZooError, OverflowError),
-            prefix=zoo,
+            lambda a: model_config(zoo, a), given, error=(ZooError, OverflowError), prefix=zoo
         )
         resolved = {name: getattr(config, name) for name in known}
         for name, value in resolved.items():
             # The zoo checks ranges with comparisons, which an infinity can slip through.
             if not _finite(value):
-                raise JobSpecError(f"model.args.{name}: must be finite, got {value!r}")
-        object.__setattr__(self, "args", tuple(sorted(resolved.items())))
+                raise _Blame(f"must be finite, got {value!r}", name)
+        return tuple(sorted(resolved.items()))
 
     def args_dict(self) -> dict[str, Any]:
         """The arguments as a dict, as `opdag.zoo.build_model` takes them."""
         return dict(self.args)
 
 
-@dataclass(frozen=True)
+@_spec_dataclass("parallel")
 class ParallelSpec:
     """How the model is cut over workers: the planner, and the number of pipeline stages
     (None: as many as the planner finds workers for)."""
 
-    planner: str = "opfence"
-    stages: int | None = None
+    planner: Annotated[StrictStr, AfterValidator(_planner)] = "opfence"
+    stages: Annotated[int | None, PlainValidator(_stages)] = None
+    replicas: InitVar[Annotated[int, PlainValidator(_one_replica)]] = _REPLICAS_OFF
 
-    def __post_init__(self) -> None:
-        planner = _check_str(self.planner, "parallel.planner")
-        if planner not in PLANNERS:
-            if planner in PLANNERS_LATER:
-                raise JobSpecError(
-                    f"parallel.planner: {planner!r} is not available yet "
-                    f"(available: {', '.join(PLANNERS)})"
-                )
-            raise JobSpecError(
-                f"parallel.planner: unknown planner {planner!r} "
-                f"(planners: {', '.join(PLANNERS + PLANNERS_LATER)})"
-            )
-        if self.stages is not None:
-            _check_int(self.stages, "parallel.stages", lo=1, hi=_UINT32_MAX)
+    def __post_init__(self, replicas: int) -> None:
+        del replicas  # only 1 exists so far, and its type checked that
 
 
-@dataclass(frozen=True)
+@_spec_dataclass("checkpoint")
+class CheckpointSpec:
+    """How often (in steps) workers checkpoint their stage."""
+
+    every: Steps = 50
+
+
+@dataclasses.dataclass(frozen=True)
 class CompressionSpec:
     """What crosses the cut links: everything exactly (`none`), the top-k entries at a
     fraction each link's bandwidth calls for (`adatopk`, never below `floor`), or the top-k
-    at one fixed fraction on every cut link (`topk`). `values` is how kept entries travel."""
+    at one fixed fraction on every cut link (`topk`). `values` is how kept entries travel.
+    Built from the spec's `compression`, whose form checks every value."""
 
     kind: str = "none"
     ratio: float = 1.0  # topk only
     floor: float = 0.01  # adatopk only
     values: str = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.kind not in COMPRESSION_KINDS:
-            raise JobSpecError(
-                f"compression: unknown setting {_show(self.kind)} "
-                f"(settings: none, adatopk, {{adatopk: {{floor: F}}}}, {{topk: FRACTION}})"
-            )
-        for name in ("ratio", "floor"):
-            v = getattr(self, name)
-            path = "compression.topk" if name == "ratio" else "compression.adatopk.floor"
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise JobSpecError(f"{path}: must be a number, got {_show(v)}")
-            if not (math.isfinite(v) and 0 < v <= 1):
-                raise JobSpecError(f"{path}: must be a fraction in (0, 1], got {v}")
-        if self.values not in COMPRESSION_VALUES:
-            raise JobSpecError(
-                f"compression.values: must be one of {', '.join(COMPRESSION_VALUES)}, "
-                f"got {_show(self.values)}"
-            )
 
     def to_plain(self) -> Any:
         if self.kind == "none":
@@ -299,56 +484,95 @@ class CompressionSpec:
         return {"adatopk": {"floor": self.floor}, "values": self.values}
 
 
-@dataclass(frozen=True)
-class CheckpointSpec:
-    """How often (in steps) workers checkpoint their stage."""
-
-    every: int = 50
-
-    def __post_init__(self) -> None:
-        _check_int(self.every, "checkpoint.every", lo=1, hi=MAX_STEPS)
+@_section("compression.adatopk")
+class _AdaTopKForm(_Form):
+    floor: Fraction = 0.01
 
 
-@dataclass(frozen=True)
+def _adatopk_options(value: object) -> object:
+    return {} if value is None or value is True else value  # `{adatopk: }`: the defaults
+
+
+@_section("compression")
+class _CompressionForm(_Form):
+    topk: Fraction = 1.0
+    adatopk: Annotated[_AdaTopKForm, BeforeValidator(_adatopk_options)] = _AdaTopKForm()
+    values: Annotated[str, PlainValidator(_compression_values)] = "fp32"
+
+
+def _compression(value: object) -> object:
+    """`none`, `adatopk`, `{adatopk: {floor: F}}` or `{topk: FRACTION}`, each mapping with
+    an optional `values: fp32 | fp16`, as the CompressionSpec it describes."""
+    if isinstance(value, CompressionSpec):
+        return value
+    if isinstance(value, str):
+        if value == "topk":
+            raise ValueError("topk needs its fraction: {topk: 0.05}")
+        if value not in COMPRESSION_KINDS:
+            raise ValueError(
+                f"unknown setting {_show(value)} "
+                f"(settings: none, adatopk, {{adatopk: {{floor: F}}}}, {{topk: FRACTION}})"
+            )
+        return CompressionSpec(kind=value)
+    form = _CompressionForm.model_validate(value)
+    kinds = [k for k in ("topk", "adatopk") if k in form.model_fields_set]
+    if len(kinds) != 1:
+        raise ValueError(
+            f"a mapping names exactly one of topk or adatopk, got {', '.join(kinds) or 'neither'}"
+        )
+    return CompressionSpec(kinds[0], form.topk, form.adatopk.floor, form.values)
+
+
+_sync_kind = _off_only(_SYNC_OFF, _SYNC_LATER, "sync")
+
+
+@_section("sync")
+class _SyncForm(_Form):
+    kind: Annotated[Any, AfterValidator(_sync_kind)]
+
+
+def _sync_form(value: object) -> object:
+    """`sync: KIND` is short for `sync: {kind: KIND}`."""
+    return value if isinstance(value, dict | _SyncForm) else {"kind": _sync_kind(value)}
+
+
+@_section("moe")
+class _MoeForm(_Form):
+    mode: Annotated[Any, AfterValidator(_off_only(_MOE_OFF, _MOE_LATER, "moe"))]
+
+
+@_spec_dataclass("", kw_only=True)
 class JobSpec:
     """A validated training job: model, data, optimizer, length and policies."""
 
-    name: str
+    # Fields in the order a reader meets them, so the first error is the topmost one.
+    name: Annotated[StrictStr, AfterValidator(_job_name)]
     model: ModelSpec
-    data: DataConfig
-    optimizer: OptimizerConfig
-    steps: int
-    parallel: ParallelSpec = field(default_factory=ParallelSpec)
-    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
-    seed: int = 0  # model init seed
-    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    data: Annotated[InstanceOf[DataConfig], BeforeValidator(_data_config)]
+    optimizer: Annotated[InstanceOf[OptimizerConfig], BeforeValidator(_optimizer_config)] = (
+        OptimizerConfig()
+    )
+    steps: Steps
+    parallel: ParallelSpec = ParallelSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    seed: Seed = 0  # model init seed
+    compression: Annotated[InstanceOf[CompressionSpec], BeforeValidator(_compression)] = (
+        CompressionSpec()
+    )
+    # Policies of later features: checked, then dropped (their off values change nothing).
+    sync: InitVar[Annotated[_SyncForm, BeforeValidator(_sync_form)]] = _SyncForm(kind=_SYNC_OFF)
+    moe: InitVar[_MoeForm] = _MoeForm(mode=_MOE_OFF)
 
-    def __post_init__(self) -> None:
-        name = _check_str(self.name, "name")
-        if not name or len(name) > MAX_NAME_CHARS or not _NAME_PATTERN.fullmatch(name):
-            # Leading letter or digit: the name never reads as a CLI flag or as "..".
-            raise JobSpecError(
-                f"name: must be 1 to {MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "
-                f"starting with a letter or digit, got {_show(name)}"
-            )
-        for attr, kind in (
-            ("model", ModelSpec),
-            ("data", DataConfig),
-            ("optimizer", OptimizerConfig),
-            ("parallel", ParallelSpec),
-            ("checkpoint", CheckpointSpec),
-            ("compression", CompressionSpec),
-        ):
-            if not isinstance(getattr(self, attr), kind):
-                raise JobSpecError(f"{attr}: must be a {kind.__name__}")
-        _check_int(self.steps, "steps", lo=1, hi=MAX_STEPS)
-        _check_int(self.seed, "seed", lo=0, hi=_INT64_LIMIT - 1)
+    def __post_init__(self, sync: _SyncForm, moe: _MoeForm) -> None:
+        del sync, moe
         wants = data_kind(self.model.zoo)
         if self.data.kind != wants:
             fitting = [c for c, k in CORPUS_KINDS.items() if k == wants]
-            raise JobSpecError(
-                f"data.corpus: {self.data.corpus!r} holds {self.data.kind} data, but model "
-                f"{self.model.zoo!r} trains on {wants} data (use: {', '.join(fitting)})"
+            raise _Blame(
+                f"{self.data.corpus!r} holds {self.data.kind} data, but model "
+                f"{self.model.zoo!r} trains on {wants} data (use: {', '.join(fitting)})",
+                "data",
+                "corpus",
             )
 
     def context(self) -> int | None:
@@ -364,10 +588,7 @@ class JobSpec:
         """The spec as plain data (YAML- and JSON-able); `from_dict` inverts it."""
         return {
             "name": self.name,
-            "model": {
-                "zoo": self.model.zoo,
-                "args": {k: _plain(v) for k, v in self.model.args},
-            },
+            "model": {"zoo": self.model.zoo, "args": {k: _plain(v) for k, v in self.model.args}},
             "data": {f.name: getattr(self.data, f.name) for f in dataclasses.fields(DataConfig)},
             "optimizer": {
                 f.name: _plain(getattr(self.optimizer, f.name))
@@ -386,189 +607,20 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: object) -> JobSpec:
         """A spec from plain data, as YAML or `to_dict` gives it; checked in full."""
-        return _job_spec_from(data)
+        try:
+            return _JOB_SPEC.validate_python(data)
+        except ValidationError as e:
+            raise _spec_error(e) from None
 
 
-# -- plain data -> spec ------------------------------------------------------------------
+_JOB_SPEC = TypeAdapter(JobSpec)
 
 
-def _mapping(
-    value: object,
-    path: str,
-    known: tuple[str, ...],
-    required: tuple[str, ...] = (),
-) -> dict[Any, Any]:
-    """`value` as a mapping with only `known` keys and every `required` one."""
-    title = path or ROOT
-    if not isinstance(value, dict):
-        raise JobSpecError(
-            f"{title}: must be a mapping with keys {', '.join(known)}, got {_show(value)}"
-        )
-    for key in value:
-        if key not in known:
-            raise JobSpecError(
-                f"{_join(path, key)}: unknown key ({title} takes: {', '.join(known)})"
-            )
-    for key in required:
-        if key not in value:
-            raise JobSpecError(f"{_join(path, key)}: missing; {title} needs: {', '.join(required)}")
+def _plain(value: Any) -> Any:
+    """`value` as YAML-safe plain data: tuples become lists (safe_dump refuses tuples)."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
     return value
-
-
-def _model_from(value: object) -> ModelSpec:
-    section = _mapping(value, "model", ("zoo", "args"), ("zoo",))
-    args = section.get("args", {})
-    if not isinstance(args, dict):
-        raise JobSpecError(f"model.args: must be a mapping, got {_show(args)}")
-    return ModelSpec(zoo=section["zoo"], args=tuple(args.items()))
-
-
-def _data_from(value: object) -> DataConfig:
-    fields = dataclasses.fields(DataConfig)
-    required = tuple(
-        f.name
-        for f in fields
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    )
-    section = _mapping(value, "data", tuple(f.name for f in fields), required)
-    corpus = section["corpus"]
-    # The corpus goes first so a bad corpus is blamed before the fields that depend on it.
-    given = {"corpus": corpus, **section}
-    config = _build_attributed(
-        lambda d: DataConfig(**{"corpus": corpus, **d}),
-        given,
-        path="data",
-        error=DataError,
-        prefix="data",
-    )
-    for name in ("batch_size", "micro_batches"):
-        _check_int(getattr(config, name), f"data.{name}", lo=1, hi=_UINT32_MAX)
-    _check_int(config.seed, "data.seed", lo=0, hi=_INT64_LIMIT - 1)
-    _check_int(config.max_bytes, "data.max_bytes", lo=1, hi=_INT64_LIMIT - 1)
-    return config
-
-
-def _is_small_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53
-
-
-def _optimizer_from(value: object) -> OptimizerConfig:
-    fields = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
-    section = _mapping(value, "optimizer", fields)
-    given: dict[str, Any] = {}
-    for key, item in section.items():
-        # Whole numbers become floats so equal settings compare and print alike; one too
-        # big for a float is left for OptimizerConfig to refuse.
-        if _is_small_int(item):
-            item = float(item)
-        elif isinstance(item, list):
-            item = tuple(float(v) if _is_small_int(v) else v for v in item)
-        given[key] = item
-    return _build_attributed(
-        lambda o: OptimizerConfig(**o),
-        given,
-        path="optimizer",
-        error=(OptimizerError, OverflowError),
-        prefix="optimizer",
-    )
-
-
-def _parallel_from(value: object) -> ParallelSpec:
-    section = _mapping(value, "parallel", ("planner", "stages", "replicas"))
-    if "replicas" in section and section["replicas"] != _REPLICAS_OFF:
-        raise JobSpecError(
-            f"parallel.replicas: {section['replicas']!r} is not available yet "
-            f"(available: {_REPLICAS_OFF})"
-        )
-    stages = section.get("stages", "auto")
-    if isinstance(stages, str) and stages != "auto":
-        raise JobSpecError(f"parallel.stages: must be auto or an int >= 1, got {_show(stages)}")
-    return ParallelSpec(
-        planner=section.get("planner", "opfence"),
-        stages=None if stages == "auto" else stages,
-    )
-
-
-def _compression_from(value: object) -> CompressionSpec:
-    """`none`, `adatopk`, `{adatopk: {floor: F}}` or `{topk: FRACTION}`, each mapping with
-    an optional `values: fp32 | fp16`."""
-    if isinstance(value, str):
-        if value == "topk":
-            raise JobSpecError("compression: topk needs its fraction: {topk: 0.05}")
-        return CompressionSpec(kind=value)
-    section = _mapping(value, "compression", ("topk", "adatopk", "values"))
-    kinds = [k for k in ("topk", "adatopk") if k in section]
-    if len(kinds) != 1:
-        raise JobSpecError(
-            "compression: a mapping names exactly one of topk or adatopk, "
-            f"got {', '.join(kinds) or 'neither'}"
-        )
-    values = section.get("values", "fp32")
-    if kinds == ["topk"]:
-        return CompressionSpec(kind="topk", ratio=section["topk"], values=values)
-    options = section["adatopk"]
-    if options is None or options is True:
-        options = {}
-    options = _mapping(options, "compression.adatopk", ("floor",))
-    return CompressionSpec(kind="adatopk", floor=options.get("floor", 0.01), values=values)
-
-
-def _check_choice(value: object, path: str, off: str, later: tuple[str, ...], section: str) -> None:
-    """A policy's kind or mode must be its off value; later ones are not available yet."""
-    if value == off:
-        return
-    if value in later:
-        raise JobSpecError(f"{path}: {value!r} is not available yet (available: {off})")
-    raise JobSpecError(
-        f"{path}: unknown {section} setting {_show(value)} (settings: {', '.join((off, *later))})"
-    )
-
-
-def _check_sync(value: object) -> None:
-    if isinstance(value, dict):
-        if "kind" in value:
-            _check_choice(value["kind"], "sync.kind", _SYNC_OFF, _SYNC_LATER, "sync")
-        _mapping(value, "sync", ("kind",), ("kind",))
-    else:
-        _check_choice(value, "sync", _SYNC_OFF, _SYNC_LATER, "sync")
-
-
-def _check_moe(value: object) -> None:
-    section = _mapping(value, "moe", ("mode",), ("mode",))
-    _check_choice(section["mode"], "moe.mode", _MOE_OFF, _MOE_LATER, "moe")
-
-
-def _job_spec_from(value: object) -> JobSpec:
-    doc = _mapping(value, "", _TOP_KEYS, _REQUIRED_TOP_KEYS)
-    # Checked in the order a reader meets them, so the first error is the topmost one.
-    name = _check_str(doc["name"], "name")
-    model = _model_from(doc["model"])
-    data = _data_from(doc["data"])
-    optimizer = _optimizer_from(doc["optimizer"]) if "optimizer" in doc else OptimizerConfig()
-    parallel = _parallel_from(doc["parallel"]) if "parallel" in doc else ParallelSpec()
-    if "checkpoint" in doc:
-        section = _mapping(doc["checkpoint"], "checkpoint", ("every",))
-        checkpoint = CheckpointSpec(**section)
-    else:
-        checkpoint = CheckpointSpec()
-    compression = (
-        _compression_from(doc["compression"]) if "compression" in doc else CompressionSpec()
-    )
-    if "sync" in doc:
-        _check_sync(doc["sync"])
-    if "moe" in doc:
-        _check_moe(doc["moe"])
-    return JobSpec(
-        name=name,
-        model=model,
-        data=data,
-        optimizer=optimizer,
-        steps=doc["steps"],
-        parallel=parallel,
-        checkpoint=checkpoint,
-        seed=doc.get("seed", 0),
-        compression=compression,
-    )
 
 
 # -- YAML --------------------------------------------------------------------------------
@@ -617,7 +669,7 @@ def parse_job_spec(text: str) -> JobSpec:
         raise JobSpecError(f"{ROOT}: invalid YAML: {e}") from None
     if doc is None:
         raise JobSpecError(f"{ROOT}: the document is empty")
-    return _job_spec_from(doc)
+    return JobSpec.from_dict(doc)
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
@@ -635,6 +687,7 @@ __all__ = [
     "MAX_STEPS",
     "PLANNERS",
     "CheckpointSpec",
+    "CompressionSpec",
     "JobSpec",
     "JobSpecError",
     "ModelSpec",
