@@ -19,10 +19,10 @@ import grpc
 from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
+from coordinator.serde import add_coordinator_servicer
 from coordinator.service import CoordinatorService
 from coordinator.store import open_store
 from coordinator.worker_client import WorkerClient
-from proto import coordinator_pb2_grpc
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 
 log = logging.getLogger("archipelago.coordinator")
@@ -60,14 +60,13 @@ async def serve(cfg: CoordinatorConfig) -> int:
     registry = Registry(timeout_s=cfg.worker_timeout_s)
     workers = WorkerClient(token=cfg.token, tls=cfg.tls)
     links = LinkProber(registry, workers, store, cfg.probes)
-    manager = JobManager(
-        store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links
-    )
+    manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links)
     await manager.restore()
     await links.load()
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+    add_coordinator_servicer(
+        server,
         CoordinatorService(
             manager,
             registry,
@@ -75,7 +74,6 @@ async def serve(cfg: CoordinatorConfig) -> int:
             heartbeat_s=cfg.heartbeat_s,
             worker_networks=networks,
         ),
-        server,
     )
     address = f"{cfg.host}:{cfg.port}"
     credentials = cfg.tls.server_credentials() if cfg.tls else None

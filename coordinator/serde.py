@@ -1,27 +1,50 @@
 """The coordinator's serialisation boundary: its dataclasses to protobuf messages and back.
 
-Only this module (and the thin servicer that calls it) sees coordinator-side generated
-classes.
+The only coordinator module that touches generated classes. The servicer
+(`coordinator.service`) annotates with the message names exported here and calls these to
+decode its requests and encode its replies; the worker client (`coordinator.worker_client`)
+builds what it sends a worker and reads the answers here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
+from coordinator.checkpoint_upload import CheckpointUpload
 from coordinator.handover import StageHandover
 from coordinator.registry import Registry, WorkerState
+from coordinator.worker_admission import Registration
 from opdag import graph_serde
-from proto import coordinator_pb2, worker_pb2
+from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import header_of
 
 if TYPE_CHECKING:
     from coordinator.jobs import Job, PlanReport, Progress
 
 
-def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
-    """What a worker needs to build and run one stage."""
+# -- what the coordinator sends workers --------------------------------------------------------
+
+WorkerStub = worker_pb2_grpc.WorkerStub
+LoadStagePart = worker_pb2.LoadStagePart
+
+
+def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
+    """Calls of the worker API over `channel`."""
+    return WorkerStub(channel)
+
+
+def stage_assignment_pb(
+    handover: StageHandover | None = None, /, **fields: Any
+) -> worker_pb2.StageAssignment:
+    """What a worker needs to build and run one stage: a `StageHandover`, or its fields
+    given by name."""
+    h = handover if handover is not None else StageHandover(**fields)
     spec, plan, stage, routes = h.spec, h.plan, h.stage, h.routes
     job_id, epoch, fingerprint, start_step, secret, tensors = (
         h.job_id,
@@ -79,7 +102,151 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
     )
 
 
-def progress_from_pb(r: coordinator_pb2.ProgressReport) -> Progress:
+def load_stage_parts(h: StageHandover) -> AsyncIterator[LoadStagePart]:
+    """The LoadStage stream: the assignment (built now, so a bad one fails before the call),
+    then the stage's tensors in chunks."""
+    assignment = stage_assignment_pb(h)
+    return stream_parts(LoadStagePart, "assignment", assignment, [t for _, t in h.tensors])
+
+
+def job_control_pb(
+    job_id: str, epoch: int, *, drain: bool = False, steps_done: int = 0
+) -> worker_pb2.JobControl:
+    return worker_pb2.JobControl(job_id=job_id, epoch=epoch, drain=drain, steps_done=steps_done)
+
+
+def measure_link_pb(
+    target_id: str, target_address: str, *, max_bytes: int, target_seconds: float
+) -> worker_pb2.MeasureLinksRequest:
+    """Ask a worker to measure its link to one other."""
+    return worker_pb2.MeasureLinksRequest(
+        targets=[worker_pb2.LinkTarget(worker_id=target_id, address=target_address)],
+        max_bytes=max_bytes,
+        target_seconds=target_seconds,
+    )
+
+
+@dataclass(frozen=True)
+class MeasuredLink:
+    """A worker's answer for one link: the target, bytes/s, round trip, or why it failed."""
+
+    worker_id: str
+    bandwidth: float
+    rtt_s: float
+    error: str
+
+
+def measured_links_from_pb(reply: worker_pb2.MeasureLinksReply) -> list[MeasuredLink]:
+    return [MeasuredLink(m.worker_id, m.bandwidth, m.rtt_s, m.error) for m in reply.links]
+
+
+# -- the coordinator's servicer: the requests it decodes and the replies it encodes -----------
+
+CoordinatorServicerBase = coordinator_pb2_grpc.CoordinatorServicer
+RegisterRequest = coordinator_pb2.RegisterRequest
+RegisterReply = coordinator_pb2.RegisterReply
+HeartbeatRequest = coordinator_pb2.HeartbeatRequest
+HeartbeatReply = coordinator_pb2.HeartbeatReply
+LeaveRequest = coordinator_pb2.LeaveRequest
+Empty = coordinator_pb2.Empty
+ProgressReport = coordinator_pb2.ProgressReport
+CheckpointPart = coordinator_pb2.CheckpointPart
+SubmitJobRequest = coordinator_pb2.SubmitJobRequest
+JobRequest = coordinator_pb2.JobRequest
+JobInfo = coordinator_pb2.JobInfo
+ListJobsRequest = coordinator_pb2.ListJobsRequest
+JobList = coordinator_pb2.JobList
+ListWorkersRequest = coordinator_pb2.ListWorkersRequest
+WorkerList = coordinator_pb2.WorkerList
+ListLinksRequest = coordinator_pb2.ListLinksRequest
+LinkList = coordinator_pb2.LinkList
+PlanInfo = coordinator_pb2.PlanInfo
+
+
+def add_coordinator_servicer(server: grpc.aio.Server, servicer: CoordinatorServicerBase) -> None:
+    """Serve the coordinator API from `servicer` on `server`."""
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+
+
+def registration_from_pb(r: RegisterRequest) -> Registration:
+    res = r.resources
+    return Registration(
+        name=r.name,
+        address=r.address,
+        gflops=res.gflops,
+        memory_bytes=res.memory_bytes,
+        device=res.device,
+        threads=res.threads,
+        worker_id=r.worker_id,
+    )
+
+
+def register_reply_pb(w: WorkerState, heartbeat_s: float) -> RegisterReply:
+    return RegisterReply(worker_id=w.worker_id, heartbeat_interval_s=heartbeat_s)
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat: the worker, and what it says it is doing (job id, epoch, step and its
+    stage's state)."""
+
+    worker_id: str
+    reported: tuple[str, int, int, str]
+
+
+def heartbeat_from_pb(r: HeartbeatRequest) -> Beat:
+    return Beat(r.worker_id, (r.job_id, r.epoch, r.step, r.state))
+
+
+def heartbeat_reply_pb(stop_jobs: Sequence[str] | None) -> HeartbeatReply:
+    """The answer to a heartbeat: the jobs to drop, or None for a worker no longer known."""
+    if stop_jobs is None:
+        return HeartbeatReply(known=False)
+    return HeartbeatReply(known=True, stop_jobs=stop_jobs)
+
+
+def leaving_worker_id(r: LeaveRequest) -> str:
+    return r.worker_id
+
+
+def empty_pb() -> Empty:
+    return Empty()
+
+
+async def open_checkpoint(
+    parts: AsyncIterator[CheckpointPart],
+) -> tuple[CheckpointUpload, IncomingTensors]:
+    """An UploadCheckpoint stream's header, and its tensors still to come (StreamError for
+    a stream that does not start with it)."""
+    h, incoming = await open_stream(parts, "header")
+    upload = CheckpointUpload(
+        worker_id=h.worker_id,
+        job_id=h.job_id,
+        epoch=h.epoch,
+        stage=h.stage,
+        num_stages=h.num_stages,
+        step=h.step,
+    )
+    return upload, incoming
+
+
+def spec_yaml_from_pb(r: SubmitJobRequest) -> str:
+    return r.spec_yaml
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Which job a user asks about, and whether with its step metrics."""
+
+    job_id: str
+    with_metrics: bool = False
+
+
+def job_query_from_pb(r: JobRequest) -> JobQuery:
+    return JobQuery(r.job_id, r.with_metrics)
+
+
+def progress_from_pb(r: ProgressReport) -> Progress:
     from coordinator.jobs import Progress
 
     return Progress(
@@ -141,6 +308,14 @@ def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordina
                 epoch=m.get("epoch", 0),
             )
     return info
+
+
+def job_list_pb(jobs: Sequence[Job]) -> JobList:
+    return JobList(jobs=[job_info_pb(j) for j in jobs])
+
+
+def worker_list_pb(workers: Sequence[WorkerState]) -> WorkerList:
+    return WorkerList(workers=[worker_info_pb(w) for w in workers])
 
 
 def worker_info_pb(w: WorkerState) -> coordinator_pb2.WorkerInfo:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 
 import grpc
 
 from coordinator.handover import StageHandover
-from coordinator.serde import stage_assignment_pb
-from proto import worker_pb2, worker_pb2_grpc
+from coordinator.serde import (
+    WorkerStub,
+    job_control_pb,
+    load_stage_parts,
+    measure_link_pb,
+    measured_links_from_pb,
+    worker_stub,
+)
 from proto.rpc import TlsConfig, open_channel, token_metadata
-from proto.tensor_stream import iter_chunks
 
 log = logging.getLogger("archipelago.coordinator")
 
@@ -34,12 +38,12 @@ class WorkerClient:
         self.call_timeout_s = call_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+    def _stub(self, address: str) -> WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
             channel = open_channel(address, self.tls)
             self._channels[address] = channel
-        return worker_pb2_grpc.WorkerStub(channel)
+        return worker_stub(channel)
 
     def _error(self, worker_id: str, what: str, e: grpc.aio.AioRpcError) -> WorkerCallError:
         unreachable = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -53,27 +57,20 @@ class WorkerClient:
         address: str,
         handover: StageHandover,
     ) -> None:
-        assignment = stage_assignment_pb(handover)
-        tensors = [t for _, t in handover.tensors]
-
-        async def parts() -> AsyncIterator[worker_pb2.LoadStagePart]:
-            yield worker_pb2.LoadStagePart(assignment=assignment)
-            for chunk in iter_chunks(tensors):
-                yield worker_pb2.LoadStagePart(chunk=chunk)
-
+        parts = load_stage_parts(handover)
         try:
             await self._stub(address).LoadStage(
-                parts(), metadata=token_metadata(self.token), timeout=10 * self.call_timeout_s
+                parts, metadata=token_metadata(self.token), timeout=10 * self.call_timeout_s
             )
         except grpc.aio.AioRpcError as e:
             raise self._error(
-                worker_id, f"loading stage {assignment.stage} on {address}", e
+                worker_id, f"loading stage {handover.stage.index} on {address}", e
             ) from None
 
     async def start(self, worker_id: str, address: str, job_id: str, epoch: int) -> None:
         try:
             await self._stub(address).StartJob(
-                worker_pb2.JobControl(job_id=job_id, epoch=epoch),
+                job_control_pb(job_id, epoch),
                 metadata=token_metadata(self.token),
                 timeout=self.call_timeout_s,
             )
@@ -86,9 +83,7 @@ class WorkerClient:
         """Ask a worker to stop (or drain) a job; best effort, False if it did not answer."""
         try:
             await self._stub(address).StopJob(
-                worker_pb2.JobControl(
-                    job_id=job_id, epoch=epoch, drain=drain, steps_done=steps_done
-                ),
+                job_control_pb(job_id, epoch, drain=drain, steps_done=steps_done),
                 metadata=token_metadata(self.token),
                 timeout=5,
             )
@@ -107,10 +102,8 @@ class WorkerClient:
         target_seconds: float,
     ) -> tuple[float, float, str]:
         """Ask a worker to measure its link to another: (bytes/s, rtt s, error or "")."""
-        request = worker_pb2.MeasureLinksRequest(
-            targets=[worker_pb2.LinkTarget(worker_id=target_id, address=target_address)],
-            max_bytes=max_bytes,
-            target_seconds=target_seconds,
+        request = measure_link_pb(
+            target_id, target_address, max_bytes=max_bytes, target_seconds=target_seconds
         )
         try:
             reply = await self._stub(address).MeasureLinks(
@@ -118,9 +111,10 @@ class WorkerClient:
             )
         except grpc.aio.AioRpcError as e:
             raise self._error(worker_id, f"measuring links from {address}", e) from None
-        if len(reply.links) != 1 or reply.links[0].worker_id != target_id:
+        links = measured_links_from_pb(reply)
+        if len(links) != 1 or links[0].worker_id != target_id:
             return 0.0, 0.0, "the worker answered for other links than asked"
-        fig = reply.links[0]
+        fig = links[0]
         if fig.error:
             return 0.0, 0.0, fig.error
         if not (0 < fig.bandwidth < 1e13 and 0 <= fig.rtt_s < 60):

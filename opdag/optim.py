@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from opdag.errors import OpDagError
+from opdag.ir import Graph
 
 OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "adam", "sgd")
 
@@ -125,6 +126,13 @@ def optimizer_state_tensors(
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{OPTIM_PREFIX}{name}/{key}"] = torch.tensor(float(value), dtype=torch.float64)
     return out
+
+
+def max_state_bytes(graph: Graph) -> int:
+    """The most bytes of tensors a stage's state may bring on the wire (a stage handed to
+    a worker, a checkpoint uploaded): its parameters and buffers, at most two optimizer
+    tensors per parameter (adam's moments), and 1 MiB of slack (their scalar step counts)."""
+    return 3 * sum(p.nbytes for p in graph.params) + (1 << 20)
 
 
 def optimizer_param_name(tensor_name: str) -> str | None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -53,6 +53,8 @@ def address_in_networks(address: str, networks: Sequence[Network]) -> bool:
     except ValueError:
         return False
     return any(ip in net for net in networks if net.version == ip.version)
+
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -141,3 +143,10 @@ async def require_token(context: grpc.aio.ServicerContext, token: str) -> None:
     """Abort the call with UNAUTHENTICATED unless it carries the join token."""
     if not token_matches(context.invocation_metadata(), token):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong join token")
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with `code` and `message`, cut to MAX_DETAILS_CHARS so the refusal
+    itself reaches the caller."""
+    await context.abort(code, message[:MAX_DETAILS_CHARS])
+    raise AssertionError("abort returns only by raising")

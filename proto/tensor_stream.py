@@ -7,7 +7,8 @@ before it reads a byte, refuses a stream that brings more or fewer bytes than de
 and writes each chunk straight into the tensor it belongs to. Nothing is unpickled.
 
 Used by the worker (stages, peer transfers, checkpoints) and the coordinator (stages it
-sends, checkpoints it receives); it touches generated protobuf classes, as a codec may.
+sends, checkpoints it receives). Part of the wire: it touches generated protobuf classes and
+imports nothing of ours outside `proto`; every refusal is a `WireError`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from opdag.errors import CodecError
-from opdag.ir import DTYPES, dtype_name, dtype_of
-from opdag.values import Value
 from proto import tensor_pb2
+from proto.dtypes import DTYPE_NAMES, DTYPES
+from proto.errors import WireError
 
 # 1 MiB chunks stay well inside gRPC's message limit (set explicitly by the servers).
 CHUNK_BYTES = 1 << 20
@@ -63,13 +64,34 @@ class EncodedTensor:
 
 
 Wire = torch.Tensor | EncodedTensor
+# What a named value may be: a tensor, a Python scalar, None, a dtype, a device, or a tuple or
+# list of values. Kept open (Any) so callers pass their own values without casts.
+Value = Any
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The stable name of a dtype the wire carries."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise WireError(
+            f"dtype {dtype} is not supported (supported: {', '.join(DTYPES)})"
+        ) from None
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a stable dtype name."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise WireError(f"unknown dtype {name!r} (supported: {', '.join(DTYPES)})") from None
 
 
 def header_of(name: str, t: Wire) -> tensor_pb2.TensorHeader:
     if isinstance(t, EncodedTensor):
         return tensor_pb2.TensorHeader(
             name=name,
-            dtype=dtype_name(t.dtype),
+            dtype=_dtype_name(t.dtype),
             shape=t.shape,
             encoding="compressed",
             nbytes=t.nbytes,
@@ -84,7 +106,7 @@ def header_of(name: str, t: Wire) -> tensor_pb2.TensorHeader:
         )
     return tensor_pb2.TensorHeader(
         name=name,
-        dtype=dtype_name(t.dtype),
+        dtype=_dtype_name(t.dtype),
         shape=tuple(t.shape),
         encoding="raw",
         nbytes=t.numel() * t.element_size(),
@@ -99,34 +121,34 @@ def check_header(
     when it decodes them; here only that its parts add up)."""
     what = f"tensor {h.name!r}"
     if h.dtype not in DTYPES:
-        raise CodecError(f"{what}: unknown dtype {h.dtype!r} (supported: {', '.join(DTYPES)})")
+        raise WireError(f"{what}: unknown dtype {h.dtype!r} (supported: {', '.join(DTYPES)})")
     if compressed and h.encoding == "compressed":
         if len(h.shape) > MAX_DIMS or any(d < 0 for d in h.shape):
-            raise CodecError(f"{what}: invalid shape {list(h.shape)}")
-        if math.prod(max(d, 1) for d in h.shape) * dtype_of(h.dtype).itemsize >= 1 << 63:
-            raise CodecError(f"{what}: invalid shape {list(h.shape)} (too large)")
+            raise WireError(f"{what}: invalid shape {list(h.shape)}")
+        if math.prod(max(d, 1) for d in h.shape) * _dtype_of(h.dtype).itemsize >= 1 << 63:
+            raise WireError(f"{what}: invalid shape {list(h.shape)} (too large)")
         c = h.compressed
         parts = c.values_bytes + c.indices_bytes + c.scales_bytes
         if not h.HasField("compressed") or parts != h.nbytes:
-            raise CodecError(
+            raise WireError(
                 f"{what}: a compressed tensor's layout must account for its {h.nbytes} bytes "
                 f"(values {c.values_bytes} + indices {c.indices_bytes} + scales "
                 f"{c.scales_bytes})"
             )
-        return dtype_of(h.dtype), tuple(h.shape)
+        return _dtype_of(h.dtype), tuple(h.shape)
     if h.encoding != "raw":
         allowed = "'raw' or 'compressed'" if compressed else "'raw'"
-        raise CodecError(f"{what}: unknown encoding {h.encoding!r} (expected {allowed})")
+        raise WireError(f"{what}: unknown encoding {h.encoding!r} (expected {allowed})")
     if len(h.shape) > MAX_DIMS or any(d < 0 for d in h.shape):
-        raise CodecError(f"{what}: invalid shape {list(h.shape)}")
-    dtype = dtype_of(h.dtype)
+        raise WireError(f"{what}: invalid shape {list(h.shape)}")
+    dtype = _dtype_of(h.dtype)
     # A tensor with no elements may still name huge dimensions; torch refuses (RuntimeError)
     # any shape whose strides do not fit in int64.
     if math.prod(max(d, 1) for d in h.shape) * dtype.itemsize >= 1 << 63:
-        raise CodecError(f"{what}: invalid shape {list(h.shape)} (too large)")
+        raise WireError(f"{what}: invalid shape {list(h.shape)} (too large)")
     expected = math.prod(h.shape) * dtype.itemsize
     if h.nbytes != expected:
-        raise CodecError(
+        raise WireError(
             f"{what}: {h.dtype}{list(h.shape)} is {expected} bytes, the header says {h.nbytes}"
         )
     return dtype, tuple(h.shape)
@@ -167,7 +189,7 @@ class TensorAssembler:
         """`compressed`: the stream may hold compressed tensors (peer transfers only);
         `finish` returns them as `EncodedTensor`s for the caller to decode."""
         if len(headers) > MAX_TENSORS:
-            raise CodecError(f"{len(headers)} tensors in one stream (at most {MAX_TENSORS})")
+            raise WireError(f"{len(headers)} tensors in one stream (at most {MAX_TENSORS})")
         self._names: list[str] = []
         self._targets: list[Wire] = []
         self._flat: list[torch.Tensor] = []
@@ -176,7 +198,7 @@ class TensorAssembler:
             dtype, shape = check_header(h, compressed=compressed)
             total += h.nbytes
             if total > max_bytes:
-                raise CodecError(f"the stream declares over {max_bytes} bytes of tensors")
+                raise WireError(f"the stream declares over {max_bytes} bytes of tensors")
             self._names.append(h.name)
             if h.encoding == "compressed":
                 data = torch.empty(h.nbytes, dtype=torch.uint8)
@@ -205,7 +227,7 @@ class TensorAssembler:
     def feed(self, chunk: bytes) -> None:
         """Copy one chunk into the tensors it covers."""
         if self.received + len(chunk) > self.total:
-            raise CodecError(
+            raise WireError(
                 f"the stream brings more than the {self.total} bytes its headers declare"
             )
         if not chunk:
@@ -230,7 +252,7 @@ class TensorAssembler:
         """The tensors (compressed ones as `EncodedTensor`s), once every declared byte has
         arrived."""
         if self.received != self.total:
-            raise CodecError(
+            raise WireError(
                 f"the stream ended after {self.received} of the {self.total} bytes declared"
             )
         return list(zip(self._names, self._targets, strict=True))
@@ -240,7 +262,7 @@ class TensorAssembler:
         out = []
         for name, t in self.finish_wire():
             if isinstance(t, EncodedTensor):
-                raise CodecError(f"tensor {name!r}: a compressed tensor cannot be read here")
+                raise WireError(f"tensor {name!r}: a compressed tensor cannot be read here")
             out.append((name, t))
         return out
 
@@ -256,7 +278,7 @@ def encode_values(
 
     def encode(name: str, v: Value | EncodedTensor, out: tensor_pb2.WireValue, depth: int) -> None:
         if depth > MAX_DEPTH:
-            raise CodecError(f"value {name!r} nests deeper than {MAX_DEPTH} levels")
+            raise WireError(f"value {name!r} nests deeper than {MAX_DEPTH} levels")
         if isinstance(v, torch.Tensor | EncodedTensor):
             out.tensor = len(tensors)
             tensors.append((f"{name}.{len(tensors)}", v))
@@ -269,7 +291,7 @@ def encode_values(
         elif v is None:
             out.none = True
         elif isinstance(v, torch.dtype):
-            out.dtype = dtype_name(v)
+            out.dtype = _dtype_name(v)
         elif isinstance(v, torch.device):
             out.device = True
         elif isinstance(v, (tuple, list)):
@@ -278,7 +300,7 @@ def encode_values(
             for item in v:
                 encode(name, item, items.items.add(), depth + 1)
         else:
-            raise CodecError(f"value {name!r}: a {type(v).__name__} cannot cross between stages")
+            raise WireError(f"value {name!r}: a {type(v).__name__} cannot cross between stages")
 
     named = []
     for name, value in values.items():
@@ -300,11 +322,11 @@ def decode_values(
 
     def decode(name: str, pb: tensor_pb2.WireValue, depth: int) -> Value:
         if depth > MAX_DEPTH:
-            raise CodecError(f"value {name!r} nests deeper than {MAX_DEPTH} levels")
+            raise WireError(f"value {name!r} nests deeper than {MAX_DEPTH} levels")
         kind = pb.WhichOneof("kind")
         if kind == "tensor":
             if pb.tensor >= len(tensors) or pb.tensor in used:
-                raise CodecError(
+                raise WireError(
                     f"value {name!r} refers to tensor {pb.tensor}, which is "
                     f"{'used twice' if pb.tensor in used else 'not in the stream'}"
                 )
@@ -321,21 +343,21 @@ def decode_values(
             return None
         if kind == "dtype":
             try:
-                return dtype_of(pb.dtype)
-            except Exception as e:
-                raise CodecError(f"value {name!r}: {e}") from None
+                return _dtype_of(pb.dtype)
+            except WireError as e:
+                raise WireError(f"value {name!r}: {e}") from None
         if kind == "device":
             return device
         if kind in ("tuple_value", "list_value"):
             items = [decode(name, item, depth + 1) for item in getattr(pb, kind).items]
             return items if kind == "list_value" else tuple(items)
-        raise CodecError(f"value {name!r} is empty")
+        raise WireError(f"value {name!r} is empty")
 
     out: dict[str, Value] = {}
     for nv in named:
         if nv.name in out:
-            raise CodecError(f"value {nv.name!r} appears twice")
+            raise WireError(f"value {nv.name!r} appears twice")
         out[nv.name] = decode(nv.name, nv.value, 0)
     if len(used) != len(tensors):
-        raise CodecError(f"{len(tensors) - len(used)} tensors of the stream belong to no value")
+        raise WireError(f"{len(tensors) - len(used)} tensors of the stream belong to no value")
     return out

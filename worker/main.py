@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from proto import worker_pb2_grpc
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.node import WorkerNode
 from worker.resources import measure_resources
+from worker.serde import add_worker_servicer
 from worker.service import WorkerService
 
 log = logging.getLogger("archipelago.worker")
@@ -68,14 +68,14 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
         token=cfg.token, tls=cfg.tls, reporter=link, device=torch.device(resources.device)
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    worker_pb2_grpc.add_WorkerServicer_to_server(
+    add_worker_servicer(
+        server,
         WorkerService(
             node,
             worker_id=lambda: link.worker_id,
             name=name,
             probe_networks=parse_networks(cfg.probe_networks, "--probe-networks"),
         ),
-        server,
     )
     credentials = cfg.tls.server_credentials() if cfg.tls else None
     if credentials is not None:

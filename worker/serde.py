@@ -7,7 +7,7 @@ in range, and data and optimizer settings pass their own validation.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,11 +20,16 @@ from opdag.errors import CodecError, OpDagError
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from proto import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from proto.rpc import MAX_DETAILS_CHARS
+from proto.streams import IncomingTensors, open_stream
 from proto.tensor_stream import encode_values, header_of, iter_chunks
 from worker.edge_compression import EdgeCodec
+from worker.link_probe import LinkFigure
+from worker.link_requests import LinkRequest, LinkTarget
 from worker.resources import Resources
 
 if TYPE_CHECKING:
+    from worker.node import NodeStatus
     from worker.stage_job import StepReport
 
 
@@ -51,7 +56,6 @@ class StagePlan:
     total_steps: int
     checkpoint_every: int
     job_secret: str
-    tensors: tuple[tensor_pb2.TensorHeader, ...]
     # dst stage -> how what this stage sends there is compressed
     codecs: Mapping[int, EdgeCodec] = field(default_factory=dict)
 
@@ -176,14 +180,14 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         total_steps=a.total_steps,
         checkpoint_every=a.checkpoint_every,
         job_secret=a.job_secret,
-        tensors=tuple(a.tensors),
         codecs=codecs,
     )
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """The header of one peer-to-peer transfer (values for one micro-batch)."""
+    """The header of one peer-to-peer transfer (values for one micro-batch); the values
+    themselves follow on the stream (`proto.streams.IncomingTensors`)."""
 
     job_id: str
     epoch: int
@@ -191,8 +195,6 @@ class Transfer:
     step: int
     micro_batch: int
     src_stage: int
-    values: tuple[tensor_pb2.NamedValue, ...]
-    tensors: tuple[tensor_pb2.TensorHeader, ...]
 
 
 def transfer_from_pb(h: worker_pb2.TransferHeader) -> Transfer:
@@ -203,8 +205,6 @@ def transfer_from_pb(h: worker_pb2.TransferHeader) -> Transfer:
         step=h.step,
         micro_batch=h.micro_batch,
         src_stage=h.src_stage,
-        values=tuple(h.values),
-        tensors=tuple(h.tensors),
     )
 
 
@@ -229,6 +229,104 @@ def transfer_header_pb(
         values=values,
         tensors=tensors,
     )
+
+
+# -- the worker's servicer: the requests it decodes and the replies it encodes --------------
+
+WorkerServicerBase = worker_pb2_grpc.WorkerServicer
+LoadStagePart = worker_pb2.LoadStagePart
+LoadStageReply = worker_pb2.LoadStageReply
+JobControlRequest = worker_pb2.JobControl
+TransferPart = worker_pb2.TransferPart
+Ack = worker_pb2.Ack
+StatusRequest = worker_pb2.StatusRequest
+WorkerStatus = worker_pb2.WorkerStatus
+ProbeRequest = worker_pb2.ProbeRequest
+ProbeReply = worker_pb2.ProbeReply
+MeasureLinksRequest = worker_pb2.MeasureLinksRequest
+MeasureLinksReply = worker_pb2.MeasureLinksReply
+
+
+def add_worker_servicer(server: grpc.aio.Server, servicer: WorkerServicerBase) -> None:
+    """Serve the worker API from `servicer` on `server`."""
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+
+
+async def open_stage(parts: AsyncIterator[LoadStagePart]) -> tuple[StagePlan, IncomingTensors]:
+    """A LoadStage stream's assignment, decoded and checked, and its tensors still to come
+    (StreamError for a stream that does not start with it; CodecError for a bad one)."""
+    assignment, incoming = await open_stream(parts, "assignment")
+    return stage_plan_from_pb(assignment), incoming
+
+
+async def open_transfer(parts: AsyncIterator[TransferPart]) -> tuple[Transfer, IncomingTensors]:
+    """An Activations or Gradients stream's header, and its values still to come."""
+    header, incoming = await open_stream(parts, "header")
+    return transfer_from_pb(header), incoming
+
+
+@dataclass(frozen=True)
+class JobControl:
+    """Start, stop or drain a job the worker holds."""
+
+    job_id: str
+    epoch: int
+    drain: bool
+    steps_done: int
+
+
+def job_control_from_pb(r: JobControlRequest) -> JobControl:
+    return JobControl(job_id=r.job_id, epoch=r.epoch, drain=r.drain, steps_done=r.steps_done)
+
+
+def load_stage_reply_pb(plan: StagePlan) -> LoadStageReply:
+    return LoadStageReply(job_id=plan.job_id, epoch=plan.epoch, stage=plan.stage)
+
+
+def ack_pb(message: str = "") -> Ack:
+    return Ack(message=message)
+
+
+def worker_status_pb(worker_id: str, name: str, s: NodeStatus) -> WorkerStatus:
+    return WorkerStatus(
+        worker_id=worker_id,
+        name=name,
+        job_id=s.job_id,
+        epoch=s.epoch,
+        stage=s.stage,
+        step=s.step,
+        state=s.state,
+    )
+
+
+def probe_reply_bytes(r: ProbeRequest) -> int:
+    """How many bytes a probe asks to have sent back."""
+    return r.reply_bytes
+
+
+def probe_reply_pb(nbytes: int) -> ProbeReply:
+    return ProbeReply(payload=bytes(nbytes))
+
+
+def link_request_from_pb(r: MeasureLinksRequest) -> LinkRequest:
+    return LinkRequest(
+        targets=tuple(LinkTarget(t.worker_id, t.address) for t in r.targets),
+        max_bytes=r.max_bytes,
+        target_seconds=r.target_seconds,
+    )
+
+
+def link_figures_pb(figures: Sequence[LinkFigure]) -> MeasureLinksReply:
+    reply = MeasureLinksReply()
+    for fig in figures:
+        reply.links.add(
+            worker_id=fig.worker_id,
+            bandwidth=fig.bandwidth,
+            rtt_s=fig.rtt_s,
+            bytes=fig.nbytes,
+            error=fig.error[:MAX_DETAILS_CHARS],
+        )
+    return reply
 
 
 # -- what the worker sends: to the coordinator, to peer stages, to probed links ---------------

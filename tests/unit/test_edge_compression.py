@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdag.errors import CodecError
 from opdag.ir import tensor_meta
 from opdag.values import Value
+from proto.errors import WireError as CodecError  # the stream refuses with it; opdag's is one
 from proto.tensor_stream import (
     EncodedTensor,
     TensorAssembler,

@@ -1,0 +1,82 @@
+"""Admitting a worker that registers: what its registration must say, where it may be, and
+its entry in the registry.
+
+Plain code over the registry and the job manager (the servicer decodes the request and
+encodes the reply), so a registration's checks run without a network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from coordinator.registry import Registry, WorkerState
+from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
+
+if TYPE_CHECKING:  # the job manager's modules import the serde that imports this
+    from coordinator.jobs import JobManager
+
+log = logging.getLogger("archipelago.coordinator")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a worker says about itself when it joins (`worker_id` set when it comes back
+    after a coordinator restart)."""
+
+    name: str
+    address: str
+    gflops: float
+    memory_bytes: int
+    device: str
+    threads: int
+    worker_id: str = ""
+
+
+def check_registration(r: Registration, networks: Sequence[Network]) -> None:
+    """Refuse a registration: ValueError for a malformed one, PermissionError for an
+    address outside `networks` (the --worker-networks; none: any). The coordinator calls
+    every worker it admits, so an address is checked before it is ever used."""
+    if not 0 < len(r.name) <= 100 or not r.name.isprintable():
+        raise ValueError("worker name must be 1-100 printable characters")
+    if not ADDRESS_PATTERN.match(r.address):
+        raise ValueError(f"worker address {r.address[:80]!r} is not HOST:PORT")
+    if not address_in_networks(r.address, networks):
+        raise PermissionError(
+            f"worker address {r.address[:80]!r} is outside the networks this "
+            "coordinator accepts workers from (--worker-networks)"
+        )
+    if not 0 <= r.gflops < 1e9 or len(r.device) > 32:
+        raise ValueError("implausible worker resources")
+
+
+class WorkerAdmission:
+    """Checks registrations and enters the workers that pass into the registry (stored
+    before the worker hears it is in)."""
+
+    def __init__(
+        self, registry: Registry, manager: JobManager, networks: Sequence[Network] = ()
+    ) -> None:
+        self.registry = registry
+        self.manager = manager
+        self.networks = tuple(networks)
+
+    async def admit(self, r: Registration) -> WorkerState:
+        """The registered worker; ValueError or PermissionError as `check_registration`."""
+        check_registration(r, self.networks)
+        w = self.registry.register(
+            name=r.name,
+            address=r.address,
+            gflops=r.gflops,
+            memory_bytes=r.memory_bytes,
+            device=r.device or "cpu",
+            threads=r.threads,
+            worker_id=r.worker_id[:64],
+        )
+        await self.manager.save_workers([w])
+        log.info(
+            "worker %s (%s) at %s joined: %.1f GFLOP/s", w.name, w.worker_id, w.address, w.gflops
+        )
+        return w

@@ -1,0 +1,74 @@
+"""The coordinator's requests to measure links from this worker: what one may ask, and the
+measurements that answer it.
+
+Plain data and functions of it (the servicer decodes the request and encodes the answer),
+so a request's checks run without a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proto.rpc import ADDRESS_PATTERN, Network, TlsConfig, address_in_networks
+from worker.link_probe import LinkFigure, check_request, measure_link
+
+# Links one request may ask for (each is measured in turn).
+MAX_LINK_TARGETS = 64
+
+
+@dataclass(frozen=True)
+class LinkTarget:
+    """A worker to measure the link to, by id and address."""
+
+    worker_id: str
+    address: str
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    """Which links to measure, and how hard to probe each."""
+
+    targets: tuple[LinkTarget, ...]
+    max_bytes: int
+    target_seconds: float
+
+
+def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> None:
+    """Refuse a request this worker will not carry out: ValueError for a malformed one,
+    PermissionError for a target outside `networks` (the --probe-networks; none: any).
+    Checked in order, so the first problem is the one named."""
+    check_request(request.max_bytes, request.target_seconds)
+    if len(request.targets) > MAX_LINK_TARGETS:
+        raise ValueError(f"at most {MAX_LINK_TARGETS} links may be measured in one call")
+    for t in request.targets:
+        if not 0 < len(t.worker_id) <= 100 or not ADDRESS_PATTERN.match(t.address):
+            raise ValueError(
+                f"link target {t.worker_id[:40]!r} at {t.address[:80]!r} is not a worker "
+                "id and HOST:PORT"
+            )
+        if not address_in_networks(t.address, networks):
+            raise PermissionError(
+                f"link target {t.address[:80]!r} is outside the networks this worker "
+                "probes (--probe-networks)"
+            )
+
+
+async def measure_links(
+    request: LinkRequest, *, token: str, tls: TlsConfig | None
+) -> list[LinkFigure]:
+    """Each requested link measured, in the order asked (a failed one says why)."""
+    figures = []
+    # One link at a time: concurrent probes from one host would share its uplink.
+    for t in request.targets:
+        figures.append(
+            await measure_link(
+                t.worker_id,
+                t.address,
+                token=token,
+                tls=tls,
+                max_bytes=request.max_bytes,
+                target_seconds=request.target_seconds,
+            )
+        )
+    return figures
