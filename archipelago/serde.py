@@ -1,0 +1,123 @@
+"""The user's client's serialisation boundary: the requests it sends the coordinator and
+the views it makes of the answers.
+
+The only module of `archipelago` that touches generated classes; `archipelago.client`
+calls these around each call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from archipelago.views import JobView, LinkView, PlanView, StageView, StepView, WorkerView
+from proto import coordinator_pb2, coordinator_pb2_grpc
+
+CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
+
+
+def coordinator_stub(channel: grpc.Channel) -> CoordinatorStub:
+    """The coordinator API over a blocking `channel`."""
+    return CoordinatorStub(channel)
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def submit_request(spec_yaml: str) -> coordinator_pb2.SubmitJobRequest:
+    return coordinator_pb2.SubmitJobRequest(spec_yaml=spec_yaml)
+
+
+def job_request(job_id: str, *, with_metrics: bool = False) -> coordinator_pb2.JobRequest:
+    return coordinator_pb2.JobRequest(job_id=job_id, with_metrics=with_metrics)
+
+
+def list_jobs_request() -> coordinator_pb2.ListJobsRequest:
+    return coordinator_pb2.ListJobsRequest()
+
+
+def list_workers_request() -> coordinator_pb2.ListWorkersRequest:
+    return coordinator_pb2.ListWorkersRequest()
+
+
+def list_links_request() -> coordinator_pb2.ListLinksRequest:
+    return coordinator_pb2.ListLinksRequest()
+
+
+# -- answers, as views -----------------------------------------------------------------------
+
+
+def job_view(pb: coordinator_pb2.JobInfo) -> JobView:
+    return JobView(
+        job_id=pb.job_id,
+        name=pb.name,
+        state=pb.state,
+        steps=pb.steps,
+        steps_done=pb.steps_done,
+        loss=None if math.isnan(pb.loss) else pb.loss,
+        samples_per_s=pb.samples_per_s,
+        eta_s=pb.eta_s,
+        epoch=pb.epoch,
+        last_checkpoint=pb.last_checkpoint,
+        error=pb.error,
+        bytes_per_step=pb.bytes_per_step,
+        batch_size=pb.batch_size,
+        recoveries=pb.recoveries,
+        created_at=pb.created_at,
+        stages=tuple(
+            StageView(s.stage, s.worker_id, s.worker_name, s.address, s.nodes, s.params, s.flops)
+            for s in pb.stages
+        ),
+        metrics=tuple(
+            StepView(m.step, m.loss, m.step_seconds, m.bytes, m.epoch) for m in pb.metrics
+        ),
+    )
+
+
+def job_views(pb: coordinator_pb2.JobList) -> list[JobView]:
+    return [job_view(j) for j in pb.jobs]
+
+
+def worker_views(pb: coordinator_pb2.WorkerList) -> list[WorkerView]:
+    return [
+        WorkerView(
+            w.worker_id,
+            w.name,
+            w.address,
+            w.state,
+            w.job_id,
+            w.resources.gflops,
+            w.resources.memory_bytes,
+            w.resources.device,
+            w.last_seen_s,
+        )
+        for w in pb.workers
+    ]
+
+
+def link_views(pb: coordinator_pb2.LinkList) -> list[LinkView]:
+    return [
+        LinkView(
+            link.src,
+            link.dst,
+            link.src_name,
+            link.dst_name,
+            link.bandwidth,
+            link.rtt_s,
+            link.age_s,
+        )
+        for link in pb.links
+    ]
+
+
+def plan_view(p: coordinator_pb2.PlanInfo) -> PlanView:
+    return PlanView(
+        p.job_id,
+        p.epoch,
+        p.planner,
+        p.text,
+        p.predicted_step_s,
+        p.measured_step_s,
+        p.calibrated_step_s,
+    )
