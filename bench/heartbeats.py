@@ -16,8 +16,14 @@ import time
 from pathlib import Path
 
 from archipelago.localcluster import Cluster
-from proto import coordinator_pb2, coordinator_pb2_grpc
 from proto.rpc import open_channel, token_metadata
+from worker.resources import Resources
+from worker.serde import (
+    coordinator_stub,
+    heartbeat_request_pb,
+    register_request_pb,
+    registration_from_pb,
+)
 
 WORKERS = 500
 INTERVAL_S = 1.0
@@ -29,24 +35,23 @@ async def _beat(
     address: str, token: str, workers: int, seconds: float, interval_s: float
 ) -> list[float]:
     channel = open_channel(address)
-    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    stub = coordinator_stub(channel)
     metadata = token_metadata(token)
     ids = []
     for i in range(workers):
         reply = await stub.Register(
-            coordinator_pb2.RegisterRequest(
+            register_request_pb(
                 name=f"sim-{i}",
                 # Loopback addresses where nothing listens: the coordinator never calls
                 # these workers (link probes are off below), and if it did, the call
                 # would be refused on this machine.
                 address=f"127.0.{i // 250 + 1}.{i % 250 + 1}:9",
-                resources=coordinator_pb2.WorkerResources(
-                    gflops=50.0, memory_bytes=8 << 30, device="cpu", threads=1
-                ),
+                worker_id="",
+                resources=Resources(gflops=50.0, memory_bytes=8 << 30, device="cpu", threads=1),
             ),
             metadata=metadata,
         )
-        ids.append(reply.worker_id)
+        ids.append(registration_from_pb(reply).worker_id)
     latencies: list[float] = []
     end = time.monotonic() + seconds
 
@@ -56,7 +61,7 @@ async def _beat(
         while time.monotonic() < end:
             began = time.perf_counter()
             await stub.Heartbeat(
-                coordinator_pb2.HeartbeatRequest(worker_id=worker_id, state="idle"),
+                heartbeat_request_pb(worker_id=worker_id, job_id="", epoch=0, step=0, state="idle"),
                 metadata=metadata,
                 timeout=10,
             )
