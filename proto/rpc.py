@@ -1,7 +1,8 @@
 """Wire conventions the coordinator, the workers and the command-line client share: how a
-caller proves it knows the join token, message size limits, and TLS channels.
+caller proves it knows the join token, message size limits, TLS channels, and how a
+servicer refuses a call (`abort`).
 
-It imports nothing of the coordinator or the worker, so both may use it.
+Part of the wire: it imports nothing of ours, so every side may use it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The worker's serialisation boundary: protobuf messages to the worker's own dataclasses.
 
+The only worker module that touches generated classes: the servicer (`worker.service`)
+decodes and encodes through it, and the coordinator link, peer sends and link probes build
+and read their messages here.
+
 Everything a worker receives is checked here before anything else sees it: the stage graph
 passes the allow-list (via `opdag.graph_serde`), routes name values that exist, stage numbers are
 in range, and data and optimizer settings pass their own validation.
