@@ -79,12 +79,16 @@ class JobManager:
         return self.table.jobs
 
     def get(self, job_id: str) -> Job:
+        """The job, or JobError when there is none by that id."""
         return self.table.get(job_id)
 
     def current_job(self, job_id: str, epoch: int) -> Job:
+        """The job a worker reports on, if the report is of its current plan; else
+        StaleReport."""
         return self.table.current_job(job_id, epoch)
 
     async def model_of(self, job: Job) -> CapturedModel:
+        """The job's captured model."""
         return await self.table.model_of(job)
 
     async def metrics(self, job_id: str, since_step: int = 0) -> list[dict[str, Any]]:
@@ -104,6 +108,7 @@ class JobManager:
         await self.lifecycle.tick()
 
     async def close(self) -> None:
+        """Cancel the background work (recoveries, stores of the compute model)."""
         await self.lifecycle.close()
 
     # -- what users ask --------------------------------------------------------------------
@@ -139,6 +144,7 @@ class JobManager:
         return captured, source.fingerprint
 
     async def cancel(self, job_id: str) -> Job:
+        """Stop the job's plan; it ends cancelled (an ended job is left as it is)."""
         job = self.get(job_id)
         await self.lifecycle.cancel(job)
         return job
