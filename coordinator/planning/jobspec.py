@@ -14,21 +14,16 @@ the field that caused them.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
 import re
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable
 from dataclasses import InitVar
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, dataclass_transform
+from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     InstanceOf,
     PlainValidator,
@@ -36,20 +31,25 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     ValidationInfo,
-    create_model,
     field_validator,
 )
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from coordinator.planning.spec_errors import (
+    ROOT,
+    Blame,
+    Form,
+    JobSpecError,
+    arguments_of,
+    build_attributed,
+    section,
+    show,
+    spec_dataclass,
+    spec_error,
+)
+from coordinator.planning.spec_yaml import read_spec_yaml
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
-from opdag.errors import OpDagError
 from opdag.optim import OptimizerConfig, OptimizerError
 from opdag.zoo import ZOO_NAMES, ZooError, data_kind, model_config
-
-
-class JobSpecError(OpDagError, ValueError):
-    """A job spec is malformed; the message starts with the dotted path of the bad field."""
-
 
 # Planners a job may ask for: the bandwidth-aware OP-Fence (the default), and `even`
 # (FLOPs-balanced stages in registration order), kept for comparison.
@@ -60,15 +60,12 @@ PLANNERS_LATER: tuple[str, ...] = ()
 
 MAX_NAME_CHARS = 100
 MAX_STEPS = 10_000_000
-# A job spec is a screenful of YAML; refusing huge texts keeps the parser's work bounded.
-MAX_SPEC_CHARS = 100_000
 # Counts travel as uint32 and seeds as uint64 in the worker protocol (proto/worker.proto);
 # a value that does not fit must be refused here, not when a stage is assigned.
 _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-ROOT = "spec"  # the path of errors about the document as a whole
 
 # Policies the design card names for later features. Until a feature exists, its key is
 # accepted only with its "off" value, so a spec written for today keeps meaning the same.
@@ -80,111 +77,6 @@ _MOE_OFF = "auto"
 _MOE_LATER = ("data-centric", "expert-centric")
 _REPLICAS_OFF = 1
 
-_T = TypeVar("_T")
-
-
-# -- errors: pydantic's, as one line that names the field --------------------------------
-
-
-class _Blame(ValueError):
-    """A check's error about a field below the one checked (`where`, relative to it)."""
-
-    def __init__(self, message: str, *where: str) -> None:
-        super().__init__(message)
-        self.where = where
-
-
-# The class that reads each mapping of a spec, by dotted path ("" is the whole document):
-# an unknown or missing key is reported with the keys that mapping takes.
-_SECTIONS: dict[str, type] = {}
-
-
-def _section(path: str) -> Callable[[type[_T]], type[_T]]:
-    def register(cls: type[_T]) -> type[_T]:
-        _SECTIONS[path] = cls
-        return cls
-
-    return register
-
-
-def _keys(section: str, *, required: bool = False) -> str:
-    reader = _SECTIONS.get(section)
-    params = inspect.signature(reader).parameters.values() if reader else ()
-    return ", ".join(p.name for p in params if not required or p.default is p.empty)
-
-
-def _show(value: object) -> str:
-    """A value as an error message quotes it: typed, and never more than a line."""
-    if value is None:
-        return "null"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _spec_error(error: ValidationError, path: str = "") -> JobSpecError:
-    """pydantic's first error (the topmost field's) as `dotted.path: what is wrong`."""
-    first = error.errors()[0]
-    cause = first.get("ctx", {}).get("error")
-    loc = [*([path] if path else []), *first["loc"], *getattr(cause, "where", ())]
-    where, section = ".".join(map(str, loc)), ".".join(map(str, loc[:-1]))
-    kind, got = first["type"], _show(first["input"])
-    if kind in ("extra_forbidden", "unexpected_keyword_argument", "invalid_key"):
-        message = f"unknown key ({section or ROOT} takes: {_keys(section)})"
-    elif kind.startswith("missing"):
-        message = f"missing; {section or ROOT} needs: {_keys(section, required=True)}"
-    elif kind in ("model_type", "dataclass_type"):
-        message = f"must be a mapping with keys {_keys(where)}, got {got}"
-    elif kind == "string_type":
-        message = f"must be a string, got {got}"
-    else:
-        message = str(cause) if isinstance(cause, Exception) else f"{first['msg']}, got {got}"
-    return JobSpecError(f"{where or ROOT}: {message}")
-
-
-_C = TypeVar("_C")
-
-
-@dataclass_transform(frozen_default=True, field_specifiers=(Field,))
-def _spec_dataclass(path: str, *, kw_only: bool = False) -> Callable[[type[_C]], type[_C]]:
-    """A frozen pydantic dataclass that reads the spec's mapping at `path`; built directly,
-    it raises a JobSpecError as parsing does."""
-
-    def build(cls: type[_C]) -> type[_C]:
-        checked: Any = pydantic_dataclass(frozen=True, kw_only=kw_only, config=_FORBID_EXTRA)(cls)
-        validate, signature = checked.__init__, inspect.signature(checked)
-
-        @functools.wraps(validate)
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            try:
-                # By keyword, so that pydantic names a positional argument too.
-                validate(self, **signature.bind(*args, **kwargs).arguments)
-            except ValidationError as e:
-                raise _spec_error(e, path) from None
-
-        checked.__init__ = __init__
-        return _section(path)(checked)
-
-    return build
-
-
-_FORBID_EXTRA = ConfigDict(extra="forbid")
-
-
-class _Form(BaseModel):
-    """A mapping of the spec that no class of the spec keeps as it is written."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _arguments_of(component: type, path: str) -> type[BaseModel]:
-    """The form of `component`'s keyword arguments, values unchecked: pydantic names an
-    unknown or missing key, the component checks the values (and names its rule)."""
-    params = inspect.signature(component).parameters.values()
-    fields: dict[str, Any] = {p.name: (Any, ... if p.default is p.empty else None) for p in params}
-    return _section(path)(create_model(f"_{component.__name__}Form", __base__=_Form, **fields))
-
 
 # -- checks of single values ------------------------------------------------------------
 
@@ -193,7 +85,7 @@ def _in_range(lo: int, hi: int) -> Callable[[object], int]:
     def check(value: object) -> int:
         # bool is an int to Python but never what a spec means by a count.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an int, got {_show(value)}")
+            raise ValueError(f"must be an int, got {show(value)}")
         if not lo <= value <= hi:
             raise ValueError(f"must be in [{lo}, {hi}], got {value}")
         return value
@@ -204,7 +96,7 @@ def _in_range(lo: int, hi: int) -> Callable[[object], int]:
 def _compression_values(value: object) -> str:
     if isinstance(value, str) and value in COMPRESSION_VALUES:
         return value
-    raise ValueError(f"must be one of {', '.join(COMPRESSION_VALUES)}, got {_show(value)}")
+    raise ValueError(f"must be one of {', '.join(COMPRESSION_VALUES)}, got {show(value)}")
 
 
 def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[object], object]:
@@ -216,7 +108,7 @@ def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[objec
         if value in later:
             raise ValueError(f"{value!r} is not available yet (available: {off})")
         raise ValueError(
-            f"unknown {setting} setting {_show(value)} (settings: {', '.join((off, *later))})"
+            f"unknown {setting} setting {show(value)} (settings: {', '.join((off, *later))})"
         )
 
     return check
@@ -230,7 +122,7 @@ def _one_replica(value: object) -> object:
 
 def _fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {_show(value)}")
+        raise ValueError(f"must be a number, got {show(value)}")
     if not (math.isfinite(value) and 0 < value <= 1):
         raise ValueError(f"must be a fraction in (0, 1], got {value}")
     return value
@@ -241,7 +133,7 @@ def _job_name(name: str) -> str:
         # Leading letter or digit: the name never reads as a CLI flag or as "..".
         raise ValueError(
             f"must be 1 to {MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "
-            f"starting with a letter or digit, got {_show(name)}"
+            f"starting with a letter or digit, got {show(name)}"
         )
     return name
 
@@ -266,7 +158,7 @@ def _stages(value: object) -> int | None:
     if value is None or value == "auto":
         return None
     if isinstance(value, str):
-        raise ValueError(f"must be auto or an int >= 1, got {_show(value)}")
+        raise ValueError(f"must be auto or an int >= 1, got {show(value)}")
     return _in_range(1, _UINT32_MAX)(value)
 
 
@@ -278,59 +170,6 @@ Fraction = Annotated[float, PlainValidator(_fraction)]
 # -- components: built by their own class, their errors given the path of the culprit ----
 
 
-def _build_attributed(
-    build: Callable[[Mapping[str, Any]], _T],
-    given: Mapping[str, Any],
-    *,
-    error: type[Exception] | tuple[type[Exception], ...],
-    prefix: str,
-) -> _T:
-    """`build(given)`, its error re-raised as a _Blame of the argument that causes it.
-
-    The component's error names the rule, not the spec field. The culprit is the first
-    argument that fails on its own (the others at their defaults); failing that, for a
-    rule between arguments (batch_size divisible by micro_batches, say), the first one
-    whose removal lets the rest pass. The message names every argument the rule involves.
-    """
-    try:
-        return build(given)
-    except error as e:
-        whole = e
-
-    def fails(args: Mapping[str, Any]) -> bool:
-        try:
-            build(args)
-        except error:
-            return True
-        return False
-
-    culprit = next((k for k in given if fails({k: given[k]})), None)
-    if culprit is None:
-        culprit = next(
-            (k for k in given if not fails({j: v for j, v in given.items() if j != k})), None
-        )
-    # Component errors start with their own short prefix ("data: "); the path replaces it.
-    message = str(whole).removeprefix(f"{prefix}: ")
-    if culprit is None:
-        raise _Blame(message) from whole
-    raise _Blame(message + _number_hint(given[culprit]), str(culprit)) from whole
-
-
-# PyYAML follows YAML 1.1, where a float needs a '.' and a signed exponent: `3e-4` and
-# `1.0e4` arrive as strings. Users write them all the time, so the error says why.
-_TEXT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _number_hint(value: object) -> str:
-    """A hint for a number that YAML read as text, else ''."""
-    if isinstance(value, str) and _TEXT_FLOAT.fullmatch(value.strip()):
-        return (
-            " (YAML reads this e-notation as text: write it with a '.' and a signed "
-            "exponent, e.g. 3.0e-4 or 1.0e+4)"
-        )
-    return ""
-
-
 def _finite(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
@@ -339,8 +178,8 @@ def _finite(value: Any) -> bool:
     return True
 
 
-_DATA_FORM = _arguments_of(DataConfig, "data")
-_OPTIMIZER_FORM = _arguments_of(OptimizerConfig, "optimizer")
+_DATA_FORM = arguments_of(DataConfig, "data")
+_OPTIMIZER_FORM = arguments_of(OptimizerConfig, "optimizer")
 
 
 def _data_config(value: object) -> object:
@@ -351,7 +190,7 @@ def _data_config(value: object) -> object:
     assert isinstance(value, dict)  # the form took only a mapping
     # The corpus goes first so a bad corpus is blamed before the fields that depend on it.
     corpus = value["corpus"]
-    config = _build_attributed(
+    config = build_attributed(
         lambda d: DataConfig(**{"corpus": corpus, **d}),
         {"corpus": corpus, **value},
         error=DataError,
@@ -365,7 +204,7 @@ def _data_config(value: object) -> object:
         ("max_bytes", 1, _INT64_MAX),
     ):
         if getattr(config, name) > hi:
-            raise _Blame(f"must be in [{lo}, {hi}], got {getattr(config, name)}", name)
+            raise Blame(f"must be in [{lo}, {hi}], got {getattr(config, name)}", name)
     return config
 
 
@@ -388,7 +227,7 @@ def _optimizer_config(value: object) -> object:
         elif isinstance(item, list):
             item = tuple(float(v) if _is_small_int(v) else v for v in item)
         given[key] = item
-    return _build_attributed(
+    return build_attributed(
         lambda o: OptimizerConfig(**o),
         given,
         error=(OptimizerError, OverflowError),
@@ -399,7 +238,7 @@ def _optimizer_config(value: object) -> object:
 # -- the spec ----------------------------------------------------------------------------
 
 
-@_spec_dataclass("model")
+@spec_dataclass("model")
 class ModelSpec:
     """Which zoo model to train and its arguments.
 
@@ -423,20 +262,20 @@ class ModelSpec:
         except (TypeError, ValueError):
             given = None
         if given is None:
-            raise ValueError(f"must be a mapping of argument names to values, got {_show(args)}")
+            raise ValueError(f"must be a mapping of argument names to values, got {show(args)}")
         known = [f.name for f in dataclasses.fields(model_config(zoo))]
         for key in sorted(given, key=str):
             if key not in known:
-                raise _Blame(f"unknown argument ({zoo} takes: {', '.join(known)})", key)
+                raise Blame(f"unknown argument ({zoo} takes: {', '.join(known)})", key)
         # A huge YAML int given for a float argument overflows in the conversion.
-        config = _build_attributed(
+        config = build_attributed(
             lambda a: model_config(zoo, a), given, error=(ZooError, OverflowError), prefix=zoo
         )
         resolved = {name: getattr(config, name) for name in known}
         for name, value in resolved.items():
             # The zoo checks ranges with comparisons, which an infinity can slip through.
             if not _finite(value):
-                raise _Blame(f"must be finite, got {value!r}", name)
+                raise Blame(f"must be finite, got {value!r}", name)
         return tuple(sorted(resolved.items()))
 
     def args_dict(self) -> dict[str, Any]:
@@ -444,7 +283,7 @@ class ModelSpec:
         return dict(self.args)
 
 
-@_spec_dataclass("parallel")
+@spec_dataclass("parallel")
 class ParallelSpec:
     """How the model is cut over workers: the planner, and the number of pipeline stages
     (None: as many as the planner finds workers for)."""
@@ -457,7 +296,7 @@ class ParallelSpec:
         del replicas  # only 1 exists so far, and its type checked that
 
 
-@_spec_dataclass("checkpoint")
+@spec_dataclass("checkpoint")
 class CheckpointSpec:
     """How often (in steps) workers checkpoint their stage."""
 
@@ -484,8 +323,8 @@ class CompressionSpec:
         return {"adatopk": {"floor": self.floor}, "values": self.values}
 
 
-@_section("compression.adatopk")
-class _AdaTopKForm(_Form):
+@section("compression.adatopk")
+class _AdaTopKForm(Form):
     floor: Fraction = 0.01
 
 
@@ -493,8 +332,8 @@ def _adatopk_options(value: object) -> object:
     return {} if value is None or value is True else value  # `{adatopk: }`: the defaults
 
 
-@_section("compression")
-class _CompressionForm(_Form):
+@section("compression")
+class _CompressionForm(Form):
     topk: Fraction = 1.0
     adatopk: Annotated[_AdaTopKForm, BeforeValidator(_adatopk_options)] = _AdaTopKForm()
     values: Annotated[str, PlainValidator(_compression_values)] = "fp32"
@@ -510,7 +349,7 @@ def _compression(value: object) -> object:
             raise ValueError("topk needs its fraction: {topk: 0.05}")
         if value not in COMPRESSION_KINDS:
             raise ValueError(
-                f"unknown setting {_show(value)} "
+                f"unknown setting {show(value)} "
                 f"(settings: none, adatopk, {{adatopk: {{floor: F}}}}, {{topk: FRACTION}})"
             )
         return CompressionSpec(kind=value)
@@ -526,8 +365,8 @@ def _compression(value: object) -> object:
 _sync_kind = _off_only(_SYNC_OFF, _SYNC_LATER, "sync")
 
 
-@_section("sync")
-class _SyncForm(_Form):
+@section("sync")
+class _SyncForm(Form):
     kind: Annotated[Any, AfterValidator(_sync_kind)]
 
 
@@ -536,12 +375,12 @@ def _sync_form(value: object) -> object:
     return value if isinstance(value, dict | _SyncForm) else {"kind": _sync_kind(value)}
 
 
-@_section("moe")
-class _MoeForm(_Form):
+@section("moe")
+class _MoeForm(Form):
     mode: Annotated[Any, AfterValidator(_off_only(_MOE_OFF, _MOE_LATER, "moe"))]
 
 
-@_spec_dataclass("", kw_only=True)
+@spec_dataclass("", kw_only=True)
 class JobSpec:
     """A validated training job: model, data, optimizer, length and policies."""
 
@@ -568,7 +407,7 @@ class JobSpec:
         wants = data_kind(self.model.zoo)
         if self.data.kind != wants:
             fitting = [c for c, k in CORPUS_KINDS.items() if k == wants]
-            raise _Blame(
+            raise Blame(
                 f"{self.data.corpus!r} holds {self.data.kind} data, but model "
                 f"{self.model.zoo!r} trains on {wants} data (use: {', '.join(fitting)})",
                 "data",
@@ -610,7 +449,7 @@ class JobSpec:
         try:
             return _JOB_SPEC.validate_python(data)
         except ValidationError as e:
-            raise _spec_error(e) from None
+            raise spec_error(e) from None
 
 
 _JOB_SPEC = TypeAdapter(JobSpec)
@@ -623,53 +462,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# -- YAML --------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping.
-
-    PyYAML silently keeps the last of duplicate keys, so `steps: 10` followed later by
-    `steps: 10000` would train for 10000 steps without a word.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
-                continue  # unhashable keys are refused by PyYAML; merge keys may repeat
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def parse_job_spec(text: str) -> JobSpec:
     """A job spec from YAML text; safe YAML only (no tags that build objects)."""
-    if len(text) > MAX_SPEC_CHARS:
-        raise JobSpecError(
-            f"{ROOT}: is {len(text)} characters long; a job spec may have {MAX_SPEC_CHARS}"
-        )
-    try:
-        # _StrictLoader is a SafeLoader: plain data only, no tag builds an object.
-        doc = yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise JobSpecError(f"{ROOT}: invalid YAML{where}: {e.problem or e}") from None
-    except yaml.YAMLError as e:
-        raise JobSpecError(f"{ROOT}: invalid YAML: {e}") from None
-    except RecursionError:
-        raise JobSpecError(f"{ROOT}: invalid YAML: nested too deeply") from None
-    except ValueError as e:
-        # PyYAML converts scalars with int()/float(), which refuse e.g. 5000-digit numbers.
-        raise JobSpecError(f"{ROOT}: invalid YAML: {e}") from None
-    if doc is None:
-        raise JobSpecError(f"{ROOT}: the document is empty")
-    return JobSpec.from_dict(doc)
+    return JobSpec.from_dict(read_spec_yaml(text))
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
