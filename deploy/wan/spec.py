@@ -1,6 +1,7 @@
 """The testbed spec: which hosts exist, how they group into regions, and what the links
-between them carry. Read from YAML into frozen dataclasses; every field is checked and a
-bad one is named (`regions.eu.bandwidth: must be a rate like '100mbit'`).
+between them carry. Read from YAML into frozen dataclasses; every field is checked (by
+pydantic models of the YAML's shape) and a bad one is named
+(`regions.eu.bandwidth: must be a rate like '100mbit'`).
 
 Rates are bits per second written as `tc` writes them (`500kbit`, `20mbit`, `1gbit`; k, m,
 g are powers of 1000). Latencies are one-way durations (`20ms`, `250us`, `0`).
@@ -10,12 +11,19 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainValidator,
+    ValidationError,
+)
 
 from deploy.wan.errors import SpecError
 
@@ -36,10 +44,6 @@ MAX_LATENCY_S = 5.0
 PRIVATE_RANGES = tuple(
     ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 )
-
-TOP_FIELDS = {"name", "subnet", "regions", "links", "default_bandwidth", "default_latency"}
-REGION_FIELDS = {"hosts", "bandwidth"}
-LINK_FIELDS = {"between", "bandwidth", "latency"}
 
 
 @dataclass(frozen=True)
@@ -173,167 +177,201 @@ def load_spec(path: str | Path) -> TestbedSpec:
 
 
 def parse_spec(data: Any) -> TestbedSpec:
-    """Check YAML-shaped data field by field and build the spec from it."""
-    top = _mapping(data, "spec", TOP_FIELDS)
-    name = _name(top.get("name"), "name")
-    default_bandwidth = None
-    if top.get("default_bandwidth") is not None:
-        default_bandwidth = parse_rate(top["default_bandwidth"], "default_bandwidth")
-    default_latency = parse_duration(top.get("default_latency", 0), "default_latency")
-    if default_latency and default_bandwidth is None:
-        raise SpecError("default_latency: needs a default_bandwidth to go with it")
-    regions = _regions(top.get("regions"))
-    hosts = [h for r in regions for h in r.hosts]
-    subnet = _subnet(top.get("subnet", DEFAULT_SUBNET), len(hosts))
-    links = _links(top.get("links", []), [r.name for r in regions])
-    spec = TestbedSpec(name, subnet, regions, links, default_bandwidth, default_latency)
-    for i, a in enumerate(regions):
-        for b in regions[i + 1 :]:
-            try:
-                spec.link_between(a.name, b.name)
-            except KeyError:
-                raise SpecError(
-                    f"links: no link between regions {a.name!r} and {b.name!r} "
-                    "(list one, or set default_bandwidth)"
-                ) from None
-    return spec
+    """Check YAML-shaped data field by field, then the rules between fields, and build the
+    spec from it."""
+    try:
+        doc = _Document.model_validate(data)
+    except ValidationError as e:
+        raise _spec_error(e) from None
+    _check_consistent(doc)
+    regions = tuple(RegionSpec(n, tuple(r.hosts), r.bandwidth) for n, r in doc.regions.items())
+    links = tuple(LinkSpec(x.between, x.bandwidth, x.latency) for x in doc.links)
+    return TestbedSpec(
+        doc.name, doc.subnet, regions, links, doc.default_bandwidth, doc.default_latency
+    )
 
 
 def parse_rate(value: Any, where: str) -> int:
     """`20mbit` -> 20_000_000 bits per second."""
-    match = RATE_PATTERN.match(value.strip().lower()) if isinstance(value, str) else None
-    if match is None:
-        raise SpecError(f"{where}: must be a rate like '100mbit' (got {value!r})")
-    bps = round(float(match.group(1)) * RATE_UNITS[match.group(2)])
-    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
-        raise SpecError(f"{where}: {value!r} is outside 8kbit..100gbit")
-    return bps
+    return _named(_rate, value, where)
 
 
 def parse_duration(value: Any, where: str) -> float:
     """`20ms` -> 0.02 seconds; a bare 0 is allowed and means none."""
+    return _named(_duration, value, where)
+
+
+# -- the YAML's shape, checked by pydantic -----------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _named(check: Callable[[Any], _T], value: Any, where: str) -> _T:
+    try:
+        return check(value)
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def _spec_error(error: ValidationError) -> SpecError:
+    """pydantic's first error as `regions.eu.hosts[0]: what is wrong`."""
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    # "[key]" marks an error about a mapping's key rather than its value.
+    loc = [p for p in first["loc"] if p != "[key]"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if first["type"] == "missing":
+        message = "required"
+    elif first["type"] == "extra_forbidden":
+        # The only mappings below the top are regions' bodies and links.
+        form = _Document if len(loc) == 1 else _Region if loc[0] == "regions" else _Link
+        message = f"unknown field (expected one of {', '.join(sorted(form.model_fields))})"
+    elif first["type"] == "model_type":
+        message = f"must be a mapping (got {type(first['input']).__name__})"
+    else:
+        message = str(cause) if isinstance(cause, Exception) else first["msg"]
+    return SpecError(f"{where or 'spec'}: {message}")
+
+
+def _rate(value: Any) -> int:
+    match = RATE_PATTERN.match(value.strip().lower()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"must be a rate like '100mbit' (got {value!r})")
+    bps = round(float(match.group(1)) * RATE_UNITS[match.group(2)])
+    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+        raise ValueError(f"{value!r} is outside 8kbit..100gbit")
+    return bps
+
+
+def _duration(value: Any) -> float:
     if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0.0
     match = DURATION_PATTERN.match(value.strip().lower()) if isinstance(value, str) else None
     if match is None:
-        raise SpecError(f"{where}: must be a duration like '20ms' (got {value!r})")
+        raise ValueError(f"must be a duration like '20ms' (got {value!r})")
     seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
     if seconds > MAX_LATENCY_S:
-        raise SpecError(f"{where}: {value!r} is more than {MAX_LATENCY_S:g} s")
+        raise ValueError(f"{value!r} is more than {MAX_LATENCY_S:g} s")
     return seconds
 
 
-def _mapping(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise SpecError(f"{where}: must be a mapping (got {type(value).__name__})")
-    for key in value:
-        if key not in allowed:
-            field = key if where == "spec" else f"{where}.{key}"
-            raise SpecError(
-                f"{field}: unknown field (expected one of {', '.join(sorted(allowed))})"
-            )
-    return value
-
-
-def _name(value: Any, where: str) -> str:
-    if value is None:
-        raise SpecError(f"{where}: required")
-    if not isinstance(value, str) or not NAME_PATTERN.match(value):
-        raise SpecError(
-            f"{where}: must be 1-24 lower-case letters, digits or inner dashes (got {value!r})"
-        )
-    return value
-
-
-def _regions(value: Any) -> tuple[RegionSpec, ...]:
-    if value is None:
-        raise SpecError("regions: required")
-    if not isinstance(value, Mapping) or not value:
-        raise SpecError("regions: must be a non-empty mapping of region name to {hosts, bandwidth}")
-    seen: dict[str, str] = {}  # host -> its region
-    regions = []
-    for rname, body in value.items():
-        where = f"regions.{rname}"
-        if not isinstance(rname, str) or not REGION_PATTERN.match(rname):
-            raise SpecError(
-                f"{where}: a region name must be a lower-case letter, then letters, digits or _"
-            )
-        body = _mapping(body, where, REGION_FIELDS)
-        hosts = body.get("hosts")
-        if not isinstance(hosts, list) or not hosts:
-            raise SpecError(f"{where}.hosts: must be a non-empty list of host names")
-        for i, host in enumerate(hosts):
-            hwhere = f"{where}.hosts[{i}]"
-            if not isinstance(host, str) or not HOST_PATTERN.match(host):
-                raise SpecError(
-                    f"{hwhere}: a host name must be a lower-case letter, then up to 15 letters, "
-                    f"digits or _ (got {host!r})"
-                )
-            if host in seen:
-                raise SpecError(f"{hwhere}: host {host!r} is already in region {seen[host]!r}")
-            seen[host] = rname
-        bandwidth = None
-        if body.get("bandwidth") is not None:
-            bandwidth = parse_rate(body["bandwidth"], f"{where}.bandwidth")
-        elif len(hosts) > 1:
-            raise SpecError(f"{where}.bandwidth: required for a region of more than one host")
-        regions.append(RegionSpec(rname, tuple(hosts), bandwidth))
-    return tuple(regions)
-
-
-def _subnet(value: Any, n_hosts: int) -> ipaddress.IPv4Network:
-    where = "subnet"
-    try:
-        subnet = ipaddress.IPv4Network(value, strict=True) if isinstance(value, str) else None
-    except ValueError as e:
-        raise SpecError(f"{where}: {e}") from None
+def _subnet(value: Any) -> ipaddress.IPv4Network:
+    subnet = ipaddress.IPv4Network(value, strict=True) if isinstance(value, str) else None
     if subnet is None:
-        raise SpecError(f"{where}: must be an IPv4 network like '10.77.0.0/24' (got {value!r})")
+        raise ValueError(f"must be an IPv4 network like '10.77.0.0/24' (got {value!r})")
     if not any(subnet.subnet_of(r) for r in PRIVATE_RANGES):
-        raise SpecError(
-            f"{where}: {subnet} is not inside a private range (10/8, 172.16/12, 192.168/16)"
-        )
-    # The bridge takes the first address, each host the next; network and broadcast are out.
-    if subnet.num_addresses - 3 < n_hosts:
-        raise SpecError(f"{where}: {subnet} has no room for {n_hosts} hosts and the bridge")
+        raise ValueError(f"{subnet} is not inside a private range (10/8, 172.16/12, 192.168/16)")
     return subnet
 
 
-def _links(value: Any, region_names: list[str]) -> tuple[LinkSpec, ...]:
-    if not isinstance(value, list):
-        raise SpecError("links: must be a list of {between, bandwidth, latency}")
-    links: list[LinkSpec] = []
+def _two_regions(value: Any) -> tuple[str, str]:
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(r, str) for r in value):
+        raise ValueError("must be a list of two region names")
+    if value[0] == value[1]:
+        raise ValueError(
+            f"a link joins two different regions; "
+            f"the bandwidth inside {value[0]!r} is regions.{value[0]}.bandwidth"
+        )
+    return value[0], value[1]
+
+
+def _matching(pattern: re.Pattern[str], rule: str) -> PlainValidator:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise ValueError(f"{rule} (got {value!r})")
+        return value
+
+    return PlainValidator(check)
+
+
+def _shaped(kind: type, rule: str, *, empty: bool = False) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if not isinstance(value, kind) or not (value or empty):
+            raise ValueError(rule)
+        return value
+
+    return BeforeValidator(check)
+
+
+Rate = Annotated[int, PlainValidator(_rate)]
+RateOrNone = Annotated[int | None, PlainValidator(lambda v: None if v is None else _rate(v))]
+Duration = Annotated[float, PlainValidator(_duration)]
+_HOST_RULE = "a host name must be a lower-case letter, then up to 15 letters, digits or _"
+_REGION_RULE = "a region name must be a lower-case letter, then letters, digits or _"
+_NAME_RULE = "must be 1-24 lower-case letters, digits or inner dashes"
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Region(_Form):
+    hosts: Annotated[
+        list[Annotated[str, _matching(HOST_PATTERN, _HOST_RULE)]],
+        _shaped(list, "must be a non-empty list of host names"),
+    ]
+    bandwidth: RateOrNone = None
+
+
+class _Link(_Form):
+    between: Annotated[tuple[str, str], PlainValidator(_two_regions)]
+    bandwidth: Rate
+    latency: Duration = 0.0
+
+
+class _Document(_Form):
+    name: Annotated[str, _matching(NAME_PATTERN, _NAME_RULE)]
+    subnet: Annotated[ipaddress.IPv4Network, PlainValidator(_subnet)] = ipaddress.IPv4Network(
+        DEFAULT_SUBNET
+    )
+    regions: Annotated[
+        dict[Annotated[str, _matching(REGION_PATTERN, _REGION_RULE)], _Region],
+        _shaped(dict, "must be a non-empty mapping of region name to {hosts, bandwidth}"),
+    ]
+    links: Annotated[
+        list[_Link], _shaped(list, "must be a list of {between, bandwidth, latency}", empty=True)
+    ] = []
+    default_bandwidth: RateOrNone = None
+    default_latency: Duration = 0.0
+
+
+def _check_consistent(doc: _Document) -> None:
+    """The rules between fields: a rate inside each region of several hosts, hosts in one
+    region each and room for them in the subnet, links between regions that exist, one a
+    pair, and a rate for every pair of regions."""
+    if doc.default_latency and doc.default_bandwidth is None:
+        raise SpecError("default_latency: needs a default_bandwidth to go with it")
+    seen: dict[str, str] = {}  # host -> its region
+    for rname, region in doc.regions.items():
+        for i, host in enumerate(region.hosts):
+            if host in seen:
+                where = f"regions.{rname}.hosts[{i}]"
+                raise SpecError(f"{where}: host {host!r} is already in region {seen[host]!r}")
+            seen[host] = rname
+        if region.bandwidth is None and len(region.hosts) > 1:
+            where = f"regions.{rname}.bandwidth"
+            raise SpecError(f"{where}: required for a region of more than one host")
+    # The bridge takes the first address, each host the next; network and broadcast are out.
+    if doc.subnet.num_addresses - 3 < len(seen):
+        raise SpecError(f"subnet: {doc.subnet} has no room for {len(seen)} hosts and the bridge")
+    names = list(doc.regions)
     first_at: dict[frozenset[str], int] = {}
-    for i, body in enumerate(value):
-        where = f"links[{i}]"
-        body = _mapping(body, where, LINK_FIELDS)
-        between = body.get("between")
-        if (
-            not isinstance(between, list)
-            or len(between) != 2
-            or not all(isinstance(r, str) for r in between)
-        ):
-            raise SpecError(f"{where}.between: must be a list of two region names")
-        for r in between:
-            if r not in region_names:
+    for i, link in enumerate(doc.links):
+        pair, (a, b) = frozenset(link.between), link.between
+        for r in (a, b):
+            if r not in names:
                 raise SpecError(
-                    f"{where}.between: no region {r!r} (regions: {', '.join(region_names)})"
+                    f"links[{i}].between: no region {r!r} (regions: {', '.join(names)})"
                 )
-        if between[0] == between[1]:
+        if pair in first_at:
             raise SpecError(
-                f"{where}.between: a link joins two different regions; "
-                f"the bandwidth inside {between[0]!r} is regions.{between[0]}.bandwidth"
+                f"links[{i}].between: {a} and {b} are already linked by links[{first_at[pair]}]"
             )
-        key = frozenset(between)
-        if key in first_at:
-            raise SpecError(
-                f"{where}.between: {between[0]} and {between[1]} are already linked by "
-                f"links[{first_at[key]}]"
-            )
-        first_at[key] = i
-        if body.get("bandwidth") is None:
-            raise SpecError(f"{where}.bandwidth: required")
-        bandwidth = parse_rate(body["bandwidth"], f"{where}.bandwidth")
-        latency = parse_duration(body.get("latency", 0), f"{where}.latency")
-        links.append(LinkSpec((between[0], between[1]), bandwidth, latency))
-    return tuple(links)
+        first_at[pair] = i
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if frozenset((a, b)) not in first_at and doc.default_bandwidth is None:
+                raise SpecError(
+                    f"links: no link between regions {a!r} and {b!r} "
+                    "(list one, or set default_bandwidth)"
+                )
