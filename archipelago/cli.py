@@ -1,8 +1,9 @@
 """The `archipelago` command: one entry point with a subcommand per task.
 
 Argument parsing lives here; each subcommand's work lives in the module that owns it. A
-user's mistake (a bad file, an unknown operator, an invalid assignment) ends with one
-`archipelago: error: ...` line and exit status 2, never a traceback.
+user's mistake (a bad file, an unknown operator, an invalid assignment, a testbed that
+cannot be built) ends with one `archipelago: error: ...` line and exit status 2, never a
+traceback. Of the product, only the `archipelago` entry point imports this module.
 """
 
 from __future__ import annotations
@@ -10,27 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import yaml
 
 from archipelago import __version__
 from archipelago.errors import UsageError
+from deploy.wan.errors import TestbedError
 from opdag.errors import OpDagError
-
-
-def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
-    """`key=value` pairs, each value read as YAML (`12`, `0.1`, `[16, 32]`, `true`)."""
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--arg {item!r} is not of the form NAME=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise UsageError(f"--arg {item!r}: cannot read the value: {e}") from None
-    return out
 
 
 def _add_dag_commands(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (OpDagError, UsageError) as e:
+    except (OpDagError, UsageError, TestbedError) as e:
         print(f"archipelago: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

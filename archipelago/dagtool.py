@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from archipelago.cli import parse_assignments
 from archipelago.errors import UsageError
 from opdag import graph_serde, report
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition
 from opdag.zoo import build_model, example_batch
+
+
+def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
+    """`key=value` pairs, each value read as YAML (`12`, `0.1`, `[16, 32]`, `true`)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--arg {item!r} is not of the form NAME=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--arg {item!r}: cannot read the value: {e}") from None
+    return out
 
 
 def cmd_capture(args: argparse.Namespace) -> int:

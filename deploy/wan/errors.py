@@ -1,10 +1,8 @@
-"""Errors of the WAN testbed. Each is a `UsageError`, so the `archipelago` command prints it
-as one `archipelago: error: ...` line and exits 2."""
-
-from archipelago.errors import UsageError
+"""Errors of the WAN testbed. The `archipelago` command prints each as one
+`archipelago: error: ...` line and exits 2."""
 
 
-class TestbedError(UsageError):
+class TestbedError(Exception):
     """The testbed cannot be built, reached or removed (not root, leftovers, a busy subnet)."""
 
     __test__ = False  # not a pytest test class, despite the name
