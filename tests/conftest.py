@@ -6,14 +6,15 @@ the end of the session. Tests of the Redis state store run against it; a missing
 fails them (CI must exercise Redis) - `make test` installs it with
 `apt-get install redis-server`.
 
-`clean_redis_url` (function): the same URL with the database emptied (FLUSHDB) first, so a
+`clean_redis_url` (function): the same URL with the server emptied (FLUSHALL) first, so a
 test never sees another's keys.
 
-Both talk to the server over a plain socket, so this file needs no Redis client package.
+Both talk to the server through the `redis` client, as the Redis state store does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 START_TIMEOUT_S = 10.0
 
@@ -32,36 +34,24 @@ def _free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _redis_command(port: int, *args: str) -> bytes:
-    """Send one command in the Redis wire protocol and return the first reply line."""
-    request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-        sock.sendall(request.encode())
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.strip()
-
-
-def _wait_for_ping(server: subprocess.Popen[bytes], port: int, log: Path) -> None:
+def _wait_for_ping(server: subprocess.Popen[bytes], client: redis.Redis, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
             pytest.fail(f"redis-server exited with {server.returncode}: {log.read_text()}")
         try:
-            if _redis_command(port, "PING") == b"+PONG":
+            if client.ping():
                 return
-        except OSError:
+        except redis.ConnectionError:
             pass  # not listening yet
         time.sleep(0.02)
-    pytest.fail(f"redis-server on port {port} did not answer PING in {START_TIMEOUT_S} s")
+    pytest.fail(f"redis-server did not answer PING in {START_TIMEOUT_S} s: {log.read_text()}")
 
 
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    server.terminate()
+def _stop(server: subprocess.Popen[bytes], client: redis.Redis) -> None:
+    # Not up, or already gone: the process is stopped below either way.
+    with contextlib.suppress(redis.RedisError):
+        client.shutdown(nosave=True)
     try:
         server.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -85,16 +75,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     args += ["no", "--dir", str(workdir), "--logfile", str(log)]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=2.0)
     try:
-        _wait_for_ping(server, port, log)
-        yield f"redis://127.0.0.1:{port}/0"
+        _wait_for_ping(server, client, log)
+        yield url
     finally:
-        _stop(server)
+        _stop(server, client)
+        client.close()
 
 
 @pytest.fixture
 def clean_redis_url(redis_url: str) -> str:
-    """`redis_url` with its database emptied first."""
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    assert _redis_command(port, "FLUSHDB") == b"+OK"
+    """`redis_url` with the server emptied first."""
+    with redis.Redis.from_url(redis_url, socket_timeout=2.0) as client:
+        assert client.flushall()
     return redis_url
