@@ -12,7 +12,6 @@ import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
@@ -21,7 +20,8 @@ from opdag.values import Value
 from proto.rpc import TlsConfig
 from worker.peers import PeerLinks
 from worker.serde import StagePlan
-from worker.stage_job import Reporter, StageJob, StageState
+from worker.stage_job import Reporter, StageJob
+from worker.states import NodeState, StageState
 from worker.transfer_kind import TransferKind
 
 log = logging.getLogger("archipelago.worker")
@@ -29,13 +29,6 @@ log = logging.getLogger("archipelago.worker")
 
 class JobStateError(OpDagError):
     """A control request that does not fit what the worker holds (wrong job, epoch...)."""
-
-
-class NodeState(StrEnum):
-    """What a worker holding no stage job is doing (otherwise it reports the job's state)."""
-
-    IDLE = "idle"
-    LEAVING = "leaving"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -40,6 +39,7 @@ from opdag.values import Value, add_grads
 from proto.tensor_stream import EncodedTensor
 from worker.edge_compression import EdgeCodecs
 from worker.serde import StagePlan
+from worker.states import StageState
 from worker.transfer_kind import TransferKind
 
 log = logging.getLogger("archipelago.worker")
@@ -72,22 +72,6 @@ class Reporter(Protocol):
     async def checkpoint(
         self, plan: StagePlan, steps_done: int, tensors: Mapping[str, torch.Tensor]
     ) -> None: ...
-
-
-class StageState(StrEnum):
-    """Where a loaded stage job is (the worker reports it in its heartbeat and status)."""
-
-    LOADED = "loaded"  # built, waiting for the coordinator's start
-    RUNNING = "running"
-    DRAINED = "drained"  # stopped at a step boundary on request, checkpoint uploaded
-    FINISHED = "finished"
-    ABORTED = "aborted"  # dropped by the worker (a new plan, a stop, shutdown)
-    FAILED = "failed"
-
-    @property
-    def live(self) -> bool:
-        """Whether the job still takes transfers and holds the worker."""
-        return self in (StageState.LOADED, StageState.RUNNING)
 
 
 # Sends one micro-batch's values to one peer stage; returns the bytes it sent.
