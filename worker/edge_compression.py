@@ -7,8 +7,12 @@ was kept, and remembers which entries were kept. Backward: the gradient of such 
 the gradient through the kept entries only, so the receiver sends just those entries'
 gradients - no positions, the sender still holds them from the forward - in the value
 format the forward used; when that format is lossy (fp16, int8) an error-feedback residual
-per value carries what the rounding lost into the next micro-batch's gradient. The sender
-rebuilds the dense gradient from the positions it kept.
+per value (`compressors.ErrorFeedback`) carries what the rounding lost into the next
+micro-batch's gradient. The sender rebuilds the dense gradient from the positions it kept.
+
+The bytes are the compressors' one wire form (`compressors.wire`); its header maps field
+for field onto the stream's `CompressedLayout` and the tensor's dtype and shape. A
+`PayloadError` from it is refused here as a `CodecError` naming the value.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class EdgeCodec:
             raise CodecError(f"codec for stage {self.dst}: {e}") from None
 
 
-def encoded(
+def compressed_tensor(
     payload: Payload, indices: Literal["mask"] | None = None, shape: tuple[int, ...] | None = None
 ) -> EncodedTensor:
     """A payload as a tensor the stream carries. For a gradient sent at its forward's kept
@@ -157,7 +161,7 @@ class EdgeCodecs:
             if payload.is_sparse and meta is not None and meta.carries_grad:
                 with self._lock:
                     self._sent[(step, mb, name, dst)] = payload
-            out[name] = encoded(payload)
+            out[name] = compressed_tensor(payload)
         return out
 
     def encode_backward(
@@ -177,7 +181,7 @@ class EdgeCodecs:
                 payload = encode_dense(mask.gather(g), "raw")
             else:  # lossy: add what rounding lost last time, keep what it loses now
                 payload = self._residuals.compress_kept(name, g.detach().cpu(), mask, values_fmt)
-            out[name] = encoded(payload, MASKED, mask.shape)
+            out[name] = compressed_tensor(payload, MASKED, mask.shape)
         return out
 
     # -- receiving --------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from opdag.zoo import build_model, example_batch
 from proto import worker_pb2, worker_pb2_grpc
 from proto.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
 from proto.tensor_stream import encode_values, header_of, iter_chunks
-from worker.edge_compression import encoded
+from worker.edge_compression import compressed_tensor
 from worker.node import WorkerNode
 from worker.serde import StagePlan
 from worker.service import WorkerService
@@ -623,7 +623,7 @@ def _compressed(loaded: LoadedStage, **topk: Any) -> tuple[dict[str, Any], str, 
     values: dict[str, Any] = dict(loaded.correct_values())
     name = next(n for n, v in values.items() if v.dtype == torch.float32)
     payload = TopK(**{"ratio": 0.1, **topk}).compress(values[name])
-    values[name] = encoded(payload)
+    values[name] = compressed_tensor(payload)
     return values, name, payload
 
 
@@ -641,7 +641,7 @@ def test_worker_rejects_a_compressed_activation_with_an_index_out_of_range(
     values, name, payload = _compressed(loaded, indices="int32")
     numel = payload.numel
     indices = payload.indices[:-4] + numel.to_bytes(4, "little")  # one past the last entry
-    values[name] = encoded(dataclasses.replace(payload, indices=indices))
+    values[name] = compressed_tensor(dataclasses.replace(payload, indices=indices))
     loaded.assert_refused(
         loaded.transfer(slot, values).parts(),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -664,7 +664,7 @@ def test_worker_rejects_a_compressed_layout_that_does_not_add_up(loaded: LoadedS
 def test_worker_rejects_a_forward_value_without_its_positions(loaded: LoadedStage) -> None:
     slot = next(loaded.slots)
     values, name, payload = _compressed(loaded)
-    values[name] = encoded(payload, "mask")
+    values[name] = compressed_tensor(payload, "mask")
     loaded.assert_refused(
         loaded.transfer(slot, values).parts(),
         grpc.StatusCode.INVALID_ARGUMENT,
