@@ -11,22 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from coordinator.checkpoint_upload import CheckpointUpload
 from coordinator.handover import StageHandover
+from coordinator.job_record import Job, PlanReport, Progress
 from coordinator.registry import Registry, WorkerState
 from coordinator.worker_admission import Registration
 from opdag import graph_serde
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import header_of
-
-if TYPE_CHECKING:
-    from coordinator.jobs import Job, PlanReport, Progress
-
 
 # -- what the coordinator sends workers --------------------------------------------------------
 
@@ -247,8 +244,6 @@ def job_query_from_pb(r: JobRequest) -> JobQuery:
 
 
 def progress_from_pb(r: ProgressReport) -> Progress:
-    from coordinator.jobs import Progress
-
     return Progress(
         worker_id=r.worker_id,
         job_id=r.job_id,

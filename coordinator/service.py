@@ -16,7 +16,8 @@ import grpc
 
 from coordinator import serde
 from coordinator.checkpoint_upload import receive_checkpoint
-from coordinator.jobs import Job, JobError, JobManager, StaleReport
+from coordinator.job_record import Job, JobError, StaleReport
+from coordinator.jobs import JobManager
 from coordinator.registry import Registry
 from coordinator.worker_admission import WorkerAdmission
 from opdag.errors import OpDagError
