@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opdag.errors import CodecError
 from opdag.ir import tensor_meta
 from opdag.values import Value
-from proto.errors import WireError as CodecError  # the stream refuses with it; opdag's is one
+from proto.errors import WireError
 from proto.tensor_stream import (
     EncodedTensor,
     TensorAssembler,
@@ -130,10 +131,10 @@ def test_stream_refuses_compressed_tensors_where_none_may_arrive() -> None:
     sender, _ = pair("topk", 0.1, "raw")
     _, tensors = encode_values(sender.encode_forward(0, 0, 1, {"h": torch.randn(SHAPE)}))
     headers = [header_of(n, t) for n, t in tensors]
-    with pytest.raises(CodecError, match="unknown encoding 'compressed'"):
+    with pytest.raises(WireError, match="unknown encoding 'compressed'"):
         TensorAssembler(headers, max_bytes=1 << 24)
     headers[0].compressed.values_bytes += 1
-    with pytest.raises(CodecError, match="must account for"):
+    with pytest.raises(WireError, match="must account for"):
         TensorAssembler(headers, max_bytes=1 << 24, compressed=True)
 
 
