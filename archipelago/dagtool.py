@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from archipelago.errors import UsageError
-from opdag import graph_serde, report
+from opdag import model_file, report
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition
 from opdag.zoo import build_model, example_batch
@@ -41,7 +41,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.exists():
         raise UsageError(f"directory {out.parent} does not exist")
-    graph_serde.save(captured, out)
+    model_file.save(captured, out)
     g = captured.graph
     print(
         f"captured {args.model}: {len(g.nodes)} nodes, {report.human_count(g.num_params())} "
@@ -51,7 +51,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
-    model = graph_serde.load(args.file)
+    model = model_file.load(args.file)
     summary = report.dag_summary(model.graph, top=args.top)
     if args.nodes:
         summary["listing"] = model.graph.describe().splitlines()
@@ -80,7 +80,7 @@ def _read_assignment(path: str) -> dict[str, Any]:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    model = graph_serde.load(args.file)
+    model = model_file.load(args.file)
     if args.stages is not None:
         assignment = balanced_assignment(model.graph, args.stages)
     else:

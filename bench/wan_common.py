@@ -23,7 +23,7 @@ import torch
 from archipelago.client import JobView, LinkView, PlanView
 from archipelago.localcluster import TestbedCluster, wait_for
 from coordinator.store import open_store
-from opdag import graph_serde
+from opdag import model_file
 from opdag.data import DataConfig
 from opdag.optim import OptimizerConfig, optimizer_param_name
 from opdag.reference import ReferenceTrainer
@@ -261,7 +261,7 @@ def final_state(store_url: str, job_id: str) -> tuple[int, dict[str, torch.Tenso
         store.close()
     state: dict[str, torch.Tensor] = {}
     for i, part in enumerate(parts):
-        state.update(graph_serde.decode_state(part, f"checkpoint {step} part {i}"))
+        state.update(model_file.decode_state(part, f"checkpoint {step} part {i}"))
     return step, {k: v for k, v in state.items() if optimizer_param_name(k) is None}
 
 

@@ -15,7 +15,7 @@ import torch
 
 from coordinator.job_record import Job, JobError
 from coordinator.store import StateStore
-from opdag import graph_serde
+from opdag import model_file
 from opdag.ir import CapturedModel
 from opdag.optim import optimizer_param_name
 from opdag.partition import Stage
@@ -56,7 +56,7 @@ class Checkpoints:
             owner = optimizer_param_name(name) or name
             if owner not in allowed:
                 raise JobError(f"checkpoint tensor {name!r} is not part of the model")
-        blob = await asyncio.to_thread(graph_serde.encode_state, tensors)
+        blob = await asyncio.to_thread(model_file.encode_state, tensors)
         return await asyncio.to_thread(
             self.store.put_checkpoint_part, job_id, step, stage, num_stages, blob
         )
@@ -83,7 +83,7 @@ class Checkpoints:
         state: dict[str, torch.Tensor] = {}
         for part in parts:
             state.update(
-                await asyncio.to_thread(graph_serde.decode_state, part, f"checkpoint {step}")
+                await asyncio.to_thread(model_file.decode_state, part, f"checkpoint {step}")
             )
         return state
 

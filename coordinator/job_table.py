@@ -15,7 +15,7 @@ from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.planning.plan import Plan
 from coordinator.states import JOB_PLAN_OUT
 from coordinator.store import StateStore
-from opdag import graph_serde
+from opdag import model_file
 from opdag.ir import CapturedModel
 
 
@@ -48,7 +48,7 @@ class JobTable:
     async def add(self, job: Job, model: CapturedModel) -> None:
         """A new job: store its model, then the job itself."""
         await asyncio.to_thread(
-            self.store.put_blob, f"job/{job.job_id}/model", graph_serde.encode_model(model)
+            self.store.put_blob, f"job/{job.job_id}/model", model_file.encode_model(model)
         )
         self._models[job.job_id] = model
         self.jobs[job.job_id] = job
@@ -99,6 +99,6 @@ class JobTable:
             blob = await asyncio.to_thread(self.store.get_blob, f"job/{job.job_id}/model")
             if blob is None:
                 raise JobError(f"job {job.job_id}: its model is missing from the store")
-            model = await asyncio.to_thread(graph_serde.decode_model, blob)
+            model = await asyncio.to_thread(model_file.decode_model, blob)
             self._models[job.job_id] = model
         return model

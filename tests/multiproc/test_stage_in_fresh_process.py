@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdag import graph_serde
+from opdag import graph_serde, model_file
 from opdag.capture import capture
 from opdag.partition import balanced_assignment, partition
 from opdag.stage import StageModule
@@ -25,12 +25,12 @@ STAGE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from opdag import graph_serde
+    from opdag import graph_serde, model_file
     from opdag.partition import partition
     from opdag.stage import StageModule
 
     work = Path(sys.argv[1])
-    model = graph_serde.load(work / "model.opdag")
+    model = model_file.load(work / "model.opdag")
     assignment = json.loads((work / "assignment.json").read_text())
     stages = partition(model.graph, assignment).stages
     values = {}
@@ -62,7 +62,7 @@ def test_stage_rebuilt_from_file_in_fresh_process_gives_same_outputs(
     args = CASES[name]
     model = build_model(name, args, seed=3)
     captured = capture(model, example_batch(name, args, 4, device="meta"), name=name)
-    graph_serde.save(captured, tmp_path / "model.opdag")
+    model_file.save(captured, tmp_path / "model.opdag")
     assignment = balanced_assignment(captured.graph, 3)
     (tmp_path / "assignment.json").write_text(json.dumps(assignment))
 

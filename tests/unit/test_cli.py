@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from archipelago.cli import main
-from opdag import graph_serde
+from opdag import model_file
 from opdag.ir import Node
 
 pytestmark = pytest.mark.unit
@@ -35,7 +35,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def test_capture_writes_a_file_that_dag_summarises(gpt_file: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run_cli(["dag", str(gpt_file)], capsys)
     assert code == 0
-    model = graph_serde.load(gpt_file)
+    model = model_file.load(gpt_file)
     assert f"nodes       {len(model.graph.nodes)}" in out
     assert "heaviest edges" in out and "cross_entropy" in out
 
@@ -86,7 +86,7 @@ def test_corrupt_and_truncated_files_are_refused(gpt_file: Path, tmp_path: Path,
 def test_file_with_an_unknown_operator_is_refused_naming_it(
     gpt_file: Path, tmp_path: Path, capsys
 ) -> None:  # type: ignore[no-untyped-def]
-    model = graph_serde.load(gpt_file)
+    model = model_file.load(gpt_file)
     g = model.graph
     bad = tuple(
         Node(n.name, "function", "os.system", n.args, n.kwargs, source=n.source)
@@ -97,14 +97,14 @@ def test_file_with_an_unknown_operator_is_refused_naming_it(
     # Written with the raw codec pieces: the encoder does not validate, the decoder must.
     from dataclasses import replace
 
-    blob = graph_serde.encode_model(replace(model, graph=replace(g, nodes=bad)))
+    blob = model_file.encode_model(replace(model, graph=replace(g, nodes=bad)))
     (tmp_path / "bad.opdag").write_bytes(blob)
     code, _, err = run_cli(["dag", str(tmp_path / "bad.opdag")], capsys)
     _assert_clean_error(code, err, "os.system", g.compute_nodes[3].name, "allow-list")
 
 
 def test_non_convex_assignment_is_refused(gpt_file: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    g = graph_serde.load(gpt_file).graph
+    g = model_file.load(gpt_file).graph
     names = [n.name for n in g.compute_nodes]
     assignment = {name: 0 for name in names}
     # A node in the middle goes to stage 1, its readers stay in stage 0.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opdag import graph_serde
+from opdag import graph_serde, model_file
 from opdag.capture import capture
 from opdag.errors import CodecError, IRError
 from opdag.ir import (
@@ -131,13 +131,13 @@ def victim() -> CapturedModel:
 
 @pytest.fixture(scope="module")
 def victim_file(victim: CapturedModel) -> bytes:
-    return graph_serde.encode_model(victim)
+    return model_file.encode_model(victim)
 
 
 def refuse(data: bytes, pattern: str = "") -> str:
     """Decode a model that must be refused with a CodecError matching `pattern`."""
     with pytest.raises(CodecError) as info:
-        graph_serde.decode_model(data)
+        model_file.decode_model(data)
     message = str(info.value)
     assert re.search(pattern, message), message
     return message
@@ -151,11 +151,11 @@ def test_zoo_model_round_trips_byte_identically_and_losslessly(
     zoo: dict[str, CapturedModel], name: str
 ) -> None:
     model = zoo[name]
-    data = graph_serde.encode_model(model)
-    assert graph_serde.encode_model(model) == data, "encoding is not deterministic"
-    decoded = graph_serde.decode_model(data)
+    data = model_file.encode_model(model)
+    assert model_file.encode_model(model) == data, "encoding is not deterministic"
+    decoded = model_file.decode_model(data)
     assert decoded.graph == model.graph
-    assert graph_serde.encode_model(decoded) == data
+    assert model_file.encode_model(decoded) == data
     assert list(decoded.state) == [p.name for p in model.graph.params]
     for key, original in model.state.items():
         got = decoded.state[key]
@@ -173,9 +173,9 @@ def test_zoo_model_round_trips_byte_identically_and_losslessly(
 
 def test_crafted_records_have_the_codecs_own_layout() -> None:
     for kind, payload in ((b"G", b"abc"), (b"T", bytes(range(256))), (b"E", b"")):
-        assert record(kind, payload) == graph_serde._record(kind, payload)
-    assert HEADER.pack(MAGIC, 1) == graph_serde._HEADER.pack(
-        graph_serde.MAGIC, graph_serde.FORMAT_VERSION
+        assert record(kind, payload) == model_file._record(kind, payload)
+    assert HEADER.pack(MAGIC, 1) == model_file._HEADER.pack(
+        model_file.MAGIC, model_file.FORMAT_VERSION
     )
 
 
@@ -184,16 +184,16 @@ def test_save_then_load_gives_the_same_bytes_and_leaves_no_partial_file(
     zoo: dict[str, CapturedModel], name: str, tmp_path: Path
 ) -> None:
     path = tmp_path / f"{name}.opdag"
-    graph_serde.save(zoo[name], path)
-    data = graph_serde.encode_model(zoo[name])
+    model_file.save(zoo[name], path)
+    data = model_file.encode_model(zoo[name])
     assert path.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    loaded = graph_serde.load(path)
+    loaded = model_file.load(path)
     assert loaded.graph == zoo[name].graph
-    assert graph_serde.encode_model(loaded) == data
+    assert model_file.encode_model(loaded) == data
     # Saving over an existing file replaces it whole.
-    graph_serde.save(zoo["mlp"], path)
-    assert path.read_bytes() == graph_serde.encode_model(zoo["mlp"])
+    model_file.save(zoo["mlp"], path)
+    assert path.read_bytes() == model_file.encode_model(zoo["mlp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -201,26 +201,26 @@ def test_failed_save_keeps_the_previous_file_and_leaves_no_partial_file(
     victim: CapturedModel, tmp_path: Path
 ) -> None:
     path = tmp_path / "model.opdag"
-    graph_serde.save(victim, path)
+    model_file.save(victim, path)
     before = path.read_bytes()
     missing = CapturedModel(victim.graph, {k: v for k, v in victim.state.items() if k != "scale"})
     with pytest.raises(CodecError, match=r"tensors missing for parameters \['scale'\]"):
-        graph_serde.save(missing, path)
+        model_file.save(missing, path)
     # Fails half-way: the graph and the tensors before `scale` are written when it is reached.
     unwritable = CapturedModel(
         victim.graph, {**victim.state, "scale": torch.ones(8, dtype=torch.complex64)}
     )
     with pytest.raises(IRError, match="complex64"):
-        graph_serde.save(unwritable, path)
+        model_file.save(unwritable, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_loading_a_missing_file_or_a_directory_is_a_codec_error(tmp_path: Path) -> None:
     with pytest.raises(CodecError, match="cannot read"):
-        graph_serde.load(tmp_path / "absent.opdag")
+        model_file.load(tmp_path / "absent.opdag")
     with pytest.raises(CodecError, match="cannot read"):
-        graph_serde.load(tmp_path)
+        model_file.load(tmp_path)
 
 
 # -- truncation --------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_loading_a_missing_file_or_a_directory_is_a_codec_error(tmp_path: Path) 
 def test_truncated_file_is_refused_at_every_record_boundary(
     zoo: dict[str, CapturedModel], name: str
 ) -> None:
-    data = graph_serde.encode_model(zoo[name])
+    data = model_file.encode_model(zoo[name])
     bounds = record_boundaries(data)
     assert bounds[-1] == len(data) and len(bounds) == len(zoo[name].graph.params) + 3
     cuts = set()
@@ -252,7 +252,7 @@ def test_file_cut_inside_its_header_is_refused_as_truncated(victim_file: bytes) 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_file_cut_at_random_positions_is_refused(zoo: dict[str, CapturedModel], name: str) -> None:
-    data = graph_serde.encode_model(zoo[name])
+    data = model_file.encode_model(zoo[name])
     rng = random.Random(f"truncate-{name}")
     for cut in rng.sample(range(len(data)), 40):
         refuse(data[:cut], TRUNCATED.pattern)
@@ -263,7 +263,7 @@ def test_file_cut_at_random_positions_is_refused(zoo: dict[str, CapturedModel], 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_single_bit_flips_are_refused(zoo: dict[str, CapturedModel], name: str) -> None:
-    data = graph_serde.encode_model(zoo[name])
+    data = model_file.encode_model(zoo[name])
     rng = random.Random(f"flip-{name}")
     # Random positions, plus every byte of the header and of the first record's framing.
     positions = rng.sample(range(len(data)), 60) + list(range(HEADER.size + RECORD.size))
@@ -630,7 +630,7 @@ def test_malicious_graph_is_refused_at_decode_naming_the_node(
     records = [record(b"G", payload)]
     records += [record(b"T", graph_serde.encode_tensor(k, v)) for k, v in victim.state.items()]
     with pytest.raises(CodecError, match=pattern):
-        graph_serde.decode_model(opdag_file(*records, record(b"E", b"")))
+        model_file.decode_model(opdag_file(*records, record(b"E", b"")))
 
 
 @pytest.mark.parametrize("case", list(MALICIOUS))
@@ -940,7 +940,7 @@ def test_fuzzed_bytes_give_success_or_codec_error_and_nothing_else(victim_file: 
     messages += [_mutate_graph_message(records[0][1], rng) for _ in range(200)]
     messages += [p for _, p in records[:-1]]
     decoders: dict[str, Callable[[bytes], Any]] = {
-        "decode_model": graph_serde.decode_model,
+        "decode_model": model_file.decode_model,
         "decode_graph": graph_serde.decode_graph,
         "decode_tensor": graph_serde.decode_tensor,
     }
