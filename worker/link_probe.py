@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import grpc
 
 from proto.rpc import TlsConfig, open_channel, token_metadata
+from worker.link_measurement import LinkFigure
+from worker.serde import probe_request_pb, worker_stub
 
 log = logging.getLogger("archipelago.worker")
 
@@ -28,17 +29,6 @@ PROBE_TIMEOUT_S = 30.0
 # Probe sizes the coordinator may ask for: up to 8 MiB per payload, a few seconds each.
 MAX_PROBE_PAYLOAD = 8 << 20
 MAX_TARGET_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class LinkFigure:
-    """One measured link from this worker."""
-
-    worker_id: str
-    bandwidth: float  # bytes per second
-    rtt_s: float
-    nbytes: int  # bytes sent to measure it
-    error: str = ""
 
 
 def check_request(max_bytes: int, target_seconds: float) -> None:
@@ -64,9 +54,6 @@ async def measure_link(
     target_seconds: float,
 ) -> LinkFigure:
     """Round trip and bandwidth from here to the worker at `address`."""
-    # Imported here, not at the top: the serde imports this module (for `LinkFigure`).
-    from worker.serde import probe_request_pb, worker_stub
-
     channel = open_channel(address, tls)
     stub = worker_stub(channel)
     sent = 0

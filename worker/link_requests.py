@@ -8,30 +8,13 @@ so a request's checks run without a network.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from proto.rpc import ADDRESS_PATTERN, Network, TlsConfig, address_in_networks
-from worker.link_probe import LinkFigure, check_request, measure_link
+from worker.link_measurement import LinkFigure, LinkRequest
+from worker.link_probe import check_request, measure_link
 
 # Links one request may ask for (each is measured in turn).
 MAX_LINK_TARGETS = 64
-
-
-@dataclass(frozen=True)
-class LinkTarget:
-    """A worker to measure the link to, by id and address."""
-
-    worker_id: str
-    address: str
-
-
-@dataclass(frozen=True)
-class LinkRequest:
-    """Which links to measure, and how hard to probe each."""
-
-    targets: tuple[LinkTarget, ...]
-    max_bytes: int
-    target_seconds: float
 
 
 def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> None:

@@ -28,8 +28,7 @@ from proto.rpc import MAX_DETAILS_CHARS
 from proto.streams import IncomingTensors, open_stream
 from proto.tensor_stream import encode_values, header_of, iter_chunks
 from worker.edge_compression import EdgeCodec
-from worker.link_probe import LinkFigure
-from worker.link_requests import LinkRequest, LinkTarget
+from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
 from worker.resources import Resources
 
 if TYPE_CHECKING:
