@@ -36,12 +36,8 @@ def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
     return WorkerStub(channel)
 
 
-def stage_assignment_pb(
-    handover: StageHandover | None = None, /, **fields: Any
-) -> worker_pb2.StageAssignment:
-    """What a worker needs to build and run one stage: a `StageHandover`, or its fields
-    given by name."""
-    h = handover if handover is not None else StageHandover(**fields)
+def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
+    """What a worker needs to build and run one stage."""
     spec, plan, stage, routes = h.spec, h.plan, h.stage, h.routes
     job_id, epoch, fingerprint, start_step, secret, tensors = (
         h.job_id,

@@ -25,8 +25,8 @@ from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from proto import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 from proto.rpc import MAX_DETAILS_CHARS
-from proto.streams import IncomingTensors, open_stream
-from proto.tensor_stream import encode_values, header_of, iter_chunks
+from proto.streams import IncomingTensors, open_stream, stream_parts
+from proto.tensor_stream import encode_values, header_of
 from worker.edge_compression import EdgeCodec
 from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
 from worker.resources import Resources
@@ -437,10 +437,10 @@ def checkpoint_parts(
         tensors=[header_of(name, t) for name, t in items],
     )
 
-    async def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
-        yield coordinator_pb2.CheckpointPart(header=header)
-        for chunk in iter_chunks([t for _, t in items]):
-            yield coordinator_pb2.CheckpointPart(chunk=chunk)
+    def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
+        return stream_parts(
+            coordinator_pb2.CheckpointPart, "header", header, [t for _, t in items]
+        )
 
     return parts
 
@@ -467,10 +467,8 @@ def transfer_parts(
     )
     nbytes = sum(h.nbytes for h in header.tensors)
 
-    async def parts() -> AsyncIterator[worker_pb2.TransferPart]:
-        yield worker_pb2.TransferPart(header=header)
-        for chunk in iter_chunks([t for _, t in tensors]):
-            yield worker_pb2.TransferPart(chunk=chunk)
+    def parts() -> AsyncIterator[worker_pb2.TransferPart]:
+        return stream_parts(worker_pb2.TransferPart, "header", header, [t for _, t in tensors])
 
     return nbytes, parts
 

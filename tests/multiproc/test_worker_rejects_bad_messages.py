@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from compressors import Payload, TopK
+from coordinator.handover import StageHandover
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import WorkerSlot, plan_even, stage_routes
 from coordinator.serde import stage_assignment_pb
@@ -92,16 +93,18 @@ def build_stage_hand_out(
     names = [p.name for p in cut.stages[stage].graph.params]
     tensors = tuple(captured.state[n] for n in names)
     assignment = stage_assignment_pb(
-        job_id=job_id,
-        epoch=epoch,
-        stage=cut.stages[stage],
-        plan=plan,
-        routes=stage_routes(cut)[stage],
-        spec=spec,
-        fingerprint="",
-        start_step=0,
-        secret=secrets.token_hex(16),
-        tensors=list(zip(names, tensors, strict=True)),
+        StageHandover(
+            job_id=job_id,
+            epoch=epoch,
+            stage=cut.stages[stage],
+            plan=plan,
+            routes=stage_routes(cut)[stage],
+            spec=spec,
+            fingerprint="",
+            start_step=0,
+            secret=secrets.token_hex(16),
+            tensors=list(zip(names, tensors, strict=True)),
+        )
     )
     return StageHandOut(spec, assignment, tensors)
 
