@@ -75,7 +75,9 @@ _SYNC_OFF = "sync"
 _SYNC_LATER = ("local-sgd", "partial-local-sgd")
 _MOE_OFF = "auto"
 _MOE_LATER = ("data-centric", "expert-centric")
-_REPLICAS_OFF = 1
+# Replicas of each stage, each a full pipeline over its own workers; a bound keeps a sync
+# group's averaging round (and the planner's search) small.
+MAX_REPLICAS = 64
 
 
 # -- checks of single values ------------------------------------------------------------
@@ -112,12 +114,6 @@ def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[objec
         )
 
     return check
-
-
-def _one_replica(value: object) -> object:
-    if value != _REPLICAS_OFF:
-        raise ValueError(f"{value!r} is not available yet (available: {_REPLICAS_OFF})")
-    return value
 
 
 def _fraction(value: object) -> float:
@@ -160,6 +156,15 @@ def _stages(value: object) -> int | None:
     if isinstance(value, str):
         raise ValueError(f"must be auto or an int >= 1, got {show(value)}")
     return _in_range(1, _UINT32_MAX)(value)
+
+
+def _replicas(value: object) -> int | None:
+    """`auto` (None: as many replicas as the planner finds worth it) or a count."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"must be auto or an int in [1, {MAX_REPLICAS}], got {show(value)}")
+    return _in_range(1, MAX_REPLICAS)(value)
 
 
 Steps = Annotated[int, PlainValidator(_in_range(1, MAX_STEPS))]
@@ -285,15 +290,14 @@ class ModelSpec:
 
 @spec_dataclass("parallel")
 class ParallelSpec:
-    """How the model is cut over workers: the planner, and the number of pipeline stages
-    (None: as many as the planner finds workers for)."""
+    """How the model is cut over workers: the planner, the number of pipeline stages
+    (None: as many as the planner finds workers for), and the number of replicas of each
+    stage, each a full pipeline over its own workers (None: as many as the planner finds
+    worth it; the default 1 is one pipeline)."""
 
     planner: Annotated[StrictStr, AfterValidator(_planner)] = "opfence"
     stages: Annotated[int | None, PlainValidator(_stages)] = None
-    replicas: InitVar[Annotated[int, PlainValidator(_one_replica)]] = _REPLICAS_OFF
-
-    def __post_init__(self, replicas: int) -> None:
-        del replicas  # only 1 exists so far, and its type checked that
+    replicas: Annotated[int | None, PlainValidator(_replicas)] = 1
 
 
 @spec_dataclass("checkpoint")
@@ -437,6 +441,7 @@ class JobSpec:
             "parallel": {
                 "planner": self.parallel.planner,
                 "stages": "auto" if self.parallel.stages is None else self.parallel.stages,
+                "replicas": "auto" if self.parallel.replicas is None else self.parallel.replicas,
             },
             "checkpoint": {"every": self.checkpoint.every},
             "seed": self.seed,
@@ -479,6 +484,7 @@ def load_job_spec(path: str | Path) -> JobSpec:
 
 
 __all__ = [
+    "MAX_REPLICAS",
     "MAX_STEPS",
     "PLANNERS",
     "CheckpointSpec",

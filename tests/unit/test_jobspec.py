@@ -160,6 +160,22 @@ def test_round_trip_keeps_every_field() -> None:
     assert spec.to_dict() == JobSpec.from_dict(plain).to_dict()
 
 
+def test_replicas_default_to_one_and_take_auto_or_a_count() -> None:
+    assert parse_job_spec(spec_text()).parallel.replicas == 1
+    assert parse_job_spec(spec_text(("parallel", DELETE))).parallel.replicas == 1
+    for given, expected in (("auto", None), (1, 1), (2, 2), (64, 64)):
+        spec = parse_job_spec(spec_text(("parallel.replicas", given)))
+        assert spec.parallel.replicas == expected, given
+        assert spec.to_dict()["parallel"]["replicas"] == given
+        assert parse_job_spec(yaml.safe_dump(spec.to_dict())) == spec
+    assert ParallelSpec(replicas=None) == ParallelSpec(replicas="auto")  # type: ignore[arg-type]
+
+
+def test_replicas_built_directly_are_checked_as_parsed() -> None:
+    with pytest.raises(JobSpecError, match=r"^parallel\.replicas: must be in \[1, 64\]"):
+        ParallelSpec(replicas=0)
+
+
 def test_context_is_the_text_models_and_none_for_images() -> None:
     assert parse_job_spec(spec_text()).context() == 32
     image = parse_job_spec(
@@ -238,7 +254,11 @@ def test_later_policies_are_accepted_at_their_off_values() -> None:
         (("parallel.planner", "random"), "parallel.planner:", "unknown planner"),
         (("parallel.stages", 0), "parallel.stages:", "must be in"),
         (("parallel.stages", "many"), "parallel.stages:", "auto"),
-        (("parallel.replicas", "auto"), "parallel.replicas:", "not available yet"),
+        (("parallel.replicas", 0), "parallel.replicas:", "must be in [1, 64]"),
+        (("parallel.replicas", 65), "parallel.replicas:", "must be in [1, 64]"),
+        (("parallel.replicas", "many"), "parallel.replicas:", "auto"),
+        (("parallel.replicas", True), "parallel.replicas:", "must be an int, got bool"),
+        (("parallel.replicas", 2.0), "parallel.replicas:", "must be an int"),
         (("checkpoint.every", 0), "checkpoint.every:", "must be in"),
         (("checkpoint.at", 5), "checkpoint.at:", "unknown key"),
         (("seed", -1), "seed:", "must be in"),
@@ -369,6 +389,7 @@ FIELDS = [
     "parallel",
     "parallel.planner",
     "parallel.stages",
+    "parallel.replicas",
     "checkpoint.every",
     "seed",
     "compression",
