@@ -41,12 +41,15 @@ from coordinator.planning.spec_errors import (
     JobSpecError,
     arguments_of,
     build_attributed,
+    int_in_range,
+    one_of,
     section,
     show,
     spec_dataclass,
     spec_error,
 )
 from coordinator.planning.spec_yaml import read_spec_yaml
+from coordinator.planning.sync_spec import SyncSpec, sync_setting
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
 from opdag.optim import OptimizerConfig, OptimizerError
 from opdag.zoo import ZOO_NAMES, ZooError, data_kind, model_config
@@ -71,8 +74,6 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # accepted only with its "off" value, so a spec written for today keeps meaning the same.
 COMPRESSION_KINDS = ("none", "adatopk", "topk")
 COMPRESSION_VALUES = ("fp32", "fp16")
-_SYNC_OFF = "sync"
-_SYNC_LATER = ("local-sgd", "partial-local-sgd")
 _MOE_OFF = "auto"
 _MOE_LATER = ("data-centric", "expert-centric")
 # Replicas of each stage, each a full pipeline over its own workers; a bound keeps a sync
@@ -81,24 +82,6 @@ MAX_REPLICAS = 64
 
 
 # -- checks of single values ------------------------------------------------------------
-
-
-def _in_range(lo: int, hi: int) -> Callable[[object], int]:
-    def check(value: object) -> int:
-        # bool is an int to Python but never what a spec means by a count.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an int, got {show(value)}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be in [{lo}, {hi}], got {value}")
-        return value
-
-    return check
-
-
-def _compression_values(value: object) -> str:
-    if isinstance(value, str) and value in COMPRESSION_VALUES:
-        return value
-    raise ValueError(f"must be one of {', '.join(COMPRESSION_VALUES)}, got {show(value)}")
 
 
 def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[object], object]:
@@ -155,7 +138,7 @@ def _stages(value: object) -> int | None:
         return None
     if isinstance(value, str):
         raise ValueError(f"must be auto or an int >= 1, got {show(value)}")
-    return _in_range(1, _UINT32_MAX)(value)
+    return int_in_range(1, _UINT32_MAX)(value)
 
 
 def _replicas(value: object) -> int | None:
@@ -164,11 +147,11 @@ def _replicas(value: object) -> int | None:
         return None
     if isinstance(value, str):
         raise ValueError(f"must be auto or an int in [1, {MAX_REPLICAS}], got {show(value)}")
-    return _in_range(1, MAX_REPLICAS)(value)
+    return int_in_range(1, MAX_REPLICAS)(value)
 
 
-Steps = Annotated[int, PlainValidator(_in_range(1, MAX_STEPS))]
-Seed = Annotated[int, PlainValidator(_in_range(0, _INT64_MAX))]
+Steps = Annotated[int, PlainValidator(int_in_range(1, MAX_STEPS))]
+Seed = Annotated[int, PlainValidator(int_in_range(0, _INT64_MAX))]
 Fraction = Annotated[float, PlainValidator(_fraction)]
 
 
@@ -340,7 +323,7 @@ def _adatopk_options(value: object) -> object:
 class _CompressionForm(Form):
     topk: Fraction = 1.0
     adatopk: Annotated[_AdaTopKForm, BeforeValidator(_adatopk_options)] = _AdaTopKForm()
-    values: Annotated[str, PlainValidator(_compression_values)] = "fp32"
+    values: Annotated[str, PlainValidator(one_of(COMPRESSION_VALUES))] = "fp32"
 
 
 def _compression(value: object) -> object:
@@ -366,19 +349,6 @@ def _compression(value: object) -> object:
     return CompressionSpec(kinds[0], form.topk, form.adatopk.floor, form.values)
 
 
-_sync_kind = _off_only(_SYNC_OFF, _SYNC_LATER, "sync")
-
-
-@section("sync")
-class _SyncForm(Form):
-    kind: Annotated[Any, AfterValidator(_sync_kind)]
-
-
-def _sync_form(value: object) -> object:
-    """`sync: KIND` is short for `sync: {kind: KIND}`."""
-    return value if isinstance(value, dict | _SyncForm) else {"kind": _sync_kind(value)}
-
-
 @section("moe")
 class _MoeForm(Form):
     mode: Annotated[Any, AfterValidator(_off_only(_MOE_OFF, _MOE_LATER, "moe"))]
@@ -402,12 +372,12 @@ class JobSpec:
     compression: Annotated[InstanceOf[CompressionSpec], BeforeValidator(_compression)] = (
         CompressionSpec()
     )
-    # Policies of later features: checked, then dropped (their off values change nothing).
-    sync: InitVar[Annotated[_SyncForm, BeforeValidator(_sync_form)]] = _SyncForm(kind=_SYNC_OFF)
+    sync: Annotated[SyncSpec, BeforeValidator(sync_setting)] = SyncSpec()
+    # A policy of a later feature: checked, then dropped (its off value changes nothing).
     moe: InitVar[_MoeForm] = _MoeForm(mode=_MOE_OFF)
 
-    def __post_init__(self, sync: _SyncForm, moe: _MoeForm) -> None:
-        del sync, moe
+    def __post_init__(self, moe: _MoeForm) -> None:
+        del moe
         wants = data_kind(self.model.zoo)
         if self.data.kind != wants:
             fitting = [c for c, k in CORPUS_KINDS.items() if k == wants]
@@ -446,6 +416,7 @@ class JobSpec:
             "checkpoint": {"every": self.checkpoint.every},
             "seed": self.seed,
             "compression": self.compression.to_plain(),
+            "sync": self.sync.to_plain(),
         }
 
     @classmethod
@@ -493,6 +464,7 @@ __all__ = [
     "JobSpecError",
     "ModelSpec",
     "ParallelSpec",
+    "SyncSpec",
     "load_job_spec",
     "parse_job_spec",
 ]

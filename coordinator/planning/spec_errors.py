@@ -40,6 +40,31 @@ def show(value: object) -> str:
     return f"{type(value).__name__} {text}"
 
 
+def int_in_range(lo: int, hi: int) -> Callable[[object], int]:
+    """The check of a count: an int (never a bool) in [lo, hi]."""
+
+    def check(value: object) -> int:
+        # bool is an int to Python but never what a spec means by a count.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an int, got {show(value)}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+
+    return check
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[object], str]:
+    """The check of a setting that is one of a few names."""
+
+    def check(value: object) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ValueError(f"must be one of {', '.join(choices)}, got {show(value)}")
+
+    return check
+
+
 class Blame(ValueError):
     """A check's error about a field below the one checked (`where`, relative to it)."""
 

@@ -18,9 +18,11 @@ from coordinator.planning.jobspec import (
     JobSpecError,
     ModelSpec,
     ParallelSpec,
+    SyncSpec,
     load_job_spec,
     parse_job_spec,
 )
+from coordinator.planning.sync_spec import OuterSpec
 from opdag.data import DataConfig
 from opdag.errors import OpDagError
 from opdag.optim import OptimizerConfig
@@ -201,6 +203,76 @@ def test_compression_settings_parse_and_round_trip() -> None:
         assert JobSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_sync_settings_parse_and_round_trip() -> None:
+    cases = {
+        "sync": SyncSpec(),
+        "{kind: sync}": SyncSpec(),
+        "{kind: sync, values: fp16}": SyncSpec(values="fp16"),
+        "local-sgd": SyncSpec(kind="local-sgd", period=8),
+        "partial-local-sgd": SyncSpec(kind="partial-local-sgd"),
+        "{kind: partial-local-sgd, period: 4}": SyncSpec(kind="partial-local-sgd", period=4),
+        "{kind: local-sgd, period: 1, values: fp16}": SyncSpec("local-sgd", 1, "fp16"),
+        "{kind: local-sgd, period: 10000}": SyncSpec(kind="local-sgd", period=10_000),
+        "{kind: local-sgd, outer: {name: nesterov}}": SyncSpec(
+            kind="local-sgd", outer=OuterSpec("nesterov", lr=0.7, momentum=0.9)
+        ),
+        "{kind: partial-local-sgd, outer: {name: sgd, lr: 1, momentum: 0}}": SyncSpec(
+            kind="partial-local-sgd", outer=OuterSpec("sgd", lr=1.0, momentum=0.0)
+        ),
+    }
+    for text, expected in cases.items():
+        spec = parse_job_spec(spec_text() + f"sync: {text}\n")
+        assert spec.sync == expected, text
+        plain = spec.to_dict()
+        assert json.loads(json.dumps(plain)) == plain  # plain data only
+        assert JobSpec.from_dict(plain) == spec
+        assert parse_job_spec(yaml.safe_dump(plain)) == spec
+
+
+def test_sync_defaults_to_exact_gradient_averaging() -> None:
+    sync = parse_job_spec(spec_text()).sync
+    assert sync == SyncSpec(kind="sync", period=8, values="fp32", outer=None)
+    assert not sync.local
+    assert SyncSpec(kind="partial-local-sgd").local and SyncSpec(kind="local-sgd").local
+
+
+def test_sync_kind_accepts_a_period_and_ignores_it() -> None:
+    # Replaces a check that `sync: {kind: sync, period: 8}` was refused ("unknown key"):
+    # period is now a key of every kind; `sync` averages every step whatever it says.
+    spec = parse_job_spec(spec_text(("sync", {"kind": "sync", "period": 8})))
+    assert spec.sync == SyncSpec() and not spec.sync.local
+
+
+def test_local_kinds_are_accepted_now() -> None:
+    # Replaces checks that local-sgd and partial-local-sgd were "not available yet".
+    spec = parse_job_spec(spec_text(("sync", {"kind": "partial-local-sgd", "period": 8})))
+    assert spec.sync == SyncSpec(kind="partial-local-sgd", period=8)
+    assert parse_job_spec(spec_text(("sync", "local-sgd"))).sync.kind == "local-sgd"
+
+
+def test_sync_built_directly_is_checked_as_parsed() -> None:
+    with pytest.raises(JobSpecError, match=r"^sync\.period: must be in \[1, 10000\]"):
+        SyncSpec(kind="local-sgd", period=0)
+    with pytest.raises(JobSpecError, match=r"^sync\.kind: unknown sync kind"):
+        SyncSpec(kind="bsp")
+    with pytest.raises(JobSpecError, match=r"^sync\.outer: only local-sgd"):
+        SyncSpec(kind="sync", outer=OuterSpec("sgd"))
+    with pytest.raises(JobSpecError, match=r"^sync\.outer\.momentum: must be in \[0, 1\)"):
+        OuterSpec("nesterov", momentum=-0.1)
+
+
+@pytest.mark.parametrize("key", ["kind", "period", "values", "outer"])
+def test_odd_values_in_any_sync_field_give_a_spec_error_or_a_valid_spec(key: str) -> None:
+    for value in ODD_VALUES:
+        sync = {"kind": "local-sgd", key: value}
+        try:
+            spec = parse_job_spec(spec_text(("sync", sync)))
+        except JobSpecError as e:
+            assert str(e).startswith(f"sync.{key}"), str(e)
+        else:
+            assert parse_job_spec(yaml.safe_dump(spec.to_dict())) == spec
+
+
 def test_later_policies_are_accepted_at_their_off_values() -> None:
     for key, value in (
         ("compression", "none"),
@@ -273,9 +345,49 @@ def test_later_policies_are_accepted_at_their_off_values() -> None:
         (("compression", {"adatopk": {"floor": 2}}), "compression.adatopk.floor:", "(0, 1]"),
         (("compression", {"adatopk": {"flor": 0.1}}), "compression.adatopk.flor:", "unknown key"),
         (("compression", {"zstd": 3}), "compression.zstd:", "unknown key"),
-        (("sync", {"kind": "partial-local-sgd", "period": 8}), "sync.kind:", "not available yet"),
-        (("sync", "local-sgd"), "sync:", "not available yet"),
-        (("sync", {"kind": "sync", "period": 8}), "sync.period:", "unknown key"),
+        (("sync", "async"), "sync:", "unknown sync kind str 'async' (kinds: sync, local-sgd"),
+        (("sync", {"kind": "lazy"}), "sync.kind:", "unknown sync kind"),
+        (("sync", {"period": 4}), "sync.kind:", "missing; sync needs: kind"),
+        (("sync", [1]), "sync:", "must be a mapping with keys kind, period, values, outer"),
+        (("sync", {"kind": "local-sgd", "period": 0}), "sync.period:", "[1, 10000]"),
+        (("sync", {"kind": "local-sgd", "period": 10_001}), "sync.period:", "[1, 10000]"),
+        (("sync", {"kind": "sync", "period": 0}), "sync.period:", "[1, 10000]"),
+        (("sync", {"kind": "local-sgd", "period": 2.5}), "sync.period:", "must be an int"),
+        (("sync", {"kind": "local-sgd", "period": True}), "sync.period:", "got bool"),
+        (("sync", {"kind": "local-sgd", "values": "int8"}), "sync.values:", "fp32, fp16"),
+        (
+            ("sync", {"kind": "local-sgd", "every": 3}),
+            "sync.every:",
+            "unknown key (sync takes: kind",
+        ),
+        (("sync", {"kind": "sync", "outer": {"name": "sgd"}}), "sync.outer:", "only local-sgd"),
+        (("sync", {"kind": "local-sgd", "outer": "nesterov"}), "sync.outer:", "mapping"),
+        (("sync", {"kind": "local-sgd", "outer": {"lr": 1}}), "sync.outer.name:", "missing"),
+        (
+            ("sync", {"kind": "local-sgd", "outer": {"name": "adam"}}),
+            "sync.outer.name:",
+            "sgd, nesterov",
+        ),
+        (
+            ("sync", {"kind": "local-sgd", "outer": {"name": "sgd", "lr": 0}}),
+            "sync.outer.lr:",
+            "> 0",
+        ),
+        (
+            ("sync", {"kind": "local-sgd", "outer": {"name": "sgd", "lr": float("inf")}}),
+            "sync.outer.lr:",
+            "finite",
+        ),
+        (
+            ("sync", {"kind": "local-sgd", "outer": {"name": "sgd", "momentum": 1}}),
+            "sync.outer.momentum:",
+            "[0, 1)",
+        ),
+        (
+            ("sync", {"kind": "local-sgd", "outer": {"name": "sgd", "beta": 1}}),
+            "sync.outer.beta:",
+            "unknown key (sync.outer takes: name, lr, momentum)",
+        ),
         (("moe", {"mode": "data-centric"}), "moe.mode:", "not available yet"),
         (("moe", "auto"), "moe:", "mapping"),
         (("replicas", 2), "replicas:", "unknown key (spec takes: name"),
