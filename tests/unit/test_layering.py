@@ -147,11 +147,11 @@ def all_imports() -> list[Import]:
 
 def test_every_import_points_down_the_layers() -> None:
     # One line per offending import statement (a `from a import b` is checked as a and a.b).
-    problems = list(
-        dict.fromkeys(
-            f"{imp.module}:{imp.line}: {why}" for imp in all_imports() if (why := forbidden(imp))
-        )
-    )
+    by_line: dict[tuple[str, int], str] = {}
+    for imp in all_imports():
+        if (why := forbidden(imp)) is not None:
+            by_line.setdefault((imp.module, imp.line), f"{imp.module}:{imp.line}: {why}")
+    problems = list(by_line.values())
     assert not problems, "layering broken:\n" + "\n".join(problems)
 
 
