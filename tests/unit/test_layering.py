@@ -167,6 +167,22 @@ def test_generated_protobuf_classes_appear_only_in_serde_modules_and_proto() -> 
     assert not outside, "generated classes outside the serde modules:\n" + "\n".join(outside)
 
 
+def test_no_dataclass_holds_a_generated_protobuf_type() -> None:
+    # Plain data crosses module boundaries; messages stay inside the serde functions.
+    holding = []
+    for path in product_files():
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if isinstance(cls, ast.ClassDef) and any(
+                "dataclass" in ast.unparse(d) for d in cls.decorator_list
+            ):
+                holding += [
+                    f"{path.relative_to(ROOT)}: {cls.name}.{ast.unparse(f.target)}"
+                    for f in cls.body
+                    if isinstance(f, ast.AnnAssign) and "_pb2" in ast.unparse(f.annotation)
+                ]
+    assert not holding, "dataclasses holding protobuf messages:\n" + "\n".join(holding)
+
+
 def test_no_module_is_longer_than_a_few_hundred_lines() -> None:
     long = [
         f"{path.relative_to(ROOT)}: {n} lines"
