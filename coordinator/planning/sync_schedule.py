@@ -36,6 +36,8 @@ from coordinator.planning.sync_spec import MAX_PERIOD
 # Nodes the search may visit before it settles for the best assignment found so far; a
 # stage of a few dozen layers over a period of 8 is scheduled in well under a second.
 SEARCH_NODES = 20_000
+# The search recurses once per layer; a stage with more layers keeps the greedy assignment.
+_SEARCH_DEPTH = 400
 
 
 def _check_time(what: str, value: object) -> float:
@@ -211,39 +213,47 @@ def _assign(link: _Link, n: int, period: int, budget: int) -> tuple[list[list[in
         bound_after[k] = bound_after[k + 1] + alone_wait[order[k]]
     sets: list[list[int]] = [[] for _ in range(period)]
     waits = [0.0] * period
-    loads = [0.0] * period
-    best: list[list[int]] = []
-    best_wait = math.inf
-    nodes = 0
-    finished = True
+
+    def options(i: int) -> list[tuple[float, float, int]]:
+        """Where layer i may go: (wait it adds, averaging load then, iteration), best first."""
+        found = []
+        for t in range(period):
+            if not sets[t] and t > 0 and not sets[t - 1]:
+                continue  # empty iterations are alike: try the first one only
+            load = sum(link.averaging[j] for j in sets[t]) + link.averaging[i]
+            found.append((link.wait([*sets[t], i]) - waits[t], load, t))
+        return sorted(found)
+
+    # Greedy first: each layer where it adds least wait, then least load.
+    for i in order:
+        added, _, t = options(i)[0]
+        sets[t].append(i)
+        waits[t] += added
+    best, best_wait = [list(x) for x in sets], sum(waits)
+    if best_wait <= bound_after[0] + link.tolerance or n > _SEARCH_DEPTH:
+        return best, best_wait <= bound_after[0] + link.tolerance
+    sets, waits = [[] for _ in range(period)], [0.0] * period
+    nodes, finished = 0, True
 
     def visit(k: int, total: float) -> None:
         nonlocal best, best_wait, nodes, finished
         if k == n:
             if total < best_wait - link.tolerance:
-                best, best_wait = [list(s) for s in sets], total
+                best, best_wait = [list(x) for x in sets], total
             return
-        i = order[k]
-        options = []
-        for t in range(period):
-            if not sets[t] and t > 0 and not sets[t - 1]:
-                continue  # empty iterations are alike: try the first one only
-            added = link.wait([*sets[t], i]) - waits[t]
-            options.append((added, loads[t] + link.averaging[i], t))
-        for added, _, t in sorted(options):
+        for added, _, t in options(order[k]):
             if total + added + bound_after[k + 1] >= best_wait - link.tolerance:
                 break  # sorted by added wait: no later option can beat the best either
-            if best and nodes >= budget:
+            if nodes >= budget:
                 finished = False
                 return
             nodes += 1
-            sets[t].append(i)
-            waits[t] += added
-            loads[t] += link.averaging[i]
+            before = waits[t]
+            sets[t].append(order[k])
+            waits[t] = before + added
             visit(k + 1, total + added)
             sets[t].pop()
-            waits[t] -= added
-            loads[t] -= link.averaging[i]
+            waits[t] = before
             if best_wait <= bound_after[0] + link.tolerance:
                 return  # as low as the bound: nothing can beat it
 

@@ -96,7 +96,7 @@ def test_each_layer_is_averaged_exactly_once_per_period(period: int, fill_idle: 
 
 def test_each_layer_is_averaged_once_in_larger_random_stages() -> None:
     rng = random.Random(7)
-    for n, period in ((40, 8), (25, 3), (12, 16)):
+    for n, period in ((40, 8), (25, 3), (12, 16), (600, 8)):  # 600: deeper than the search
         profile = stage(*((rng.uniform(0.01, 0.05), rng.uniform(0.0, 0.1)) for _ in range(n)))
         schedule = schedule_partial_sync(profile, period)
         assert_every_layer_once(schedule)
