@@ -229,6 +229,14 @@ def test_sync_settings_parse_and_round_trip() -> None:
         assert parse_job_spec(yaml.safe_dump(plain)) == spec
 
 
+def test_the_design_cards_replica_and_sync_policies_parse() -> None:
+    text = spec_text(("parallel", {"planner": "opfence", "stages": "auto", "replicas": "auto"}))
+    spec = parse_job_spec(text + "sync: {kind: partial-local-sgd, period: 8}\n")
+    assert spec.parallel == ParallelSpec(planner="opfence", stages=None, replicas=None)
+    assert spec.sync == SyncSpec(kind="partial-local-sgd", period=8, values="fp32")
+    assert parse_job_spec(yaml.safe_dump(spec.to_dict())) == spec
+
+
 def test_sync_defaults_to_exact_gradient_averaging() -> None:
     sync = parse_job_spec(spec_text()).sync
     assert sync == SyncSpec(kind="sync", period=8, values="fp32", outer=None)
