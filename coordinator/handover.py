@@ -18,7 +18,8 @@ from opdag.partition import Stage
 
 @dataclass(frozen=True)
 class StageHandover:
-    """A stage with its place in the plan, its routes, data, optimizer and tensors."""
+    """A stage with its place in the plan (its replica too), its routes, data, optimizer
+    and tensors."""
 
     job_id: str
     epoch: int
@@ -30,3 +31,4 @@ class StageHandover:
     start_step: int
     secret: str
     tensors: Sequence[tuple[str, torch.Tensor]]
+    replica: int = 0

@@ -179,11 +179,13 @@ class JobLifecycle:
                 return
             free = self.registry.free()
             want = job.spec.parallel.stages
+            replicas = job.spec.parallel.replicas or 1  # auto: at least one pipeline
             model = await self.table.model_of(job)
             if want is None:
                 n = min(len(free), len(model.graph.compute_nodes))
+                n = n if n >= replicas else 0
             else:
-                n = want if len(free) >= want else 0
+                n = want * replicas if len(free) >= want * replicas else 0
             if n == 0:
                 return
             if not self._links_ready(job, [w.worker_id for w in free]):
@@ -219,10 +221,11 @@ class JobLifecycle:
             await self.save_workers([self.registry.workers[w] for w in plan.worker_ids])
             await self.table.notify(job)
             log.info(
-                "job %s epoch %d: %d stages on %s, from step %d",
+                "job %s epoch %d: %d stages x %d replicas on %s, from step %d",
                 job.job_id,
                 plan.epoch,
                 plan.num_stages,
+                plan.replicas,
                 ", ".join(p.worker_name for p in plan.placements),
                 start_step,
             )
@@ -253,7 +256,8 @@ class JobLifecycle:
         secret = secrets.token_hex(16)
         routes = stage_routes(cut)
         loads = []
-        for placement, stage in zip(plan.placements, cut.stages, strict=True):
+        for placement in plan.placements:
+            stage = cut.stages[placement.stage]
             handover = StageHandover(
                 job_id=job.job_id,
                 epoch=plan.epoch,
@@ -264,7 +268,9 @@ class JobLifecycle:
                 fingerprint=job.fingerprint,
                 start_step=plan.start_step,
                 secret=secret,
+                # Every replica starts from the same state: the checkpoint's one copy.
                 tensors=self.checkpoints.stage_tensors(job.job_id, stage, state),
+                replica=placement.replica,
             )
             loads.append(self.workers.load_stage(placement.worker_id, placement.address, handover))
         await asyncio.gather(*loads)

@@ -55,10 +55,18 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         stage=stage.index,
         num_stages=plan.num_stages,
         graph=graph_serde.graph_to_pb(stage.graph),
+        # The other stages of this replica's pipeline, and this stage in the other replicas.
         peers=[
             worker_pb2.Peer(stage=p.stage, address=p.address)
             for p in plan.placements
-            if p.stage != stage.index
+            if p.stage != stage.index and p.replica == h.replica
+        ],
+        replica=h.replica,
+        replicas=plan.replicas,
+        sync_peers=[
+            worker_pb2.ReplicaPeer(replica=p.replica, address=p.address)
+            for p in plan.placements
+            if p.stage == stage.index and p.replica != h.replica
         ],
         sends=[worker_pb2.Route(name=n, stages=s) for n, s in routes["sends"].items()],
         codecs=[
@@ -288,6 +296,7 @@ def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordina
                 nodes=p.nodes,
                 params=p.params,
                 flops=p.flops,
+                replica=p.replica,
             )
     for m in metrics:
         if "loss" in m:

@@ -19,6 +19,7 @@ from opdag.errors import OpDagError
 from opdag.values import Value
 from proto.rpc import TlsConfig
 from worker.peers import PeerLinks
+from worker.replica_sync import ReplicaSync
 from worker.serde import StagePlan
 from worker.stage_job import Reporter, StageJob
 from worker.states import NodeState, StageState
@@ -72,6 +73,7 @@ class WorkerNode:
         # worker still holds belongs to an abandoned plan.
         await self._drop_job()
         peers = PeerLinks(plan, token=self.token, tls=self.tls)
+        sync = ReplicaSync(plan, token=self.token, tls=self.tls) if plan.replicas > 1 else None
         loop = asyncio.get_running_loop()
         try:
             job = await loop.run_in_executor(
@@ -83,18 +85,23 @@ class WorkerNode:
                     compute=self.compute,
                     sender=peers.send,
                     reporter=self.reporter,
+                    sync=sync,
                 ),
             )
         except BaseException:
             await peers.close()
+            if sync is not None:
+                await sync.close()
             raise
         self.job, self._peers = job, peers
         log.info(
-            "loaded job %s epoch %d stage %d/%d (%d operators), steps %d..%d",
+            "loaded job %s epoch %d stage %d/%d replica %d/%d (%d operators), steps %d..%d",
             plan.job_id,
             plan.epoch,
             plan.stage,
             plan.num_stages,
+            plan.replica,
+            plan.replicas,
             len(plan.graph.compute_nodes),
             plan.start_step,
             plan.total_steps,
@@ -135,6 +142,8 @@ class WorkerNode:
             await asyncio.get_running_loop().run_in_executor(self.compute, job.runner.discard)
         if peers is not None:
             await peers.close()
+        if job is not None and job.sync is not None:
+            await job.sync.close()
 
     # -- data (from peers) ---------------------------------------------------------------------
 

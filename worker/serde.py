@@ -12,7 +12,7 @@ in range, and data and optimizer settings pass their own validation.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -21,7 +21,6 @@ import torch
 from opdag import graph_serde
 from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
-from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from proto import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
 from proto.rpc import MAX_DETAILS_CHARS
@@ -30,63 +29,11 @@ from proto.tensor_stream import encode_values, header_of
 from worker.edge_compression import EdgeCodec
 from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
 from worker.resources import Resources
+from worker.stage_plan import StagePlan
 
 if TYPE_CHECKING:
     from worker.node import NodeStatus
     from worker.stage_job import StepReport
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """Everything a worker needs to run one stage of a job."""
-
-    job_id: str
-    epoch: int
-    stage: int
-    num_stages: int
-    graph: Graph
-    peers: Mapping[int, str]
-    # value name -> stages it goes to / the stage it comes from
-    sends: Mapping[str, tuple[int, ...]]
-    receives: Mapping[str, int]
-    # data input name -> stages that read it (stage 0 loads the batch and sends them)
-    data_routes: Mapping[str, tuple[int, ...]]
-    data: DataConfig
-    context: int | None
-    fingerprint: str
-    optimizer: OptimizerConfig
-    start_step: int
-    total_steps: int
-    checkpoint_every: int
-    job_secret: str
-    # dst stage -> how what this stage sends there is compressed
-    codecs: Mapping[int, EdgeCodec] = field(default_factory=dict)
-
-    @property
-    def loads_data(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def data_inputs(self) -> tuple[str, ...]:
-        """The data inputs this stage's graph reads."""
-        return tuple(n for n in self.graph.inputs if n not in self.receives)
-
-    def forward_sources(self) -> set[int]:
-        """Stages that send this stage a message for every micro-batch's forward."""
-        srcs = set(self.receives.values())
-        if not self.loads_data and self.data_inputs:
-            srcs.add(0)
-        return srcs
-
-    def backward_sources(self) -> set[int]:
-        """Stages that send gradients back to this stage (those reading a value of ours
-        that carries a gradient)."""
-        srcs: set[int] = set()
-        for name, dsts in self.sends.items():
-            meta = self.graph.node(name).meta
-            if meta is not None and meta.carries_grad:
-                srcs.update(dsts)
-        return srcs
 
 
 def _fail(what: str) -> CodecError:
@@ -165,6 +112,15 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
             codecs[c.dst_stage].build()
         except CodecError as e:
             raise _fail(str(e)) from None
+    replicas = a.replicas or 1  # an assignment from before replicas: one pipeline
+    if replicas > 64 or a.replica >= replicas or data.micro_batches % replicas:
+        raise _fail(
+            f"replica {a.replica} of {replicas} (with {data.micro_batches} micro-batches) "
+            "is out of range"
+        )
+    sync_peers = {p.replica: p.address for p in a.sync_peers}
+    if set(sync_peers) != set(range(replicas)) - {a.replica} or len(a.sync_peers) != replicas - 1:
+        raise _fail("the sync peers must be the other replicas, once each")
     return StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
@@ -184,6 +140,9 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         checkpoint_every=a.checkpoint_every,
         job_secret=a.job_secret,
         codecs=codecs,
+        replica=a.replica,
+        replicas=replicas,
+        sync_peers=sync_peers,
     )
 
 
@@ -198,6 +157,19 @@ class Transfer:
     step: int
     micro_batch: int
     src_stage: int
+
+
+@dataclass(frozen=True)
+class GradientShare:
+    """The header of one replica's gradients of a stage for one step, sent to the other
+    replicas of the stage; the tensors follow on the stream."""
+
+    job_id: str
+    epoch: int
+    job_secret: str
+    step: int
+    stage: int
+    src_replica: int
 
 
 def transfer_from_pb(h: worker_pb2.TransferHeader) -> Transfer:
@@ -241,6 +213,7 @@ LoadStagePart = worker_pb2.LoadStagePart
 LoadStageReply = worker_pb2.LoadStageReply
 JobControlRequest = worker_pb2.JobControl
 TransferPart = worker_pb2.TransferPart
+ReplicaGradientsPart = worker_pb2.ReplicaGradientsPart
 Ack = worker_pb2.Ack
 StatusRequest = worker_pb2.StatusRequest
 WorkerStatus = worker_pb2.WorkerStatus
@@ -260,6 +233,15 @@ async def open_stage(parts: AsyncIterator[LoadStagePart]) -> tuple[StagePlan, In
     (StreamError for a stream that does not start with it; CodecError for a bad one)."""
     assignment, incoming = await open_stream(parts, "assignment")
     return stage_plan_from_pb(assignment), incoming
+
+
+async def open_gradient_share(
+    parts: AsyncIterator[ReplicaGradientsPart],
+) -> tuple[GradientShare, IncomingTensors]:
+    """A ReplicaGradients stream's header, and its tensors still to come."""
+    h, incoming = await open_stream(parts, "header")
+    share = GradientShare(h.job_id, h.epoch, h.job_secret, h.step, h.stage, h.src_replica)
+    return share, incoming
 
 
 async def open_transfer(parts: AsyncIterator[TransferPart]) -> tuple[Transfer, IncomingTensors]:
@@ -438,9 +420,7 @@ def checkpoint_parts(
     )
 
     def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
-        return stream_parts(
-            coordinator_pb2.CheckpointPart, "header", header, [t for _, t in items]
-        )
+        return stream_parts(coordinator_pb2.CheckpointPart, "header", header, [t for _, t in items])
 
     return parts
 
@@ -469,6 +449,30 @@ def transfer_parts(
 
     def parts() -> AsyncIterator[worker_pb2.TransferPart]:
         return stream_parts(worker_pb2.TransferPart, "header", header, [t for _, t in tensors])
+
+    return nbytes, parts
+
+
+def gradient_share_parts(
+    *, plan: StagePlan, step: int, tensors: Sequence[tuple[str, torch.Tensor]]
+) -> tuple[int, Callable[[], AsyncIterator[worker_pb2.ReplicaGradientsPart]]]:
+    """The tensor bytes of this replica's gradients of `step`, and a function that makes
+    their ReplicaGradients stream afresh, once for each try."""
+    header = worker_pb2.ReplicaGradientsHeader(
+        job_id=plan.job_id,
+        epoch=plan.epoch,
+        job_secret=plan.job_secret,
+        step=step,
+        stage=plan.stage,
+        src_replica=plan.replica,
+        tensors=[header_of(name, t) for name, t in tensors],
+    )
+    nbytes = sum(h.nbytes for h in header.tensors)
+
+    def parts() -> AsyncIterator[worker_pb2.ReplicaGradientsPart]:
+        return stream_parts(
+            worker_pb2.ReplicaGradientsPart, "header", header, [t for _, t in tensors]
+        )
 
     return nbytes, parts
 

@@ -18,9 +18,10 @@ from opdag.errors import OpDagError
 from proto.errors import StreamError, WireError
 from proto.rpc import MAX_MESSAGE_BYTES, Network, abort, require_token
 from worker import serde
-from worker.inbound import receive_stage, receive_transfer
+from worker.inbound import receive_gradient_share, receive_stage, receive_transfer
 from worker.link_requests import check_link_request, measure_links
 from worker.node import JobStateError, WorkerNode
+from worker.stage_job import StageJob
 from worker.transfer_kind import TransferKind
 
 log = logging.getLogger("archipelago.worker")
@@ -112,17 +113,40 @@ class WorkerService(serde.WorkerServicerBase):
             t, incoming = await serde.open_transfer(parts)
         except StreamError as e:
             await abort(context, INVALID, str(e))
-        try:
-            job = self.node.job_for_transfer(t.job_id, t.epoch, t.job_secret)
-        except PermissionError as e:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
-        except JobStateError as e:
-            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        job = await self._job_for(t.job_id, t.epoch, t.job_secret, context)
         try:
             await receive_transfer(self.node, job, kind, t, incoming)
         except (OpDagError, WireError) as e:
             await abort(context, INVALID, str(e))
         return serde.ack_pb()
+
+    async def ReplicaGradients(
+        self,
+        request_iterator: AsyncIterator[serde.ReplicaGradientsPart],
+        context: grpc.aio.ServicerContext,
+    ) -> serde.Ack:
+        await self._guard(context)
+        try:
+            share, incoming = await serde.open_gradient_share(request_iterator)
+        except StreamError as e:
+            await abort(context, INVALID, str(e))
+        job = await self._job_for(share.job_id, share.epoch, share.job_secret, context)
+        try:
+            await receive_gradient_share(job, share, incoming)
+        except (OpDagError, WireError) as e:
+            await abort(context, INVALID, str(e))
+        return serde.ack_pb()
+
+    async def _job_for(
+        self, job_id: str, epoch: int, secret: str, context: grpc.aio.ServicerContext
+    ) -> StageJob:
+        """The held job a peer's call is for, once its job secret is checked."""
+        try:
+            return self.node.job_for_transfer(job_id, epoch, secret)
+        except PermissionError as e:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
+        except JobStateError as e:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     async def Status(
         self, request: serde.StatusRequest, context: grpc.aio.ServicerContext

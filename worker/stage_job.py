@@ -22,9 +22,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from opdag.data import build_source, split_micro_batches
+from opdag.data import build_source, replica_micro_batches
 from opdag.errors import CodecError, OpDagError
-from opdag.ir import ValueMeta, dtype_name
 from opdag.optim import (
     OPTIM_PREFIX,
     build_optimizer,
@@ -38,6 +37,8 @@ from opdag.stage import StageModule
 from opdag.values import Value, add_grads
 from proto.tensor_stream import EncodedTensor
 from worker.edge_compression import EdgeCodecs
+from worker.inbox import Inbox, check_value
+from worker.replica_sync import ReplicaSync
 from worker.serde import StagePlan
 from worker.states import StageState
 from worker.transfer_kind import TransferKind
@@ -80,77 +81,6 @@ Sender = Callable[
 ]
 
 
-def check_value(value: Value, meta: ValueMeta, what: str, *, grad: bool = False) -> None:
-    """Refuse a received value whose structure, dtype or shape differs from the graph's."""
-    if grad and value is None:
-        return
-    if meta.kind == "tensor":
-        if not isinstance(value, torch.Tensor):
-            raise CodecError(f"{what}: expected a tensor, got {type(value).__name__}")
-        if dtype_name(value.dtype) != meta.dtype or tuple(value.shape) != meta.shape:
-            raise CodecError(
-                f"{what}: expected {meta.dtype}{list(meta.shape)}, got "
-                f"{dtype_name(value.dtype)}{list(value.shape)}"
-            )
-    elif meta.kind in ("tuple", "list"):
-        if not isinstance(value, (tuple, list)) or len(value) != len(meta.items):
-            raise CodecError(f"{what}: expected a {meta.kind} of {len(meta.items)} values")
-        for i, (v, m) in enumerate(zip(value, meta.items, strict=True)):
-            check_value(v, m, f"{what}[{i}]", grad=grad)
-    elif grad:
-        if value is not None:
-            raise CodecError(f"{what}: a {meta.kind} carries no gradient")
-    else:
-        kinds = {
-            "int": int,
-            "float": float,
-            "bool": bool,
-            "dtype": torch.dtype,
-            "device": torch.device,
-        }
-        expected = kinds.get(meta.kind)
-        if meta.kind == "none":
-            if value is not None:
-                raise CodecError(f"{what}: expected None")
-        elif (
-            expected is None
-            or not isinstance(value, expected)
-            or (meta.kind == "int" and isinstance(value, bool))
-        ):
-            raise CodecError(f"{what}: expected a {meta.kind}, got {type(value).__name__}")
-
-
-class Inbox:
-    """Received values and gradients, waiting for the schedule to reach them."""
-
-    def __init__(self) -> None:
-        self._items: dict[tuple[TransferKind, int, int], dict[int, dict[str, Value]]] = {}
-        self._changed = asyncio.Condition()
-
-    async def put(
-        self, kind: TransferKind, step: int, mb: int, src: int, values: dict[str, Value]
-    ) -> None:
-        async with self._changed:
-            slot = self._items.setdefault((kind, step, mb), {})
-            if src in slot:
-                raise CodecError(
-                    f"{kind} values of step {step}, micro-batch {mb} from stage {src} arrived twice"
-                )
-            slot[src] = values
-            self._changed.notify_all()
-
-    async def take(
-        self, kind: TransferKind, step: int, mb: int, srcs: set[int]
-    ) -> dict[int, dict[str, Value]]:
-        key = (kind, step, mb)
-        async with self._changed:
-            await self._changed.wait_for(lambda: srcs <= set(self._items.get(key, {})))
-            return self._items.pop(key)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 class StageJob:
     """A loaded stage: built module, optimizer, data (stage 0), inbox; `run()` trains."""
 
@@ -163,8 +93,11 @@ class StageJob:
         compute: Executor,
         sender: Sender,
         reporter: Reporter,
+        sync: ReplicaSync | None = None,
     ) -> None:
         self.plan = plan
+        # The stage's sync group (other replicas of this stage), when the plan has replicas.
+        self.sync = sync
         self.runner = runner
         self.source = source
         self.compute = compute
@@ -215,6 +148,7 @@ class StageJob:
         compute: Executor,
         sender: Sender,
         reporter: Reporter,
+        sync: ReplicaSync | None = None,
     ) -> StageJob:
         """Build the stage (run this in the compute thread: it allocates and loads data)."""
         params = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
@@ -235,8 +169,10 @@ class StageJob:
             send=tuple(plan.sends),
         )
         runner = StageRunner(
-            stage, module, num_micro_batches=plan.data.micro_batches, optimizer=optimizer
+            stage, module, num_micro_batches=plan.local_micro_batches, optimizer=optimizer
         )
+        if sync is not None:
+            sync.attach(named, loss=bool(stage.loss))
         source = None
         if plan.loads_data:
             source = build_source(plan.data, context=plan.context)
@@ -246,7 +182,15 @@ class StageJob:
                     f"(fingerprint {source.fingerprint[:12]} != {plan.fingerprint[:12]}): "
                     "stage 0 must read the same data as the reference"
                 )
-        return cls(plan, runner, source=source, compute=compute, sender=sender, reporter=reporter)
+        return cls(
+            plan,
+            runner,
+            source=source,
+            compute=compute,
+            sender=sender,
+            reporter=reporter,
+            sync=sync,
+        )
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -274,7 +218,7 @@ class StageJob:
         plan = self.plan
         if not plan.start_step <= step < plan.total_steps or step < self.step:
             raise CodecError(f"step {step} is not one this stage will run (now at {self.step})")
-        if mb >= plan.data.micro_batches:
+        if mb >= plan.local_micro_batches:
             raise CodecError(f"micro-batch {mb} is out of range")
         expected = self._expected(kind).get(src)
         if expected is None:
@@ -345,12 +289,14 @@ class StageJob:
             if self.step < plan.total_steps:  # drained at a step boundary
                 await self._checkpoint(wait=True)
                 self.state = StageState.DRAINED
-                self.reporter.progress(self._report(self.step - 1, None, 0.0, drained=True))
+                if not plan.replica:  # replica 0 speaks for its stage (stage 0's drives)
+                    self.reporter.progress(self._report(self.step - 1, None, 0.0, drained=True))
                 return
             if self._checkpoint_task is not None:
                 await self._checkpoint_task
             self.state = StageState.FINISHED
-            self.reporter.progress(self._report(plan.total_steps - 1, None, 0.0, finished=True))
+            if not plan.replica:
+                self.reporter.progress(self._report(plan.total_steps - 1, None, 0.0, finished=True))
         except asyncio.CancelledError:
             self.state = StageState.ABORTED
             raise
@@ -382,7 +328,7 @@ class StageJob:
         sent: dict[int, int] = {}
         losses: list[float] = []
         try:
-            for op in one_f_one_b(plan.stage, plan.num_stages, plan.data.micro_batches):
+            for op in one_f_one_b(plan.stage, plan.num_stages, plan.local_micro_batches):
                 mb = op.micro_batch
                 if op.kind == TransferKind.FORWARD:
                     inputs: dict[str, Value] = {}
@@ -429,9 +375,14 @@ class StageJob:
             for task in sends:
                 task.cancel()
             raise
+        loss = sum(losses) / len(losses) if losses else None
+        if self.sync is not None:
+            named = [(n, p) for n, p in self.runner.module.named_parameters() if p.requires_grad]
+            loss = await self.sync.average(step, named, loss)
         await self._compute(self.runner.step)
         self.codecs.forget(step)
-        loss = sum(losses) / len(losses) if losses else None
+        if plan.replica:
+            return  # replica 0 reports each step for its stage, the group's loss included
         self.reporter.progress(
             self._report(
                 step, loss, time.perf_counter() - began, sent=sent, compute_seconds=self._compute_s
@@ -440,7 +391,10 @@ class StageJob:
 
     def _load_batch(self, step: int) -> list[dict[str, torch.Tensor]]:
         assert self.source is not None
-        return split_micro_batches(self.source.batch(step), self.plan.data.micro_batches)
+        p = self.plan
+        return replica_micro_batches(
+            self.source.batch(step), p.data.micro_batches, p.replicas, p.replica
+        )
 
     def _send(
         self,
@@ -479,6 +433,8 @@ class StageJob:
         return out
 
     async def _checkpoint(self, *, wait: bool) -> None:
+        if self.plan.replica:
+            return  # replicas hold the same state: replica 0's copy is the checkpoint
         if self._checkpoint_task is not None:
             await self._checkpoint_task  # one upload at a time, in step order
         tensors = await self._compute(self.snapshot)

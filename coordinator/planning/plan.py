@@ -1,8 +1,10 @@
 """Plans: which worker runs which stage of a job, and what each stage sends where.
 
 A plan is plain data, printable and comparable, recorded in the store before any worker is
-told about it. The `even` planner cuts the graph into stages of about equal FLOPs and places
-them on workers in the order they registered.
+told about it. It is stages x replicas: each replica is a full pipeline over its own
+workers, and the replicas of a stage are that stage's sync group. The `even` planner cuts
+the graph into stages of about equal FLOPs and places replica after replica on workers in
+the order they registered.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from opdag.partition import Partition, Stage, balanced_assignment, partition
 
 @dataclass(frozen=True)
 class Placement:
-    """One stage on one worker."""
+    """One stage of one replica on one worker."""
 
     stage: int
     worker_id: str
@@ -26,6 +28,7 @@ class Placement:
     nodes: int
     params: int
     flops: float
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,22 @@ class Plan:
 
     @property
     def num_stages(self) -> int:
-        return len(self.placements)
+        return len({p.stage for p in self.placements})
+
+    @property
+    def replicas(self) -> int:
+        return len({p.replica for p in self.placements})
+
+    def pipelines(self) -> tuple[tuple[str, ...], ...]:
+        """Worker ids by [replica][stage], as the estimator takes a placement."""
+        return tuple(
+            tuple(
+                p.worker_id
+                for p in sorted(self.placements, key=lambda p: p.stage)
+                if p.replica == r
+            )
+            for r in range(self.replicas)
+        )
 
     @property
     def worker_ids(self) -> tuple[str, ...]:
@@ -97,6 +115,19 @@ class Plan:
         )
 
 
+def describe_sync_groups(
+    placements: Sequence[Placement], names: Mapping[str, str] | None = None
+) -> str:
+    """The replica groups as `plan show` prints them: per stage, its worker in each replica."""
+    replicas = len({p.replica for p in placements})
+    lines = [f"sync groups ({replicas} replicas; gradients averaged every step):"]
+    for s in sorted({p.stage for p in placements}):
+        members = sorted((p.replica, p.worker_id) for p in placements if p.stage == s)
+        shown = ", ".join(f"replica {r} on {(names or {}).get(w, w)}" for r, w in members)
+        lines.append(f"  stage {s}: {shown}")
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class WorkerSlot:
     """What the planner needs to know of a free worker."""
@@ -107,8 +138,8 @@ class WorkerSlot:
     gflops: float
 
 
-def placement_of(stage: Stage, worker: WorkerSlot) -> Placement:
-    """`stage` placed on `worker`, with the sizes `status` shows."""
+def placement_of(stage: Stage, worker: WorkerSlot, replica: int = 0) -> Placement:
+    """`stage` of `replica` placed on `worker`, with the sizes `status` shows."""
     g = stage.graph
     return Placement(
         stage=stage.index,
@@ -118,6 +149,7 @@ def placement_of(stage: Stage, worker: WorkerSlot) -> Placement:
         nodes=len(g.compute_nodes),
         params=g.num_params(),
         flops=g.total("fwd_flops") + g.total("bwd_flops"),
+        replica=replica,
     )
 
 
@@ -129,14 +161,20 @@ def plan_even(
     epoch: int,
     stages: int,
     start_step: int,
+    replicas: int = 1,
 ) -> tuple[Plan, Partition]:
-    """`stages` FLOPs-balanced stages on the first `stages` workers, in registration order."""
-    if stages < 1 or stages > len(workers):
-        raise ValueError(f"cannot place {stages} stages on {len(workers)} workers")
+    """`stages` FLOPs-balanced stages, `replicas` times over, on the first
+    `stages * replicas` workers in registration order (replica 0 on the first ones)."""
+    if stages < 1 or replicas < 1 or stages * replicas > len(workers):
+        raise ValueError(
+            f"cannot place {stages} stages x {replicas} replicas on {len(workers)} workers"
+        )
     assignment = balanced_assignment(graph, stages)
     cut = partition(graph, assignment)
     placements = [
-        placement_of(stage, worker) for stage, worker in zip(cut.stages, workers, strict=False)
+        placement_of(stage, workers[r * stages + stage.index], r)
+        for r in range(replicas)
+        for stage in cut.stages
     ]
     plan = Plan(
         job_id=job_id,

@@ -7,6 +7,10 @@ spec that fixes the stage count gets exactly that many stages (OP-Fence's plan w
 finds one of that size, else FLOPs-balanced stages on the best of a few island-aware
 worker orders, chosen by the same estimator). `even` is the FLOPs-balanced cut in
 registration order, priced by the same estimator so the two can be compared.
+
+A spec that fixes the replica count R gets R pipelines of the same cut, each over its own
+workers (`even`: replica after replica in registration order; `opfence`: its own search up
+to R replicas, else the fixed-size plan above, R times over); `auto` lets OP-Fence choose.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from coordinator.planning.jobspec import JobSpec
 from coordinator.planning.link_compression import plan_codecs, wire_compression
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.opfence import plan_even_baseline, plan_opfence
-from coordinator.planning.opfence_plan import OpFencePlan
-from coordinator.planning.plan import Plan, WorkerSlot, placement_of, plan_even
-from coordinator.planning.workload import load_from_partition
+from coordinator.planning.opfence_plan import OpFencePlan, build_plan
+from coordinator.planning.plan import (
+    Placement,
+    Plan,
+    WorkerSlot,
+    describe_sync_groups,
+    placement_of,
+    plan_even,
+)
+from coordinator.planning.workload import BlockChain, load_from_partition
 from opdag.ir import Graph
-from opdag.partition import Partition, partition
+from opdag.partition import Partition, balanced_assignment, partition
 
 # With no link measured at all (one worker, or probes not back yet), links are taken as
 # a fast LAN; with some measured, an unmeasured pair counts as the slowest one measured.
@@ -64,13 +75,58 @@ def _usable(workers: Sequence[WorkerSlot]) -> list[WorkerSlot]:
     ]
 
 
-def _fixed_stages(
-    req: PlanRequest, workers: list[WorkerSlot], links: BandwidthMatrix, n: int
+def _even_replicas(
+    req: PlanRequest,
+    order: Sequence[WorkerSlot],
+    links: BandwidthMatrix,
+    *,
+    stages: int,
+    replicas: int,
+    planner: str = "even",
 ) -> OpFencePlan:
-    """Exactly `n` FLOPs-balanced stages on the best of a few worker orders: islands one
-    after another (largest and fastest first), and registration order."""
-    m = req.spec.data.micro_batches
+    """FLOPs-balanced `stages`, `replicas` times over: replica r on workers
+    `order[r*stages:(r+1)*stages]`, priced (the gradient all-reduce included) by the
+    estimator. One replica is exactly `plan_even_baseline`."""
     policy = wire_compression(req.spec.compression)
+    m = req.spec.data.micro_batches
+    if replicas == 1:
+        found = plan_even_baseline(
+            req.graph,
+            order,
+            links,
+            micro_batches=m,
+            stages=stages,
+            compression=policy,
+            compute_model=req.compute,
+        )
+        return OpFencePlan(**{**found.__dict__, "planner": planner})
+    if not 1 <= stages * replicas <= len(order):
+        raise ValueError(
+            f"cannot place {stages} stages x {replicas} replicas on {len(order)} workers"
+        )
+    speeds = {w.worker_id: w.gflops for w in order}
+    assignment = balanced_assignment(req.graph, stages)
+    index = [assignment[node.name] for node in req.graph.compute_nodes]
+    starts = (0, *(i for i in range(1, len(index)) if index[i] != index[i - 1]))
+    placement = tuple(
+        tuple(w.worker_id for w in order[r * stages : (r + 1) * stages]) for r in range(replicas)
+    )
+    est = Estimator(speeds, links, compute=req.compute, compression=policy)
+    islands = find_islands(list(speeds), links)
+    fine = BlockChain.from_graph(req.graph)
+    return build_plan(planner, req.graph, fine, starts, placement, islands, est, m)
+
+
+def _fixed_stages(
+    req: PlanRequest,
+    workers: list[WorkerSlot],
+    links: BandwidthMatrix,
+    n: int,
+    replicas: int = 1,
+) -> OpFencePlan:
+    """Exactly `n` FLOPs-balanced stages (`replicas` times over) on the best of a few
+    worker orders: islands one after another (largest and fastest first), and
+    registration order."""
     islands = find_islands([w.worker_id for w in workers], links)
     by_id = {w.worker_id: w for w in workers}
     speed = {w.worker_id: w.gflops for w in workers}
@@ -78,19 +134,11 @@ def _fixed_stages(
     island_major = [by_id[w] for isl in ranked for w in sorted(isl, key=lambda w: -speed[w])]
     best: OpFencePlan | None = None
     for order in (island_major, workers):
-        cand = plan_even_baseline(
-            req.graph,
-            order,
-            links,
-            micro_batches=m,
-            stages=n,
-            compression=policy,
-            compute_model=req.compute,
-        )
+        cand = _even_replicas(req, order, links, stages=n, replicas=replicas, planner="opfence")
         if best is None or cand.step_s < best.step_s:
             best = cand
     assert best is not None
-    return OpFencePlan(**{**best.__dict__, "planner": "opfence"})
+    return best
 
 
 def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
@@ -99,9 +147,13 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
     links = link_matrix(req.figures)
     m = req.spec.data.micro_batches
     want = req.spec.parallel.stages
+    replicas = req.spec.parallel.replicas
     policy = wire_compression(req.spec.compression)
+    if replicas is not None and m % replicas:
+        raise ValueError(f"{m} micro-batches do not split evenly over {replicas} replicas")
     if req.spec.parallel.planner == "even":
-        n = min(len(workers), len(req.graph.compute_nodes)) if want is None else want
+        r = replicas or 1  # `auto` is one pipeline for `even`: it prices no alternatives
+        n = min(len(workers) // r, len(req.graph.compute_nodes)) if want is None else want
         _, cut = plan_even(
             req.graph,
             workers,
@@ -109,16 +161,9 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
             epoch=req.epoch,
             stages=n,
             start_step=req.start_step,
+            replicas=r,
         )
-        found = plan_even_baseline(
-            req.graph,
-            workers,
-            links,
-            micro_batches=m,
-            stages=n,
-            compression=policy,
-            compute_model=req.compute,
-        )
+        found = _even_replicas(req, workers, links, stages=n, replicas=r)
     else:
         found = plan_opfence(
             req.graph,
@@ -126,16 +171,22 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
             links,
             micro_batches=m,
             max_stages=want,
+            max_replicas=replicas or len(workers),
             compression=policy,
             compute_model=req.compute,
         )
-        if want is not None and found.num_stages != want:
-            found = _fixed_stages(req, workers, links, want)
+        if (want is not None and found.num_stages != want) or (
+            replicas is not None and found.replicas != replicas
+        ):
+            r = replicas or 1
+            n = want or max(1, min(found.num_stages, len(workers) // r))
+            found = _fixed_stages(req, workers, links, n, r)
         cut = partition(req.graph, found.assignment)
     by_id = {w.worker_id: w for w in workers}
     placements = [
-        placement_of(stage, by_id[worker_id])
-        for stage, worker_id in zip(cut.stages, found.stage_workers, strict=True)
+        placement_of(cut.stages[s], by_id[worker_id], r)
+        for r, row in enumerate(found.placement)
+        for s, worker_id in enumerate(row)
     ]
     names = {w.worker_id: w.name for w in workers}
     plan = Plan(
@@ -146,10 +197,20 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
         assignment=dict(cut.assignment),
         placements=tuple(placements),
         predicted_step_s=found.step_s,
-        explanation=found.explain(names),
+        explanation=_explained(found, tuple(placements), names),
         codecs=plan_codecs(found, req.spec.compression),
     )
     return plan, cut
+
+
+def _explained(
+    found: OpFencePlan, placements: tuple[Placement, ...], names: Mapping[str, str]
+) -> str:
+    """The plan as `plan show` prints it: OP-Fence's account, then the sync groups."""
+    text = found.explain(names)
+    if found.replicas > 1:
+        text = f"{text}\n{describe_sync_groups(placements, names)}"
+    return text
 
 
 def predict(
@@ -170,6 +231,6 @@ def predict(
         compression=wire_compression(spec.compression),
     )
     estimate = est.step(
-        load_from_partition(cut), (plan.worker_ids,), micro_batches=spec.data.micro_batches
+        load_from_partition(cut), plan.pipelines(), micro_batches=spec.data.micro_batches
     )
     return estimate.total_s

@@ -151,6 +151,17 @@ def split_micro_batches(batch: Batch, m: int) -> list[Batch]:
     return [{name: pieces[name][i] for name in batch} for i in range(m)]
 
 
+def replica_micro_batches(batch: Batch, m: int, replicas: int, replica: int) -> list[Batch]:
+    """Replica `replica`'s share of a step's `m` micro-batches: micro-batches
+    r*m/R .. (r+1)*m/R - 1, so the shares of all replicas are exactly the batch, in order."""
+    if replicas < 1 or not 0 <= replica < replicas:
+        raise DataError(f"replica {replica} of {replicas} is out of range")
+    if m % replicas:
+        raise DataError(f"micro_batches={m} do not split over {replicas} replicas")
+    share = m // replicas
+    return split_micro_batches(batch, m)[replica * share : (replica + 1) * share]
+
+
 __all__ = [
     "CORPUS_NAMES",
     "Batch",
@@ -160,5 +171,6 @@ __all__ = [
     "ImageSource",
     "TextSource",
     "build_source",
+    "replica_micro_batches",
     "split_micro_batches",
 ]

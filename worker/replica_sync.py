@@ -1,0 +1,212 @@
+"""Averaging a stage's gradients over its sync group: the same stage in every replica.
+
+With `sync: sync`, every replica of a stage ends each step with the same averaged gradient
+before its optimizer steps, so R replicas of M/R micro-batches each train exactly as one
+pipeline over all M. The exchange is all-to-all: every member sends its gradients (the
+mean over its own micro-batches) to every other member over `ReplicaGradients`, and waits
+for theirs; each then sums the R contributions in replica order and divides by R, so every
+member applies bitwise the same average. That is R-1 sends per member and step, fine for
+the small groups this is for (a ring would send less for large ones). The stage that
+computes the loss adds its replica's loss, so each member knows the step's loss over the
+global batch, and replica 0 reports it.
+
+A member that does not answer within `timeout_s`, or cannot be sent to after the peer
+retries, fails the step with `ReplicaSyncError`: nothing partial is applied, the stage
+reports the error and the coordinator re-plans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+
+import grpc
+import torch
+
+from opdag.errors import CodecError
+from proto.retry import RetryPolicy, retry
+from proto.rpc import TlsConfig, open_channel, token_metadata
+from worker.peers import PEER_RETRY, RETRYABLE
+from worker.serde import WorkerStub, gradient_share_parts, worker_stub
+from worker.stage_plan import StagePlan
+
+log = logging.getLogger("archipelago.worker")
+
+# The name the loss travels under: not a parameter's (those are graph identifiers).
+LOSS = "#loss"
+# How long a member waits for the rest of its group in one step: a peer replica may be up
+# to about one step behind; one that is silent this long is taken as gone.
+SYNC_TIMEOUT_S = 120.0
+
+Named = Sequence[tuple[str, torch.nn.Parameter]]
+
+
+class ReplicaSyncError(Exception):
+    """A step's gradients could not be averaged with every replica of the stage."""
+
+
+class ReplicaSync:
+    """One stage's side of its sync group: sends its gradients, collects the others'."""
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        *,
+        token: str,
+        tls: TlsConfig | None,
+        timeout_s: float = SYNC_TIMEOUT_S,
+        retry_policy: RetryPolicy = PEER_RETRY,
+    ) -> None:
+        self.plan = plan
+        self.token = token
+        self.tls = tls
+        self.timeout_s = timeout_s
+        self.retry_policy = retry_policy
+        self.sent_bytes = 0
+        # What a member may send: every trainable parameter's dtype and shape (and the loss).
+        self._expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._arrived: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self._changed = asyncio.Condition()
+        self._step = plan.start_step  # the step being averaged (or the next one)
+        self._stubs: dict[int, WorkerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def attach(self, named: Named, *, loss: bool) -> None:
+        """Set what the stage's gradients are: its trainable parameters (and the loss, for
+        the stage that computes it)."""
+        self._expected = {n: (p.dtype, tuple(p.shape)) for n, p in named}
+        if loss:
+            self._expected[LOSS] = (torch.float64, (1,))
+
+    def max_bytes(self) -> int:
+        """The most tensor bytes one member's share may declare."""
+        total = sum(
+            torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            for dtype, shape in self._expected.values()
+        )
+        return total + (64 << 10)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def deliver(
+        self, step: int, src: int, tensors: Sequence[tuple[str, torch.Tensor]]
+    ) -> None:
+        """Accept replica `src`'s share of `step` after checking it is one we expect."""
+        if src not in self.plan.sync_peers:
+            raise CodecError(f"replica {src} is not in this stage's sync group")
+        if not self._step <= step <= self._step + 1 or step >= self.plan.total_steps:
+            raise CodecError(f"gradients of step {step} are not due (averaging {self._step})")
+        shares: dict[str, torch.Tensor] = {}
+        for name, t in tensors:
+            want = self._expected.get(name)
+            if want is None or name in shares:
+                raise CodecError(f"replica {src} sent {name!r}, not one gradient of this stage")
+            if (t.dtype, tuple(t.shape)) != want:
+                raise CodecError(
+                    f"gradient {name!r} from replica {src}: expected {want[0]}{list(want[1])}, "
+                    f"got {t.dtype}{list(t.shape)}"
+                )
+            shares[name] = t
+        async with self._changed:
+            slot = self._arrived.setdefault(step, {})
+            if src in slot:
+                raise CodecError(f"gradients of step {step} from replica {src} arrived twice")
+            slot[src] = shares
+            self._changed.notify_all()
+
+    async def _others(self, step: int) -> dict[int, dict[str, torch.Tensor]]:
+        want = set(self.plan.sync_peers)
+        async with self._changed:
+            await self._changed.wait_for(lambda: want <= set(self._arrived.get(step, {})))
+            return self._arrived.pop(step)
+
+    # -- averaging --------------------------------------------------------------------------
+
+    async def average(self, step: int, named: Named, loss: float | None) -> float | None:
+        """Replace the stage's gradients of `step` by their mean over the group; returns
+        the loss of the step over the global batch (None where the stage has none)."""
+        self._step = step
+        own = [(n, p.grad.detach().cpu().contiguous()) for n, p in named if p.grad is not None]
+        if loss is not None:
+            own.append((LOSS, torch.tensor([loss], dtype=torch.float64)))
+        collect = asyncio.ensure_future(self._others(step))
+        tasks = [
+            collect,
+            *(asyncio.ensure_future(self._send(r, step, own)) for r in self.plan.sync_peers),
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), self.timeout_s)
+            others = collect.result()
+        except TimeoutError:
+            async with self._changed:
+                have = set(self._arrived.get(step, {}))
+            missing = sorted(set(self.plan.sync_peers) - have)
+            raise ReplicaSyncError(
+                f"stage {self.plan.stage}: no gradients of step {step} from replica(s) "
+                f"{missing} within {self.timeout_s:.0f} s; nothing was averaged"
+            ) from None
+        finally:
+            for task in tasks:  # a failed send leaves the others and the wait behind
+                task.cancel()
+        shares = {**others, self.plan.replica: dict(own)}
+        mean = await asyncio.to_thread(self._mean, step, shares)
+        for name, p in named:
+            if p.grad is not None:
+                p.grad.copy_(mean[name])
+        return float(mean[LOSS]) if LOSS in mean else loss
+
+    def _mean(
+        self, step: int, shares: Mapping[int, Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        names = set(shares[self.plan.replica])
+        for r, share in shares.items():
+            if set(share) != names:
+                raise ReplicaSyncError(
+                    f"stage {self.plan.stage}, step {step}: replica {r} sent gradients of "
+                    f"{sorted(set(share) ^ names)[:3]} that the others do not (or lacks them)"
+                )
+        # The same sum in the same order on every member: the same average, bit for bit.
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            total = shares[0][name].clone()
+            for r in range(1, self.plan.replicas):
+                total += shares[r][name]
+            out[name] = total / self.plan.replicas
+        return out
+
+    async def _send(self, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]) -> None:
+        nbytes, parts = gradient_share_parts(plan=self.plan, step=step, tensors=own)
+        stub = self._stub(replica)
+        address = self.plan.sync_peers[replica]
+
+        def log_retry(e: grpc.aio.AioRpcError, wait_s: float) -> None:
+            log.warning("replica %d (%s) unreachable (%s); retrying", replica, address, e.code())
+
+        try:
+            await retry(
+                lambda: stub.ReplicaGradients(parts(), metadata=token_metadata(self.token)),
+                self.retry_policy,
+                retry_on=RETRYABLE,
+                on_retry=log_retry,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise ReplicaSyncError(
+                f"sending gradients of step {step} to replica {replica} of stage "
+                f"{self.plan.stage} ({address}) failed: {e.code().name}: {e.details()}"
+            ) from None
+        self.sent_bytes += nbytes
+
+    def _stub(self, replica: int) -> WorkerStub:
+        stub = self._stubs.get(replica)
+        if stub is None:
+            channel = open_channel(self.plan.sync_peers[replica], self.tls)
+            self._channels.append(channel)
+            stub = self._stubs[replica] = worker_stub(channel)
+        return stub
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
