@@ -131,24 +131,30 @@ class ReplicaSync:
         if loss is not None:
             own.append((LOSS, torch.tensor([loss], dtype=torch.float64)))
         collect = asyncio.ensure_future(self._others(step))
-        tasks = [
-            collect,
-            *(asyncio.ensure_future(self._send(r, step, own)) for r in self.plan.sync_peers),
-        ]
+        sends = {r: asyncio.ensure_future(self._send(r, step, own)) for r in self.plan.sync_peers}
+        tasks = [collect, *sends.values()]
         try:
-            await asyncio.wait_for(asyncio.gather(*tasks), self.timeout_s)
-            others = collect.result()
-        except TimeoutError:
-            async with self._changed:
-                have = set(self._arrived.get(step, {}))
-            missing = sorted(set(self.plan.sync_peers) - have)
-            raise ReplicaSyncError(
-                f"stage {self.plan.stage}: no gradients of step {step} from replica(s) "
-                f"{missing} within {self.timeout_s:.0f} s; nothing was averaged"
-            ) from None
+            done, pending = await asyncio.wait(
+                tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION
+            )
         finally:
             for task in tasks:  # a failed send leaves the others and the wait behind
                 task.cancel()
+        failed = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+        if failed:
+            raise failed[0]
+        if pending:
+            if collect in pending:
+                silent = sorted(set(self.plan.sync_peers) - set(self._arrived.get(step, {})))
+                what = f"no gradients of step {step} from replica(s) {silent}"
+            else:
+                slow = sorted(r for r, t in sends.items() if t in pending)
+                what = f"gradients of step {step} not taken by replica(s) {slow}"
+            raise ReplicaSyncError(
+                f"stage {self.plan.stage}: {what} within {self.timeout_s:.0f} s; "
+                "nothing was averaged"
+            )
+        others = collect.result()
         shares = {**others, self.plan.replica: dict(own)}
         mean = await asyncio.to_thread(self._mean, step, shares)
         for name, p in named:

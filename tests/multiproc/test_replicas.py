@@ -19,15 +19,34 @@ from tests.multiproc.cluster import Cluster
 pytestmark = pytest.mark.multiproc
 
 STEPS = 10
-SPEC = f"""
+SPEC = """
 name: replicas
 model: {{zoo: gpt, args: {{layers: 2, d_model: 64, heads: 4, context: 32}}}}
 data: {{corpus: stdlib-text, batch_size: 8, micro_batches: 4, max_bytes: 2000000}}
 optimizer: {{name: adamw, lr: 1.0e-3}}
-steps: {STEPS}
+steps: {steps}
 parallel: {{planner: even, stages: 2, replicas: 2}}
-checkpoint: {{every: 5}}
+checkpoint: {{every: {every}}}
 """
+
+
+def reference(steps: int) -> tuple[list[float], ReferenceTrainer]:
+    """The losses of one plain PyTorch process training the full batch, and its trainer."""
+    spec = parse_job_spec(SPEC.format(steps=steps, every=steps))
+    trainer = ReferenceTrainer(
+        model=spec.model.zoo,
+        model_args=spec.model.args_dict(),
+        data=spec.data,
+        optimizer=spec.optimizer,
+        seed=spec.seed,
+    )
+    return [trainer.train_step(step) for step in range(steps)], trainer
+
+
+def largest_loss_difference(cluster: Cluster, job_id: str, want: list[float]) -> float:
+    losses = {m.step: m.loss for m in cluster.job(job_id, with_metrics=True).metrics}
+    assert sorted(losses) == list(range(len(want))), "a step has no loss"
+    return max(abs(losses[s] - want[s]) for s in range(len(want)))
 
 
 @pytest.fixture
@@ -54,7 +73,7 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     cluster.start_coordinator()
     for i in range(4):
         cluster.start_worker(f"w{i}")
-    job_id = cluster.submit(SPEC)
+    job_id = cluster.submit(SPEC.format(steps=STEPS, every=5))
     job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
     assert len(job.stages) == 4
     assert {s.worker_name for s in job.stages} == {"w0", "w1", "w2", "w3"}
@@ -63,18 +82,8 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     plan = cluster.client().plan(job_id)
     assert "2 stages x 2 replicas" in plan.text and "sync groups" in plan.text
 
-    spec = parse_job_spec(SPEC)
-    trainer = ReferenceTrainer(
-        model=spec.model.zoo,
-        model_args=spec.model.args_dict(),
-        data=spec.data,
-        optimizer=spec.optimizer,
-        seed=spec.seed,
-    )
-    reference = [trainer.train_step(step) for step in range(STEPS)]
-    losses = {m.step: m.loss for m in cluster.job(job_id, with_metrics=True).metrics}
-    assert sorted(losses) == list(range(STEPS)), "a step has no loss"
-    loss_diff = max(abs(losses[s] - reference[s]) for s in range(STEPS))
+    want, trainer = reference(STEPS)
+    loss_diff = largest_loss_difference(cluster, job_id, want)
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
 
     # One copy of each stage in the checkpoint, the parameters the reference reached.
@@ -90,3 +99,48 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     worst = diff / norm
     assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
     print(f"largest loss difference {loss_diff:.3g}, relative parameter difference {worst:.3g}")
+
+
+def test_a_killed_replica_worker_is_replaced_and_training_resumes_from_checkpoint(
+    cluster: Cluster,
+) -> None:
+    cluster.start_coordinator()
+    # Five workers for 2 stages x 2 replicas: `even` takes w0..w3 (replica 1 on w2, w3).
+    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
+    steps = 60
+    job_id = cluster.submit(SPEC.format(steps=steps, every=10))
+    running = cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
+    )
+    assert {s.worker_name for s in running.stages} == {"w0", "w1", "w2", "w3"}
+    cluster.kill(workers["w3"])
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert job.epoch >= 2 and job.recoveries >= 1
+    assert {s.worker_name for s in job.stages} == {"w0", "w1", "w2", "w4"}
+    # Every step, before and after the kill, has the loss of one uninterrupted process.
+    want, _ = reference(steps)
+    loss_diff = largest_loss_difference(cluster, job_id, want)
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+
+
+def test_a_restarted_coordinator_takes_back_a_job_of_replicas(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    for i in range(4):
+        cluster.start_worker(f"w{i}")
+    steps = 60
+    job_id = cluster.submit(SPEC.format(steps=steps, every=10))
+    cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 12, "the job to pass step 12"
+    )
+    assert cluster.coordinator is not None
+    cluster.kill(cluster.coordinator)
+    cluster.start_coordinator("coordinator-2")
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert len(job.stages) == 4
+    want, _ = reference(steps)
+    loss_diff = largest_loss_difference(cluster, job_id, want)
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
