@@ -4,6 +4,7 @@ checked against one plain PyTorch process training the full batch."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,6 +142,34 @@ def test_a_restarted_coordinator_takes_back_a_job_of_replicas(cluster: Cluster) 
         job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
     )
     assert len(job.stages) == 4
+    want, _ = reference(steps)
+    loss_diff = largest_loss_difference(cluster, job_id, want)
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+
+
+def test_ctrl_c_of_a_replica_worker_drains_the_job_without_losing_a_step(
+    cluster: Cluster,
+) -> None:
+    cluster.start_coordinator()
+    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
+    steps = 60
+    # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
+    job_id = cluster.submit(SPEC.format(steps=steps, every=1000))
+    cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 8, "the job to pass step 8"
+    )
+    leaving = workers["w2"]  # replica 1's stage 0
+    cluster.kill(leaving, signal.SIGINT)
+    assert leaving.popen.wait(timeout=120) == 0
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert job.epoch == 2
+    assert {s.worker_name for s in job.stages} == {"w0", "w1", "w3", "w4"}
+    metrics = cluster.job(job_id, with_metrics=True).metrics
+    drained_at = min(m.step for m in metrics if m.epoch == 2)
+    # The new plan starts exactly where the old one stopped: no step ran twice.
+    assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
     want, _ = reference(steps)
     loss_diff = largest_loss_difference(cluster, job_id, want)
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
