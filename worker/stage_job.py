@@ -8,6 +8,11 @@ sends the gradients of what we received back to where it came from. Sends run as
 tasks: compute never waits on a transfer, and forward and backward traffic travel on
 separate calls. After the last backward the stage steps its own optimizer, reports the step
 and, on schedule, uploads a checkpoint of its parameters and optimizer state.
+
+In a plan with replicas, each replica's stage 0 loads its own share of the step's
+micro-batches, and before stepping a stage averages its gradients with the same stage of
+the other replicas (`worker.replica_sync`); the replicas then hold the same state, so
+replica 0 alone reports the step (with the loss over the global batch) and checkpoints.
 """
 
 from __future__ import annotations
