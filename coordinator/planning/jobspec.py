@@ -387,6 +387,14 @@ class JobSpec:
                 "data",
                 "corpus",
             )
+        replicas = self.parallel.replicas
+        if replicas is not None and self.data.micro_batches % replicas:
+            raise Blame(
+                f"{self.data.micro_batches} micro-batches do not split evenly over "
+                f"{replicas} replicas (parallel.replicas)",
+                "data",
+                "micro_batches",
+            )
 
     def context(self) -> int | None:
         """The model's context length (tokens per sequence) for text models, else None."""

@@ -166,7 +166,12 @@ def test_replicas_default_to_one_and_take_auto_or_a_count() -> None:
     assert parse_job_spec(spec_text()).parallel.replicas == 1
     assert parse_job_spec(spec_text(("parallel", DELETE))).parallel.replicas == 1
     for given, expected in (("auto", None), (1, 1), (2, 2), (64, 64)):
-        spec = parse_job_spec(spec_text(("parallel.replicas", given)))
+        # 64 micro-batches split evenly over each replica count.
+        spec = parse_job_spec(
+            spec_text(
+                ("parallel.replicas", given), ("data.batch_size", 64), ("data.micro_batches", 64)
+            )
+        )
         assert spec.parallel.replicas == expected, given
         assert spec.to_dict()["parallel"]["replicas"] == given
         assert parse_job_spec(yaml.safe_dump(spec.to_dict())) == spec
@@ -176,6 +181,16 @@ def test_replicas_default_to_one_and_take_auto_or_a_count() -> None:
 def test_replicas_built_directly_are_checked_as_parsed() -> None:
     with pytest.raises(JobSpecError, match=r"^parallel\.replicas: must be in \[1, 64\]"):
         ParallelSpec(replicas=0)
+
+
+def test_micro_batches_must_split_evenly_over_the_replicas() -> None:
+    # Each replica takes an equal share of the step's micro-batches.
+    assert parse_job_spec(spec_text(("parallel.replicas", 2))).parallel.replicas == 2
+    assert error_of(spec_text(("parallel.replicas", 3))) == (
+        "data.micro_batches: 2 micro-batches do not split evenly over 3 replicas "
+        "(parallel.replicas)"
+    )
+    assert parse_job_spec(spec_text(("parallel.replicas", "auto"))).parallel.replicas is None
 
 
 def test_context_is_the_text_models_and_none_for_images() -> None:
