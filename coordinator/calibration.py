@@ -115,7 +115,8 @@ class ComputeCalibration:
         if stage is None:
             return False
         fwd, bwd, nodes = stage
-        per_mb = statistics.median(seen) / job.spec.data.micro_batches
+        # A replica runs its share of the step's micro-batches (reports come from replica 0).
+        per_mb = statistics.median(seen) / (job.spec.data.micro_batches // plan.replicas)
         share = fwd / (fwd + bwd) if fwd + bwd > 0 else 0.5
         self._timings[placement.worker_id] = StageTiming(
             placement.worker_id, w.gflops, fwd, bwd, nodes, per_mb * share, per_mb * (1 - share)
