@@ -66,7 +66,16 @@ def job_view(pb: coordinator_pb2.JobInfo) -> JobView:
         recoveries=pb.recoveries,
         created_at=pb.created_at,
         stages=tuple(
-            StageView(s.stage, s.worker_id, s.worker_name, s.address, s.nodes, s.params, s.flops)
+            StageView(
+                s.stage,
+                s.worker_id,
+                s.worker_name,
+                s.address,
+                s.nodes,
+                s.params,
+                s.flops,
+                s.replica,
+            )
             for s in pb.stages
         ),
         metrics=tuple(

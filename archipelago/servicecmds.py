@@ -93,9 +93,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _token_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--json", action="store_true")
-    p.add_argument(
-        "--links", action="store_true", help="the measured bandwidth between workers"
-    )
+    p.add_argument("--links", action="store_true", help="the measured bandwidth between workers")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("plan", help="a job's plan: islands, stages, placement, cut links")
@@ -321,10 +319,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             if job.error:
                 print(f"  last error: {job.error}")
+            replicas = len({s.replica for s in job.stages})
             for s in job.stages:
+                where = f"replica {s.replica} " if replicas > 1 else ""
                 print(
-                    f"  stage {s.stage}: {s.worker_name} ({s.address})  {s.nodes} operators, "
-                    f"{human_count(s.params)} parameters"
+                    f"  stage {s.stage}: {where}{s.worker_name} ({s.address})  {s.nodes} "
+                    f"operators, {human_count(s.params)} parameters"
                 )
             return 0
         jobs, workers = client.jobs(), client.workers()
@@ -361,8 +361,10 @@ def _follow(client: CoordinatorClient, job_id: str) -> int:
                 bar = tqdm(total=job.steps, desc=f"{job.name} ({job.job_id})", unit="step")
             bar.n = job.steps_done
             loss = f"{job.loss:.4f}" if job.loss is not None else "-"
+            replicas = len({s.replica for s in job.stages}) or 1
             bar.set_postfix_str(
-                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s, epoch {job.epoch}",
+                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s, epoch {job.epoch}"
+                + (f", {replicas} replicas" if replicas > 1 else ""),
                 refresh=True,
             )
     except ClientError as e:

@@ -15,6 +15,7 @@ class StageView:
     nodes: int
     params: int
     flops: float
+    replica: int = 0  # which pipeline of the plan
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     assert len(job.stages) == 4
     assert {s.worker_name for s in job.stages} == {"w0", "w1", "w2", "w3"}
     assert sorted(s.stage for s in job.stages) == [0, 0, 1, 1]
+    assert sorted((s.replica, s.stage) for s in job.stages) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert job.last_checkpoint == STEPS
     plan = cluster.client().plan(job_id)
     assert "2 stages x 2 replicas" in plan.text and "sync groups" in plan.text
