@@ -470,6 +470,22 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
         worker_pb2.TransferPart(header=header),
         *(worker_pb2.TransferPart(chunk=c) for c in iter_chunks([t for _, t in tensors])),
     )
+    # A replica's gradient share for the fuzz stage (which has no replica group, so even
+    # an intact one is refused; mutations exercise the stream's checks on the way there).
+    grads = [(p.name, torch.ones(tuple(p.shape))) for p in a.graph.params]
+    replica_header = worker_pb2.ReplicaGradientsHeader(
+        job_id=FUZZ_JOB,
+        epoch=FUZZ_EPOCH,
+        job_secret=a.job_secret,
+        step=5,
+        stage=1,
+        src_replica=1,
+        tensors=[header_of(n, t) for n, t in grads],
+    )
+    replica_share = (
+        worker_pb2.ReplicaGradientsPart(header=replica_header),
+        *(worker_pb2.ReplicaGradientsPart(chunk=c) for c in iter_chunks([t for _, t in grads])),
+    )
     load_stage = tuple(hand_out.parts())
     control = worker_pb2.JobControl(job_id=FUZZ_JOB, epoch=FUZZ_EPOCH)
     methods = [
@@ -477,6 +493,7 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
         Method("Worker", "Activations", "client-stream", transfer),
         # The same values sent back as gradients: stage 1, the last, expects none.
         Method("Worker", "Gradients", "client-stream", transfer),
+        Method("Worker", "ReplicaGradients", "client-stream", replica_share),
         Method("Worker", "Status", "unary", (worker_pb2.StatusRequest(),)),
         Method("Worker", "Probe", "unary", (worker_pb2.ProbeRequest(payload=b"p" * 64),)),
         # The cluster's workers probe only loopback (--probe-networks 127.0.0.0/8), so no
@@ -617,7 +634,13 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
             assert (reply.job_id, reply.stage) == (FUZZ_JOB, 1)
 
         for method in methods:
-            if method.name in ("Activations", "Gradients", "StartJob", "StopJob"):
+            if method.name in (
+                "Activations",
+                "Gradients",
+                "ReplicaGradients",
+                "StartJob",
+                "StopJob",
+            ):
                 rounds = 10
                 outcomes: list[Outcome] = []
                 for _ in range(rounds):
