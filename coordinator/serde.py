@@ -68,6 +68,8 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
             for p in plan.placements
             if p.stage == stage.index and p.replica != h.replica
         ],
+        sync_kind=spec.sync.kind,
+        sync_period=spec.sync.period,
         sends=[worker_pb2.Route(name=n, stages=s) for n, s in routes["sends"].items()],
         codecs=[
             worker_pb2.LinkCodec(

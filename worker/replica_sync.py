@@ -10,9 +10,17 @@ the small groups this is for (a ring would send less for large ones). The stage 
 computes the loss adds its replica's loss, so each member knows the step's loss over the
 global batch, and replica 0 reports it.
 
+With `sync: local-sgd`, every replica steps its own optimizer on its own gradients, and
+after each step that ends an averaging round (`StagePlan.averages_parameters_after`) the
+members exchange their parameters the same way and each takes the mean, again the same sum
+in the same order, so they leave the round bitwise equal. Optimizer state stays local. The
+stage that computes the loss still exchanges the loss every step (a share of one number), so
+replica 0 reports the global batch's loss; other steps send nothing.
+
 A member that does not answer within `timeout_s`, or cannot be sent to after the peer
-retries, fails the step with `ReplicaSyncError`: nothing partial is applied, the stage
-reports the error and the coordinator re-plans.
+retries, fails the step with `ReplicaSyncError`: nothing partial is applied (a member
+averages only once every share of the round is in), the stage reports the error and the
+coordinator re-plans.
 """
 
 from __future__ import annotations
@@ -68,7 +76,8 @@ class ReplicaSync:
         self._expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._arrived: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self._changed = asyncio.Condition()
-        self._step = plan.start_step  # the step being averaged (or the next one)
+        self._step = plan.start_step  # the step being averaged (or the last one averaged)
+        self._loss = False
         self._stubs: dict[int, WorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -76,8 +85,27 @@ class ReplicaSync:
         """Set what the stage's gradients are: its trainable parameters (and the loss, for
         the stage that computes it)."""
         self._expected = {n: (p.dtype, tuple(p.shape)) for n, p in named}
+        self._loss = loss
         if loss:
             self._expected[LOSS] = (torch.float64, (1,))
+
+    @property
+    def what(self) -> str:
+        """What the group averages: gradients (sync) or parameters (local-sgd)."""
+        return "parameters" if self.plan.local_sgd else "gradients"
+
+    def _due(self, step: int) -> set[str]:
+        """The names a member's share of `step` holds (empty: no exchange that step)."""
+        if not self.plan.local_sgd or self.plan.averages_parameters_after(step):
+            return set(self._expected)
+        return {LOSS} if self._loss else set()
+
+    def _next_exchange(self, step: int) -> int:
+        """The first step from `step` on with an exchange: a peer can be no further on, as
+        it waits there for this member (the run's length when none is left)."""
+        while step < self.plan.total_steps and not self._due(step):
+            step += 1
+        return step
 
     def max_bytes(self) -> int:
         """The most tensor bytes one member's share may declare."""
@@ -95,23 +123,25 @@ class ReplicaSync:
         """Accept replica `src`'s share of `step` after checking it is one we expect."""
         if src not in self.plan.sync_peers:
             raise CodecError(f"replica {src} is not in this stage's sync group")
-        if not self._step <= step <= self._step + 1 or step >= self.plan.total_steps:
-            raise CodecError(f"gradients of step {step} are not due (averaging {self._step})")
+        due = self._due(step) if step < self.plan.total_steps else set()
+        if not self._step <= step <= self._next_exchange(self._step + 1) or not due:
+            raise CodecError(f"{self.what} of step {step} are not due (averaging {self._step})")
         shares: dict[str, torch.Tensor] = {}
+        one = self.what[:-1]
         for name, t in tensors:
             want = self._expected.get(name)
-            if want is None or name in shares:
-                raise CodecError(f"replica {src} sent {name!r}, not one gradient of this stage")
+            if want is None or name in shares or name not in due:
+                raise CodecError(f"replica {src} sent {name!r}, not one {one} of this stage")
             if (t.dtype, tuple(t.shape)) != want:
                 raise CodecError(
-                    f"gradient {name!r} from replica {src}: expected {want[0]}{list(want[1])}, "
+                    f"{one} {name!r} from replica {src}: expected {want[0]}{list(want[1])}, "
                     f"got {t.dtype}{list(t.shape)}"
                 )
             shares[name] = t
         async with self._changed:
             slot = self._arrived.setdefault(step, {})
             if src in slot:
-                raise CodecError(f"gradients of step {step} from replica {src} arrived twice")
+                raise CodecError(f"{self.what} of step {step} from replica {src} arrived twice")
             slot[src] = shares
             self._changed.notify_all()
 
@@ -126,8 +156,35 @@ class ReplicaSync:
     async def average(self, step: int, named: Named, loss: float | None) -> float | None:
         """Replace the stage's gradients of `step` by their mean over the group; returns
         the loss of the step over the global batch (None where the stage has none)."""
+        # Copies: a member must not see its share change while the others still read it.
+        own = [(n, p.grad.detach().cpu().clone()) for n, p in named if p.grad is not None]
+        mean = await self._exchange(step, own, loss)
+        for name, p in named:
+            if p.grad is not None:
+                p.grad.copy_(mean[name])
+        return float(mean[LOSS]) if LOSS in mean else loss
+
+    async def average_parameters(self, step: int, named: Named, loss: float | None) -> float | None:
+        """Local SGD, after the optimizer step of `step`: where it ends an averaging round,
+        replace the stage's parameters by their mean over the group; returns the loss of the
+        step over the global batch (None where the stage has none)."""
+        due = self._due(step)
+        if not due:
+            return loss
+        own = [(n, p.detach().cpu().clone()) for n, p in named if n in due]
+        mean = await self._exchange(step, own, loss)
+        with torch.no_grad():
+            for name, p in named:
+                if name in mean:
+                    p.copy_(mean[name])
+        return float(mean[LOSS]) if LOSS in mean else loss
+
+    async def _exchange(
+        self, step: int, own: list[tuple[str, torch.Tensor]], loss: float | None
+    ) -> dict[str, torch.Tensor]:
+        """Send this member's share of `step` to the group, wait for theirs, and return the
+        mean of every share (nothing is returned unless every share arrived in time)."""
         self._step = step
-        own = [(n, p.grad.detach().cpu().contiguous()) for n, p in named if p.grad is not None]
         if loss is not None:
             own.append((LOSS, torch.tensor([loss], dtype=torch.float64)))
         collect = asyncio.ensure_future(self._others(step))
@@ -146,21 +203,17 @@ class ReplicaSync:
         if pending:
             if collect in pending:
                 silent = sorted(set(self.plan.sync_peers) - set(self._arrived.get(step, {})))
-                what = f"no gradients of step {step} from replica(s) {silent}"
+                what = f"no {self.what} of step {step} from replica(s) {silent}"
             else:
                 slow = sorted(r for r, t in sends.items() if t in pending)
-                what = f"gradients of step {step} not taken by replica(s) {slow}"
+                what = f"{self.what} of step {step} not taken by replica(s) {slow}"
             raise ReplicaSyncError(
                 f"stage {self.plan.stage}: {what} within {self.timeout_s:.0f} s; "
                 "nothing was averaged"
             )
         others = collect.result()
         shares = {**others, self.plan.replica: dict(own)}
-        mean = await asyncio.to_thread(self._mean, step, shares)
-        for name, p in named:
-            if p.grad is not None:
-                p.grad.copy_(mean[name])
-        return float(mean[LOSS]) if LOSS in mean else loss
+        return await asyncio.to_thread(self._mean, step, shares)
 
     def _mean(
         self, step: int, shares: Mapping[int, Mapping[str, torch.Tensor]]
@@ -169,7 +222,7 @@ class ReplicaSync:
         for r, share in shares.items():
             if set(share) != names:
                 raise ReplicaSyncError(
-                    f"stage {self.plan.stage}, step {step}: replica {r} sent gradients of "
+                    f"stage {self.plan.stage}, step {step}: replica {r} sent {self.what} of "
                     f"{sorted(set(share) ^ names)[:3]} that the others do not (or lacks them)"
                 )
         # The same sum in the same order on every member: the same average, bit for bit.
@@ -198,7 +251,7 @@ class ReplicaSync:
             )
         except grpc.aio.AioRpcError as e:
             raise ReplicaSyncError(
-                f"sending gradients of step {step} to replica {replica} of stage "
+                f"sending {self.what} of step {step} to replica {replica} of stage "
                 f"{self.plan.stage} ({address}) failed: {e.code().name}: {e.details()}"
             ) from None
         self.sent_bytes += nbytes

@@ -13,6 +13,15 @@ In a plan with replicas, each replica's stage 0 loads its own share of the step'
 micro-batches, and before stepping a stage averages its gradients with the same stage of
 the other replicas (`worker.replica_sync`); the replicas then hold the same state, so
 replica 0 alone reports the step (with the loss over the global batch) and checkpoints.
+
+With `sync: local-sgd` a stage steps on its own gradients and averages its parameters with
+its group after each step that ends an averaging round. Replica 0 still reports (the loss
+is exchanged every step) and checkpoints alone: a checkpoint holds replica 0's parameters
+and optimizer state. One taken right after a round (`checkpoint.every` a multiple of the
+period, and the run's end) holds the group's averaged parameters; one between rounds (a
+drain, or an interval that is not a multiple) holds replica 0's local parameters, and what
+the other replicas learnt since the last round is not in it. A run resumed from any
+checkpoint starts every replica from that one copy, optimizer state included.
 """
 
 from __future__ import annotations
@@ -381,10 +390,12 @@ class StageJob:
                 task.cancel()
             raise
         loss = sum(losses) / len(losses) if losses else None
-        if self.sync is not None:
-            named = [(n, p) for n, p in self.runner.module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.runner.module.named_parameters() if p.requires_grad]
+        if self.sync is not None and not plan.local_sgd:
             loss = await self.sync.average(step, named, loss)
         await self._compute(self.runner.step)
+        if self.sync is not None and plan.local_sgd:
+            loss = await self.sync.average_parameters(step, named, loss)
         self.codecs.forget(step)
         if plan.replica:
             return  # replica 0 reports each step for its stage, the group's loss included

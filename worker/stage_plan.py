@@ -44,6 +44,22 @@ class StagePlan:
     replica: int = 0
     replicas: int = 1
     sync_peers: Mapping[int, str] = field(default_factory=dict)
+    # How the replicas keep together: "sync" (gradients averaged every step) or "local-sgd"
+    # (each replica steps alone; parameters averaged every `sync_period` steps).
+    sync_kind: str = "sync"
+    sync_period: int = 1
+
+    @property
+    def local_sgd(self) -> bool:
+        """Whether the replicas step their own optimizers and average parameters."""
+        return self.replicas > 1 and self.sync_kind == "local-sgd"
+
+    def averages_parameters_after(self, step: int) -> bool:
+        """Whether step `step` (of the whole run) ends a local-sgd averaging round: every
+        `sync_period`-th step, and the run's last, so the run ends with one model."""
+        return self.local_sgd and (
+            (step + 1) % self.sync_period == 0 or step == self.total_steps - 1
+        )
 
     @property
     def local_micro_batches(self) -> int:

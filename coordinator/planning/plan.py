@@ -116,11 +116,14 @@ class Plan:
 
 
 def describe_sync_groups(
-    placements: Sequence[Placement], names: Mapping[str, str] | None = None
+    placements: Sequence[Placement],
+    names: Mapping[str, str] | None = None,
+    averaging: str = "gradients averaged every step",
 ) -> str:
-    """The replica groups as `plan show` prints them: per stage, its worker in each replica."""
+    """The replica groups as `plan show` prints them: per stage, its worker in each replica;
+    `averaging` says how the groups average."""
     replicas = len({p.replica for p in placements})
-    lines = [f"sync groups ({replicas} replicas; gradients averaged every step):"]
+    lines = [f"sync groups ({replicas} replicas; {averaging}):"]
     for s in sorted({p.stage for p in placements}):
         members = sorted((p.replica, p.worker_id) for p in placements if p.stage == s)
         shown = ", ".join(f"replica {r} on {(names or {}).get(w, w)}" for r, w in members)

@@ -197,19 +197,22 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
         assignment=dict(cut.assignment),
         placements=tuple(placements),
         predicted_step_s=found.step_s,
-        explanation=_explained(found, tuple(placements), names),
+        explanation=_explained(found, tuple(placements), names, req.spec),
         codecs=plan_codecs(found, req.spec.compression),
     )
     return plan, cut
 
 
 def _explained(
-    found: OpFencePlan, placements: tuple[Placement, ...], names: Mapping[str, str]
+    found: OpFencePlan, placements: tuple[Placement, ...], names: Mapping[str, str], spec: JobSpec
 ) -> str:
     """The plan as `plan show` prints it: OP-Fence's account, then the sync groups."""
     text = found.explain(names)
     if found.replicas > 1:
-        text = f"{text}\n{describe_sync_groups(placements, names)}"
+        averaging = "gradients averaged every step"
+        if spec.sync.kind == "local-sgd":
+            averaging = f"local SGD, parameters averaged every {spec.sync.period} steps"
+        text = f"{text}\n{describe_sync_groups(placements, names, averaging)}"
     return text
 
 
