@@ -13,6 +13,7 @@ import torch
 
 from coordinator.planning.jobspec import JobSpec
 from coordinator.planning.plan import Plan
+from coordinator.planning.stage_sync import SyncLayer
 from opdag.partition import Stage
 
 
@@ -32,3 +33,5 @@ class StageHandover:
     secret: str
     tensors: Sequence[tuple[str, torch.Tensor]]
     replica: int = 0
+    # partial-local-sgd: the stage's layers and the iterations that average each.
+    sync_layers: Sequence[SyncLayer] = ()

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from coordinator.job_table import JobTable
 from coordinator.link_survey import LinkProber
 from coordinator.planning.plan import Plan, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan
+from coordinator.planning.stage_sync import SyncLayer, group_link_rate, stage_sync_layers
 from coordinator.registry import Registry, WorkerState
 from coordinator.states import JOB_PLAN_OUT, JOB_WAITING, JobState, WorkerStatus
 from coordinator.store import StateStore
@@ -255,6 +256,7 @@ class JobLifecycle:
     ) -> None:
         secret = secrets.token_hex(16)
         routes = stage_routes(cut)
+        layers = self._sync_layers(job, plan, cut)
         loads = []
         for placement in plan.placements:
             stage = cut.stages[placement.stage]
@@ -271,6 +273,7 @@ class JobLifecycle:
                 # Every replica starts from the same state: the checkpoint's one copy.
                 tensors=self.checkpoints.stage_tensors(job.job_id, stage, state),
                 replica=placement.replica,
+                sync_layers=layers.get(stage.index, ()),
             )
             loads.append(self.workers.load_stage(placement.worker_id, placement.address, handover))
         await asyncio.gather(*loads)
@@ -280,6 +283,20 @@ class JobLifecycle:
                 for p in plan.placements
             )
         )
+
+    def _sync_layers(self, job: Job, plan: Plan, cut: Partition) -> dict[int, Sequence[SyncLayer]]:
+        """partial-local-sgd: per stage, its layers and the iterations that average them,
+        scheduled from its parameters and its group's measured links."""
+        sync = job.spec.sync
+        if sync.kind != "partial-local-sgd" or plan.replicas < 2:
+            return {}
+        figures = self.links.figures(plan.worker_ids) if self.links else {}
+        out: dict[int, Sequence[SyncLayer]] = {}
+        for s in cut.stages:
+            members = [p.worker_id for p in plan.placements if p.stage == s.index]
+            rate = group_link_rate(figures, members)
+            out[s.index] = stage_sync_layers(s.graph, plan.replicas, sync.period, rate)[0]
+        return out
 
     # -- stopping --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from coordinator.planning.jobspec import JobSpec
 
 # Sync kinds whose replicas the workers keep together as the spec says.
-RUNNABLE_SYNC_KINDS: frozenset[str] = frozenset({"sync", "local-sgd"})
+RUNNABLE_SYNC_KINDS: frozenset[str] = frozenset({"sync", "local-sgd", "partial-local-sgd"})
 # Wire formats of averaged tensors the workers send.
 RUNNABLE_SYNC_VALUES: frozenset[str] = frozenset({"fp32"})
 # Whether the workers apply an outer optimizer (DiLoCo) at averaging rounds.

@@ -1,4 +1,4 @@
-"""Averaging a stage's gradients over its sync group: the same stage in every replica.
+"""Averaging a stage's gradients or parameters over its sync group: that stage in each replica.
 
 With `sync: sync`, every replica of a stage ends each step with the same averaged gradient
 before its optimizer steps, so R replicas of M/R micro-batches each train exactly as one
@@ -10,10 +10,13 @@ the small groups this is for (a ring would send less for large ones). The stage 
 computes the loss adds its replica's loss, so each member knows the step's loss over the
 global batch, and replica 0 reports it.
 
-With `sync: local-sgd`, every replica steps its own optimizer on its own gradients, and
-after each step that ends an averaging round (`StagePlan.averages_parameters_after`) the
-members exchange their parameters the same way and each takes the mean, again the same sum
-in the same order, so they leave the round bitwise equal. Optimizer state stays local. The
+With `sync: local-sgd` (and `partial-local-sgd`), every replica steps its own optimizer on
+its own gradients, and after each step that ends an averaging round
+(`StagePlan.averages_parameters_after`) the members exchange their parameters the same way
+and each takes the mean, again the same sum in the same order, so they leave the round
+bitwise equal. Optimizer state stays local.
+`partial-local-sgd` exchanges, after each step, only the layers its schedule averages then
+(`StagePlan.layers_averaged_after`), each layer at its own iterations of the period. The
 stage that computes the loss still exchanges the loss every step (a share of one number), so
 replica 0 reports the global batch's loss; other steps send nothing.
 
@@ -96,9 +99,10 @@ class ReplicaSync:
 
     def _due(self, step: int) -> set[str]:
         """The names a member's share of `step` holds (empty: no exchange that step)."""
-        if not self.plan.local_sgd or self.plan.averages_parameters_after(step):
+        if not self.plan.local_sgd:
             return set(self._expected)
-        return {LOSS} if self._loss else set()
+        due = self.plan.averaged_after(step, (n for n in self._expected if n != LOSS))
+        return due | {LOSS} if self._loss else due
 
     def _next_exchange(self, step: int) -> int:
         """The first step from `step` on with an exchange: a peer can be no further on, as
@@ -177,6 +181,20 @@ class ReplicaSync:
             for name, p in named:
                 if name in mean:
                     p.copy_(mean[name])
+        if self.plan.sync_layers and due - {LOSS}:
+            layers = self.plan.layers_averaged_after(step)
+            at = step % self.plan.sync_period
+            # One line per round, so what a run averaged can be counted from its logs: the
+            # layers whose one scheduled iteration this is, then the extra syncs.
+            log.info(
+                "job %s stage %d replica %d: averaged layers %s | extra %s after step %d",
+                self.plan.job_id,
+                self.plan.stage,
+                self.plan.replica,
+                ",".join(la.name for la in layers if la.iterations[0] == at),
+                ",".join(la.name for la in layers if la.iterations[0] != at),
+                step,
+            )
         return float(mean[LOSS]) if LOSS in mean else loss
 
     async def _exchange(

@@ -29,15 +29,11 @@ from proto.tensor_stream import encode_values, header_of
 from worker.edge_compression import EdgeCodec
 from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
 from worker.resources import Resources
-from worker.stage_plan import StagePlan
+from worker.stage_plan import StagePlan, SyncLayer
 
 if TYPE_CHECKING:
     from worker.node import NodeStatus
     from worker.stage_job import StepReport
-
-
-# The sync policies this worker carries out (`worker.replica_sync`).
-SYNC_KINDS_RUN = ("sync", "local-sgd")
 
 
 def _fail(what: str) -> CodecError:
@@ -125,10 +121,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
     sync_peers = {p.replica: p.address for p in a.sync_peers}
     if set(sync_peers) != set(range(replicas)) - {a.replica} or len(a.sync_peers) != replicas - 1:
         raise _fail("the sync peers must be the other replicas, once each")
-    sync_kind = a.sync_kind or "sync"  # an assignment from before sync policies
-    if sync_kind not in SYNC_KINDS_RUN or not 1 <= (a.sync_period or 1) <= 10_000:
-        raise _fail(f"sync {sync_kind!r} every {a.sync_period} steps is not one this worker runs")
-    return StagePlan(
+    plan = StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
         stage=a.stage,
@@ -150,9 +143,15 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         replica=a.replica,
         replicas=replicas,
         sync_peers=sync_peers,
-        sync_kind=sync_kind,
+        sync_kind=a.sync_kind or "sync",  # an assignment from before sync policies
         sync_period=a.sync_period or 1,
+        sync_layers=tuple(
+            SyncLayer(la.name, tuple(la.params), tuple(la.iterations)) for la in a.sync_layers
+        ),
     )
+    if why := plan.sync_problem():
+        raise _fail(why)
+    return plan
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,26 @@ Plain data, decoded and checked by `worker.serde` from the coordinator's stage a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from opdag.data import DataConfig
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from worker.edge_compression import EdgeCodec
+
+# The sync policies this worker carries out (`worker.replica_sync`).
+SYNC_KINDS_RUN = ("sync", "local-sgd", "partial-local-sgd")
+
+
+@dataclass(frozen=True)
+class SyncLayer:
+    """partial-local-sgd: one layer of the stage, its parameters and the iterations of the
+    period after which it is averaged (its scheduled one first, then extra syncs)."""
+
+    name: str
+    params: tuple[str, ...]
+    iterations: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -44,15 +57,17 @@ class StagePlan:
     replica: int = 0
     replicas: int = 1
     sync_peers: Mapping[int, str] = field(default_factory=dict)
-    # How the replicas keep together: "sync" (gradients averaged every step) or "local-sgd"
-    # (each replica steps alone; parameters averaged every `sync_period` steps).
+    # How the replicas keep together: "sync" (gradients averaged every step), "local-sgd"
+    # (each replica steps alone; parameters averaged every `sync_period` steps) or
+    # "partial-local-sgd" (each of `sync_layers` averaged at its own iterations).
     sync_kind: str = "sync"
     sync_period: int = 1
+    sync_layers: tuple[SyncLayer, ...] = ()
 
     @property
     def local_sgd(self) -> bool:
         """Whether the replicas step their own optimizers and average parameters."""
-        return self.replicas > 1 and self.sync_kind == "local-sgd"
+        return self.replicas > 1 and self.sync_kind in ("local-sgd", "partial-local-sgd")
 
     def averages_parameters_after(self, step: int) -> bool:
         """Whether step `step` (of the whole run) ends a local-sgd averaging round: every
@@ -60,6 +75,35 @@ class StagePlan:
         return self.local_sgd and (
             (step + 1) % self.sync_period == 0 or step == self.total_steps - 1
         )
+
+    def layers_averaged_after(self, step: int) -> tuple[SyncLayer, ...]:
+        """partial-local-sgd: the layers averaged after step `step` (all after the last)."""
+        if step == self.total_steps - 1:
+            return self.sync_layers
+        return tuple(la for la in self.sync_layers if step % self.sync_period in la.iterations)
+
+    def averaged_after(self, step: int, names: Iterable[str]) -> set[str]:
+        """Which of the stage's parameters `names` are averaged after step `step`."""
+        if self.sync_kind == "partial-local-sgd" and self.local_sgd:
+            due = {p for la in self.layers_averaged_after(step) for p in la.params}
+            return {n for n in names if n in due}
+        return set(names) if self.averages_parameters_after(step) else set()
+
+    def sync_problem(self) -> str | None:
+        """What makes the sync policy one this worker cannot run, or None."""
+        if self.sync_kind not in SYNC_KINDS_RUN or not 1 <= self.sync_period <= 10_000:
+            return f"sync {self.sync_kind!r} every {self.sync_period} steps is not run here"
+        if self.sync_kind != "partial-local-sgd":
+            return "sync layers are only for partial-local-sgd" if self.sync_layers else None
+        trainable = {p.name for p in self.graph.params if p.trainable}
+        named = [p for la in self.sync_layers for p in la.params]
+        if len(named) != len(set(named)) or set(named) != trainable:
+            return "the sync layers must hold every trainable parameter of the stage once"
+        for la in self.sync_layers:
+            its = la.iterations
+            if not its or len(set(its)) != len(its) or max(its) >= self.sync_period:
+                return f"layer {la.name!r}: iterations {list(its)} do not fit the period"
+        return None
 
     @property
     def local_micro_batches(self) -> int:

@@ -34,6 +34,7 @@ from coordinator.planning.plan import (
     placement_of,
     plan_even,
 )
+from coordinator.planning.stage_sync import group_link_rate, stage_sync_layers
 from coordinator.planning.workload import BlockChain, load_from_partition
 from opdag.ir import Graph
 from opdag.partition import Partition, balanced_assignment, partition
@@ -197,22 +198,38 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
         assignment=dict(cut.assignment),
         placements=tuple(placements),
         predicted_step_s=found.step_s,
-        explanation=_explained(found, tuple(placements), names, req.spec),
+        explanation=_explained(found, tuple(placements), names, req, cut),
         codecs=plan_codecs(found, req.spec.compression),
     )
     return plan, cut
 
 
 def _explained(
-    found: OpFencePlan, placements: tuple[Placement, ...], names: Mapping[str, str], spec: JobSpec
+    found: OpFencePlan,
+    placements: tuple[Placement, ...],
+    names: Mapping[str, str],
+    req: PlanRequest,
+    cut: Partition,
 ) -> str:
-    """The plan as `plan show` prints it: OP-Fence's account, then the sync groups."""
+    """The plan as `plan show` prints it: OP-Fence's account, then the sync groups (and
+    each stage's partial local SGD schedule)."""
     text = found.explain(names)
-    if found.replicas > 1:
-        averaging = "gradients averaged every step"
-        if spec.sync.kind == "local-sgd":
-            averaging = f"local SGD, parameters averaged every {spec.sync.period} steps"
-        text = f"{text}\n{describe_sync_groups(placements, names, averaging)}"
+    if found.replicas <= 1:
+        return text
+    sync = req.spec.sync
+    averaging = "gradients averaged every step"
+    if sync.kind == "local-sgd":
+        averaging = f"local SGD, parameters averaged every {sync.period} steps"
+    elif sync.kind == "partial-local-sgd":
+        averaging = f"partial local SGD, each layer averaged once every {sync.period} steps"
+    text = f"{text}\n{describe_sync_groups(placements, names, averaging)}"
+    if sync.kind == "partial-local-sgd":
+        for stage in cut.stages:
+            members = [p.worker_id for p in placements if p.stage == stage.index]
+            rate = group_link_rate(req.figures, members)
+            _, schedule = stage_sync_layers(stage.graph, found.replicas, sync.period, rate)
+            if schedule is not None:
+                text = f"{text}\nstage {stage.index} {schedule.format()}"
     return text
 
 

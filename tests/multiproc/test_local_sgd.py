@@ -1,17 +1,21 @@
 """Local SGD end to end: a real coordinator and four real worker processes on loopback, two
 replicas of a two-stage pipeline that each step their own optimizer and average parameters
 every H steps, checked against `sync` (H = 1, plain SGD) and against a plain PyTorch
-simulation of H-step local SGD written here."""
+simulation of H-step local SGD written here; and partial local SGD, whose workers log each
+round's layers: each layer averaged once per period, the run equal to the simulation of
+the same per-layer rounds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.stage_sync import layer_of
 from coordinator.store import open_store
 from opdag import model_file
 from opdag.data import replica_micro_batches
@@ -33,6 +37,8 @@ parallel: {{planner: even, stages: 2, replicas: 2}}
 sync: {sync}
 checkpoint: {{every: {steps}}}
 """
+# In `job_result`'s state, "#stage:NAME" is the stage that holds tensor NAME.
+STAGE_OF = "#stage:"
 PLAIN_SGD = "{name: sgd, lr: 0.05, momentum: 0.0}"
 ADAMW = "{name: adamw, lr: 1.0e-3}"
 
@@ -41,11 +47,14 @@ def job_spec(optimizer: str, sync: str, steps: int) -> str:
     return SPEC.format(optimizer=optimizer, sync=sync, steps=steps)
 
 
-def simulate_local_sgd(spec: JobSpec, period: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """H-step local SGD in one process: R copies of the model, each trained on its replica's
-    micro-batches of every step with its own optimizer, parameters averaged (replica order,
-    fp32) after every step k with (k + 1) % H == 0 and after the last. Returns each step's
-    loss over the global batch (the mean of the replicas' losses) and the final parameters."""
+def simulate(
+    spec: JobSpec, averages: Callable[[int, str], bool]
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Local SGD in one process: R copies of the model, each trained on its replica's
+    micro-batches of every step with its own optimizer; after step k, every parameter n with
+    `averages(k, n)` is replaced by its mean over the copies (replica order, fp32). Returns
+    each step's loss over the global batch (the mean of the replicas' losses) and the final
+    parameters of copy 0."""
     args = spec.model.args_dict()
     source = training_source(spec.model.zoo, args, spec.data)
     models = [build_model(spec.model.zoo, args, seed=spec.seed) for _ in range(REPLICAS)]
@@ -66,17 +75,24 @@ def simulate_local_sgd(spec: JobSpec, period: int) -> tuple[list[float], dict[st
             optimizer.zero_grad(set_to_none=True)
             step_losses.append(total / share)
         losses.append(sum(step_losses) / REPLICAS)
-        if (step + 1) % period == 0 or step == spec.steps - 1:
-            with torch.no_grad():
-                named = [dict(model.named_parameters()) for model in models]
-                for name in named[0]:
-                    mean = named[0][name].detach().clone()
-                    for r in range(1, REPLICAS):
-                        mean += named[r][name]
-                    mean /= REPLICAS
-                    for r in range(REPLICAS):
-                        named[r][name].copy_(mean)
+        with torch.no_grad():
+            named = [dict(model.named_parameters()) for model in models]
+            for name in named[0]:
+                if not averages(step, name):
+                    continue
+                mean = named[0][name].detach().clone()
+                for r in range(1, REPLICAS):
+                    mean += named[r][name]
+                mean /= REPLICAS
+                for r in range(REPLICAS):
+                    named[r][name].copy_(mean)
     return losses, {n: p.detach().clone() for n, p in models[0].named_parameters()}
+
+
+def simulate_local_sgd(spec: JobSpec, period: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """H-step local SGD: every parameter averaged after every step k with (k + 1) % H == 0
+    and after the last."""
+    return simulate(spec, lambda k, _: (k + 1) % period == 0 or k == spec.steps - 1)
 
 
 @pytest.fixture
@@ -89,9 +105,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def run_job(cluster: Cluster, spec_yaml: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Run a job to completion: its losses by step and its final checkpoint's tensors."""
     job_id = cluster.submit(spec_yaml)
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
+    cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete", timeout=240)
+    return job_result(cluster, job_id)
+
+
+def job_result(cluster: Cluster, job_id: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A completed job's losses by step and its final checkpoint's tensors."""
+    job = cluster.job(job_id)
     assert sorted((s.replica, s.stage) for s in job.stages) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     losses = {m.step: m.loss for m in cluster.job(job_id, with_metrics=True).metrics}
     assert sorted(losses) == list(range(len(losses))), "a step has no loss"
@@ -101,8 +121,10 @@ def run_job(cluster: Cluster, spec_yaml: str) -> tuple[list[float], dict[str, to
     finally:
         store.close()
     state: dict[str, torch.Tensor] = {}
-    for blob in parts:
-        state.update(model_file.decode_state(blob, f"checkpoint {job.last_checkpoint}"))
+    for stage, blob in enumerate(parts):  # the parts are ordered by stage
+        tensors = model_file.decode_state(blob, f"checkpoint {job.last_checkpoint}")
+        state.update(tensors)
+        state.update({f"{STAGE_OF}{n}": torch.tensor(stage) for n in tensors})
     return [losses[s] for s in sorted(losses)], state
 
 
@@ -126,7 +148,7 @@ def test_local_sgd_with_period_1_and_plain_sgd_trains_like_sync(cluster: Cluster
     )
     assert len(local_losses) == len(sync_losses) == steps
     loss_diff = max(abs(a - b) for a, b in zip(local_losses, sync_losses, strict=True))
-    params = {n: t for n, t in sync_state.items() if not n.startswith(OPTIM_PREFIX)}
+    params = {n: t for n, t in sync_state.items() if not n.startswith((OPTIM_PREFIX, STAGE_OF))}
     worst = relative_difference(local_state, params)
     print(f"period 1 vs sync: largest loss difference {loss_diff:.3g}, parameters {worst:.3g}")
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
@@ -153,3 +175,65 @@ def test_local_sgd_with_period_3_equals_a_plain_pytorch_simulation(cluster: Clus
     # The simulation without averaging rounds ends elsewhere: the test can tell them apart.
     _, unaveraged = simulate_local_sgd(parse_job_spec(spec_yaml), steps + 1)
     assert relative_difference(state, unaveraged) > 10 * max(worst, 1e-6)
+
+
+ROUND = re.compile(
+    r"job (\S+) stage (\d+) replica (\d+): averaged layers (\S*) \| extra (\S*) after step (\d+)"
+)
+
+
+def logged_rounds(
+    cluster: Cluster, job_id: str
+) -> dict[tuple[int, int], dict[int, tuple[tuple[str, ...], tuple[str, ...]]]]:
+    """Per (stage, replica), per step: the (scheduled, extra) layers the worker averaged."""
+    rounds: dict[tuple[int, int], dict[int, tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+    for proc in cluster.procs:
+        for m in ROUND.finditer(proc.log.read_text()):
+            if m[1] == job_id:
+                scheduled = tuple(x for x in m[4].split(",") if x)
+                extra = tuple(x for x in m[5].split(",") if x)
+                rounds.setdefault((int(m[2]), int(m[3])), {})[int(m[6])] = (scheduled, extra)
+    return rounds
+
+
+def test_partial_local_sgd_averages_each_layer_once_per_period_like_a_simulation(
+    cluster: Cluster,
+) -> None:
+    cluster.start_coordinator()
+    for i in range(4):
+        cluster.start_worker(f"w{i}")
+    steps, period = 7, 3  # two whole periods, then the last step averages everything
+    spec_yaml = job_spec(ADAMW, f"{{kind: partial-local-sgd, period: {period}}}", steps)
+    job_id = cluster.submit(spec_yaml)
+    cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete", timeout=240)
+    assert "partial local SGD" in cluster.client().plan(job_id).text
+    losses, state = job_result(cluster, job_id)
+    rounds = logged_rounds(cluster, job_id)
+    assert sorted(rounds) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # A layer's parameters may be cut over two stages: each stage averages its own part.
+    averaged: dict[int, set[tuple[int, str]]] = {step: set() for step in range(steps)}
+    stage_of = {n[len(STAGE_OF) :]: int(t) for n, t in state.items() if n.startswith(STAGE_OF)}
+    partial = False
+    for stage in (0, 1):
+        mine, theirs = rounds[(stage, 0)], rounds[(stage, 1)]
+        assert mine == theirs, "the replicas of a stage averaged different layers"
+        layers = set(mine[steps - 1][0]) | set(mine[steps - 1][1])  # the last step: all
+        for start in range(0, steps - period + 1, period):
+            window = [mine.get(k, ((), ())) for k in range(start, start + period)]
+            counts = {la: sum(la in sched for sched, _ in window) for la in layers}
+            assert counts == dict.fromkeys(layers, 1), f"stage {stage}, steps {start}..: {counts}"
+        for step, (sched, extra) in mine.items():
+            averaged[step] |= {(stage, la) for la in (*sched, *extra)}
+            partial |= step < steps - 1 and set(sched) | set(extra) != layers
+    assert partial, "every round averaged every layer: nothing was partial"
+    want_losses, want_params = simulate(
+        parse_job_spec(spec_yaml), lambda k, n: (stage_of[n], layer_of(n)) in averaged[k]
+    )
+    loss_diff = max(abs(a - b) for a, b in zip(losses, want_losses, strict=True))
+    worst = relative_difference(state, want_params)
+    print(
+        f"partial period {period} vs simulation: largest loss difference {loss_diff:.3g}, "
+        f"parameters {worst:.3g}"
+    )
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+    assert worst < 1e-5, f"relative parameter difference {worst:.3g}"

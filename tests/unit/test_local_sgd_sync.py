@@ -1,7 +1,8 @@
 """Local SGD without a network: each worker is told the policy and its period, a stage's
 replicas exchange only the loss between averaging rounds, leave a round with bitwise the
 same mean parameters, refuse shares that are not due, and apply nothing when a member is
-silent."""
+silent; with partial local SGD each worker is told its stage's layers and their iterations,
+every trainable parameter in one layer."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from coordinator.planning.compute import ComputeModel
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import Plan, WorkerSlot, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan
+from coordinator.planning.stage_sync import layer_of, stage_sync_layers
 from coordinator.serde import stage_assignment_pb
 from opdag.capture import capture
 from opdag.errors import CodecError
@@ -192,3 +194,56 @@ def test_a_silent_member_fails_the_round_and_nothing_is_averaged(
     with pytest.raises(ReplicaSyncError, match=r"no parameters of step 2 from replica\(s\) \[1\]"):
         asyncio.run(syncs[0].average_parameters(2, [("w", params[0])], None))
     assert torch.equal(params[0].detach(), before)
+
+
+# -- partial local SGD: the per-layer schedule each worker is told ----------------------------
+
+
+def partial_spec(period: int = 4) -> JobSpec:
+    doc = yaml.safe_load(yaml.safe_dump(local_spec().to_dict()))
+    doc["sync"] = {"kind": "partial-local-sgd", "period": period}
+    return parse_job_spec(yaml.safe_dump(doc))
+
+
+def test_a_parameter_belongs_to_the_layer_of_its_numbered_prefix() -> None:
+    assert layer_of("blocks.3.attn.qkv.weight") == "blocks.3"
+    assert layer_of("tok_emb.weight") == "tok_emb"
+    assert layer_of("pos") == "pos"
+
+
+def test_each_stage_is_told_its_layers_each_averaged_once_per_period(
+    model: CapturedModel,
+) -> None:
+    job = partial_spec()
+    plan, cut = make_plan(PlanRequest("j", 1, 0, model.graph, job, WORKERS, {}, ComputeModel()))
+    assert "partial local SGD, each layer averaged once every 4 steps" in plan.explanation
+    assert "stage 1 partial local SGD" in plan.explanation  # the schedule, printed
+    routes = stage_routes(cut)
+    for stage in cut.stages:
+        layers, schedule = stage_sync_layers(stage.graph, 2, 4)
+        assert schedule is not None
+        handover = StageHandover(
+            job_id="j",
+            epoch=1,
+            stage=stage,
+            plan=plan,
+            routes=routes[stage.index],
+            spec=job,
+            fingerprint="",
+            start_step=0,
+            secret="s" * 32,
+            tensors=Checkpoints.stage_tensors("j", stage, model.state),
+            sync_layers=layers,
+        )
+        pb = stage_assignment_pb(handover)
+        sp = stage_plan_from_pb(pb)
+        assert sp.sync_kind == "partial-local-sgd" and len(sp.sync_layers) == len(layers)
+        trainable = sorted(p.name for p in stage.graph.params if p.trainable)
+        assert sorted(p for la in sp.sync_layers for p in la.params) == trainable
+        for k in range(4):  # each layer's scheduled iteration comes once in the period
+            at = [la.name for la in sp.layers_averaged_after(k) if la.iterations[0] == k]
+            assert at == [la.name for la in layers if schedule.iteration_of(la.name) == k]
+        assert sp.averaged_after(9, trainable) == set(trainable)  # the last step: all
+        del pb.sync_layers[0].params[0]
+        with pytest.raises(CodecError, match="every trainable parameter of the stage once"):
+            stage_plan_from_pb(pb)
