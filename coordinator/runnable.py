@@ -12,7 +12,7 @@ from coordinator.planning.jobspec import JobSpec
 # Sync kinds whose replicas the workers keep together as the spec says.
 RUNNABLE_SYNC_KINDS: frozenset[str] = frozenset({"sync", "local-sgd", "partial-local-sgd"})
 # Wire formats of averaged tensors the workers send.
-RUNNABLE_SYNC_VALUES: frozenset[str] = frozenset({"fp32"})
+RUNNABLE_SYNC_VALUES: frozenset[str] = frozenset({"fp32", "fp16"})
 # Whether the workers apply an outer optimizer (DiLoCo) at averaging rounds.
 RUNS_OUTER_OPTIMIZER = False
 

@@ -70,6 +70,7 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         ],
         sync_kind=spec.sync.kind,
         sync_period=spec.sync.period,
+        sync_values=spec.sync.values,
         sync_layers=[
             worker_pb2.SyncLayer(name=la.name, params=la.params, iterations=la.iterations)
             for la in h.sync_layers

@@ -87,10 +87,16 @@ class ReplicaSync:
     def attach(self, named: Named, *, loss: bool) -> None:
         """Set what the stage's gradients are: its trainable parameters (and the loss, for
         the stage that computes it)."""
-        self._expected = {n: (p.dtype, tuple(p.shape)) for n, p in named}
+        self._expected = {n: (self._wire_dtype(p.dtype), tuple(p.shape)) for n, p in named}
         self._loss = loss
         if loss:
             self._expected[LOSS] = (torch.float64, (1,))
+
+    def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """How a tensor of `dtype` travels: fp16 when the policy says so (`values: fp16`)."""
+        return (
+            torch.float16 if self.plan.sync_values == "fp16" and dtype.is_floating_point else dtype
+        )
 
     @property
     def what(self) -> str:
@@ -203,6 +209,8 @@ class ReplicaSync:
         """Send this member's share of `step` to the group, wait for theirs, and return the
         mean of every share (nothing is returned unless every share arrived in time)."""
         self._step = step
+        # Every member averages the values as they travel, its own included: the same mean.
+        own = [(n, t.to(self._wire_dtype(t.dtype))) for n, t in own]
         if loss is not None:
             own.append((LOSS, torch.tensor([loss], dtype=torch.float64)))
         collect = asyncio.ensure_future(self._others(step))
@@ -246,7 +254,8 @@ class ReplicaSync:
         # The same sum in the same order on every member: the same average, bit for bit.
         out: dict[str, torch.Tensor] = {}
         for name in names:
-            total = shares[0][name].clone()
+            first = shares[0][name]  # fp16 on the wire is summed in fp32
+            total = first.float() if first.dtype == torch.float16 else first.clone()
             for r in range(1, self.plan.replicas):
                 total += shares[r][name]
             out[name] = total / self.plan.replicas

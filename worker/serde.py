@@ -145,6 +145,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         sync_peers=sync_peers,
         sync_kind=a.sync_kind or "sync",  # an assignment from before sync policies
         sync_period=a.sync_period or 1,
+        sync_values=a.sync_values or "fp32",
         sync_layers=tuple(
             SyncLayer(la.name, tuple(la.params), tuple(la.iterations)) for la in a.sync_layers
         ),

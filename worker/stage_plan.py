@@ -63,6 +63,8 @@ class StagePlan:
     sync_kind: str = "sync"
     sync_period: int = 1
     sync_layers: tuple[SyncLayer, ...] = ()
+    # How averaged tensors travel: fp32 (as they are) or fp16.
+    sync_values: str = "fp32"
 
     @property
     def local_sgd(self) -> bool:
@@ -93,6 +95,8 @@ class StagePlan:
         """What makes the sync policy one this worker cannot run, or None."""
         if self.sync_kind not in SYNC_KINDS_RUN or not 1 <= self.sync_period <= 10_000:
             return f"sync {self.sync_kind!r} every {self.sync_period} steps is not run here"
+        if self.sync_values not in ("fp32", "fp16"):
+            return f"sync values {self.sync_values!r} are not fp32 or fp16"
         if self.sync_kind != "partial-local-sgd":
             return "sync layers are only for partial-local-sgd" if self.sync_layers else None
         trainable = {p.name for p in self.graph.params if p.trainable}

@@ -48,13 +48,14 @@ def job_spec(optimizer: str, sync: str, steps: int) -> str:
 
 
 def simulate(
-    spec: JobSpec, averages: Callable[[int, str], bool]
+    spec: JobSpec, averages: Callable[[int, str], bool], wire: torch.dtype = torch.float32
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Local SGD in one process: R copies of the model, each trained on its replica's
     micro-batches of every step with its own optimizer; after step k, every parameter n with
     `averages(k, n)` is replaced by its mean over the copies (replica order, fp32). Returns
     each step's loss over the global batch (the mean of the replicas' losses) and the final
-    parameters of copy 0."""
+    parameters of copy 0. With `wire` fp16, each copy's values are rounded to fp16 before
+    the fp32 sum, as they travel."""
     args = spec.model.args_dict()
     source = training_source(spec.model.zoo, args, spec.data)
     models = [build_model(spec.model.zoo, args, seed=spec.seed) for _ in range(REPLICAS)]
@@ -80,19 +81,21 @@ def simulate(
             for name in named[0]:
                 if not averages(step, name):
                     continue
-                mean = named[0][name].detach().clone()
+                mean = named[0][name].detach().to(wire).float()
                 for r in range(1, REPLICAS):
-                    mean += named[r][name]
+                    mean += named[r][name].detach().to(wire)
                 mean /= REPLICAS
                 for r in range(REPLICAS):
                     named[r][name].copy_(mean)
     return losses, {n: p.detach().clone() for n, p in models[0].named_parameters()}
 
 
-def simulate_local_sgd(spec: JobSpec, period: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def simulate_local_sgd(
+    spec: JobSpec, period: int, wire: torch.dtype = torch.float32
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """H-step local SGD: every parameter averaged after every step k with (k + 1) % H == 0
     and after the last."""
-    return simulate(spec, lambda k, _: (k + 1) % period == 0 or k == spec.steps - 1)
+    return simulate(spec, lambda k, _: (k + 1) % period == 0 or k == spec.steps - 1, wire)
 
 
 @pytest.fixture
@@ -175,6 +178,27 @@ def test_local_sgd_with_period_3_equals_a_plain_pytorch_simulation(cluster: Clus
     # The simulation without averaging rounds ends elsewhere: the test can tell them apart.
     _, unaveraged = simulate_local_sgd(parse_job_spec(spec_yaml), steps + 1)
     assert relative_difference(state, unaveraged) > 10 * max(worst, 1e-6)
+
+
+def test_local_sgd_with_fp16_values_averages_what_travels_in_fp16(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    for i in range(4):
+        cluster.start_worker(f"w{i}")
+    steps, period = 6, 2
+    spec_yaml = job_spec(ADAMW, f"{{kind: local-sgd, period: {period}, values: fp16}}", steps)
+    losses, state = run_job(cluster, spec_yaml)
+    spec = parse_job_spec(spec_yaml)
+    want_losses, want_params = simulate_local_sgd(spec, period, torch.float16)
+    loss_diff = max(abs(a - b) for a, b in zip(losses, want_losses, strict=True))
+    worst = relative_difference(state, want_params)
+    _, fp32_params = simulate_local_sgd(spec, period)
+    print(
+        f"fp16 period {period} vs simulation: largest loss difference {loss_diff:.3g}, "
+        f"parameters {worst:.3g} (vs fp32 averaging {relative_difference(state, fp32_params):.3g})"
+    )
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+    assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
+    assert relative_difference(state, fp32_params) > 10 * max(worst, 1e-6)  # fp16 did travel
 
 
 ROUND = re.compile(

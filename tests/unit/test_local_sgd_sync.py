@@ -7,6 +7,7 @@ every trainable parameter in one layer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -247,3 +248,43 @@ def test_each_stage_is_told_its_layers_each_averaged_once_per_period(
         del pb.sync_layers[0].params[0]
         with pytest.raises(CodecError, match="every trainable parameter of the stage once"):
             stage_plan_from_pb(pb)
+
+
+@pytest.mark.parametrize("kind", ["sync", "local-sgd"])
+def test_with_fp16_values_the_group_sends_fp16_and_applies_the_same_fp32_mean(
+    model: CapturedModel, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    _, plans = planned(model)
+    mine = sorted((sp for sp in plans if sp.stage == 0), key=lambda sp: sp.replica)
+    mine = [dataclasses.replace(sp, sync_kind=kind, sync_values="fp16") for sp in mine]
+    syncs = [ReplicaSync(sp, token="t", tls=None, timeout_s=0.5) for sp in mine]
+    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in syncs]
+    grads = [torch.randn(3, 2) for _ in syncs]
+    for sync, p, g in zip(syncs, params, grads, strict=True):
+        sync.attach([("w", p)], loss=False)
+        p.grad = g
+    join(syncs, [0, 0], monkeypatch)
+    sent: list[torch.dtype] = []
+    real = syncs[1].deliver
+
+    async def spy(step: int, src: int, tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        sent.extend(t.dtype for _, t in tensors)
+        await real(step, src, tensors)
+
+    monkeypatch.setattr(syncs[1], "deliver", spy)
+    values = grads if kind == "sync" else [p.detach().clone() for p in params]
+    want = (values[0].half().float() + values[1].half()) / 2
+
+    async def run() -> None:
+        pairs = zip(syncs, params, strict=True)
+        if kind == "sync":
+            await asyncio.gather(*(s.average(2, [("w", p)], None) for s, p in pairs))
+        else:
+            await asyncio.gather(*(s.average_parameters(2, [("w", p)], None) for s, p in pairs))
+
+    asyncio.run(run())
+    assert sent == [torch.float16]
+    got = [p.grad if kind == "sync" else p.detach() for p in params]
+    assert got[0] is not None and got[1] is not None
+    assert torch.equal(got[0], got[1]) and got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
