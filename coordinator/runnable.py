@@ -14,7 +14,7 @@ RUNNABLE_SYNC_KINDS: frozenset[str] = frozenset({"sync", "local-sgd", "partial-l
 # Wire formats of averaged tensors the workers send.
 RUNNABLE_SYNC_VALUES: frozenset[str] = frozenset({"fp32", "fp16"})
 # Whether the workers apply an outer optimizer (DiLoCo) at averaging rounds.
-RUNS_OUTER_OPTIMIZER = False
+RUNS_OUTER_OPTIMIZER = True
 
 
 def unrunnable_setting(spec: JobSpec) -> str | None:

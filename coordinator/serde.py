@@ -71,6 +71,9 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         sync_kind=spec.sync.kind,
         sync_period=spec.sync.period,
         sync_values=spec.sync.values,
+        outer_name=spec.sync.outer.name if spec.sync.outer else "",
+        outer_lr=spec.sync.outer.lr if spec.sync.outer else 0.0,
+        outer_momentum=spec.sync.outer.momentum if spec.sync.outer else 0.0,
         sync_layers=[
             worker_pb2.SyncLayer(name=la.name, params=la.params, iterations=la.iterations)
             for la in h.sync_layers

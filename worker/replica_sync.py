@@ -20,6 +20,12 @@ bitwise equal. Optimizer state stays local.
 stage that computes the loss still exchanges the loss every step (a share of one number), so
 replica 0 reports the global batch's loss; other steps send nothing.
 
+With an outer optimizer (`outer`, DiLoCo), a round takes, instead of the mean, the
+parameters of the last round stepped by outer SGD or Nesterov on the pseudo-gradient (the
+last round's parameters minus the mean); every member holds the same outer state, so all
+reach the same values. That state lives only in the members: a resumed run starts it again
+from the checkpoint's parameters with zero outer momentum.
+
 A member that does not answer within `timeout_s`, or cannot be sent to after the peer
 retries, fails the step with `ReplicaSyncError`: nothing partial is applied (a member
 averages only once every share of the round is in), the stage reports the error and the
@@ -81,6 +87,8 @@ class ReplicaSync:
         self._changed = asyncio.Condition()
         self._step = plan.start_step  # the step being averaged (or the last one averaged)
         self._loss = False
+        self._anchor: dict[str, torch.Tensor] = {}
+        self._outer_velocity: dict[str, torch.Tensor] = {}
         self._stubs: dict[int, WorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -89,6 +97,10 @@ class ReplicaSync:
         the stage that computes it)."""
         self._expected = {n: (self._wire_dtype(p.dtype), tuple(p.shape)) for n, p in named}
         self._loss = loss
+        # DiLoCo: the parameters at the last round, and the outer optimizer's momentum.
+        if self.plan.outer is not None and self.plan.local_sgd:
+            self._anchor = {n: p.detach().cpu().float().clone() for n, p in named}
+            self._outer_velocity = {n: torch.zeros_like(t) for n, t in self._anchor.items()}
         if loss:
             self._expected[LOSS] = (torch.float64, (1,))
 
@@ -183,6 +195,8 @@ class ReplicaSync:
             return loss
         own = [(n, p.detach().cpu().clone()) for n, p in named if n in due]
         mean = await self._exchange(step, own, loss)
+        if self._anchor:
+            await asyncio.to_thread(self._outer_step, mean)
         with torch.no_grad():
             for name, p in named:
                 if name in mean:
@@ -240,6 +254,23 @@ class ReplicaSync:
         others = collect.result()
         shares = {**others, self.plan.replica: dict(own)}
         return await asyncio.to_thread(self._mean, step, shares)
+
+    def _outer_step(self, mean: dict[str, torch.Tensor]) -> None:
+        """DiLoCo's outer step, in place of `mean`: the pseudo-gradient (parameters at the
+        last round minus the mean) stepped by heavy-ball SGD or Nesterov from the last
+        round's parameters. Every member holds the same state, so all reach the same."""
+        assert self.plan.outer is not None
+        name, lr, momentum = self.plan.outer
+        for n, anchor in self._anchor.items():
+            if n not in mean:
+                continue  # partial-local-sgd: not this layer's round
+            grad = anchor - mean[n]
+            velocity = self._outer_velocity[n]
+            velocity.mul_(momentum).add_(grad)
+            anchor.sub_(
+                grad.add(velocity, alpha=momentum) if name == "nesterov" else velocity, alpha=lr
+            )
+            mean[n] = anchor.clone()
 
     def _mean(
         self, step: int, shares: Mapping[int, Mapping[str, torch.Tensor]]

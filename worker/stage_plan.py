@@ -5,6 +5,7 @@ Plain data, decoded and checked by `worker.serde` from the coordinator's stage a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -65,6 +66,9 @@ class StagePlan:
     sync_layers: tuple[SyncLayer, ...] = ()
     # How averaged tensors travel: fp32 (as they are) or fp16.
     sync_values: str = "fp32"
+    # The local kinds' outer optimizer (DiLoCo) as (sgd | nesterov, lr, momentum); None:
+    # the averaged parameters are taken as they are.
+    outer: tuple[str, float, float] | None = None
 
     @property
     def local_sgd(self) -> bool:
@@ -97,6 +101,12 @@ class StagePlan:
             return f"sync {self.sync_kind!r} every {self.sync_period} steps is not run here"
         if self.sync_values not in ("fp32", "fp16"):
             return f"sync values {self.sync_values!r} are not fp32 or fp16"
+        if self.outer is not None:
+            name, lr, momentum = self.outer
+            if self.sync_kind == "sync" or name not in ("sgd", "nesterov"):
+                return f"outer optimizer {name!r} is not one of a local kind"
+            if not (0 < lr < math.inf and 0 <= momentum < 1):
+                return f"outer optimizer lr {lr} and momentum {momentum} are out of range"
         if self.sync_kind != "partial-local-sgd":
             return "sync layers are only for partial-local-sgd" if self.sync_layers else None
         trainable = {p.name for p in self.graph.params if p.trainable}

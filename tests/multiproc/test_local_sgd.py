@@ -48,14 +48,19 @@ def job_spec(optimizer: str, sync: str, steps: int) -> str:
 
 
 def simulate(
-    spec: JobSpec, averages: Callable[[int, str], bool], wire: torch.dtype = torch.float32
+    spec: JobSpec,
+    averages: Callable[[int, str], bool],
+    wire: torch.dtype = torch.float32,
+    outer: tuple[str, float, float] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Local SGD in one process: R copies of the model, each trained on its replica's
     micro-batches of every step with its own optimizer; after step k, every parameter n with
     `averages(k, n)` is replaced by its mean over the copies (replica order, fp32). Returns
     each step's loss over the global batch (the mean of the replicas' losses) and the final
     parameters of copy 0. With `wire` fp16, each copy's values are rounded to fp16 before
-    the fp32 sum, as they travel."""
+    the fp32 sum, as they travel. With `outer` (name, lr, momentum), DiLoCo: the copies
+    take, instead of the mean, the parameters of the last round stepped by an outer SGD or
+    Nesterov on the pseudo-gradient (last round's parameters minus the mean)."""
     args = spec.model.args_dict()
     source = training_source(spec.model.zoo, args, spec.data)
     models = [build_model(spec.model.zoo, args, seed=spec.seed) for _ in range(REPLICAS)]
@@ -63,6 +68,8 @@ def simulate(
     m = spec.data.micro_batches
     share = m // REPLICAS
     losses: list[float] = []
+    anchor = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    velocity = {n: torch.zeros_like(p) for n, p in anchor.items()}
     for step in range(spec.steps):
         batch = source.batch(step)
         step_losses = []
@@ -85,6 +92,15 @@ def simulate(
                 for r in range(1, REPLICAS):
                     mean += named[r][name].detach().to(wire)
                 mean /= REPLICAS
+                if outer is not None:
+                    kind, lr, momentum = outer
+                    pseudo = anchor[name] - mean
+                    velocity[name] = momentum * velocity[name] + pseudo
+                    update = (
+                        pseudo + momentum * velocity[name] if kind == "nesterov" else velocity[name]
+                    )
+                    anchor[name] = anchor[name] - lr * update
+                    mean = anchor[name].clone()
                 for r in range(REPLICAS):
                     named[r][name].copy_(mean)
     return losses, {n: p.detach().clone() for n, p in models[0].named_parameters()}
@@ -199,6 +215,34 @@ def test_local_sgd_with_fp16_values_averages_what_travels_in_fp16(cluster: Clust
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
     assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
     assert relative_difference(state, fp32_params) > 10 * max(worst, 1e-6)  # fp16 did travel
+
+
+def test_local_sgd_with_an_outer_nesterov_equals_a_diloco_simulation(cluster: Cluster) -> None:
+    cluster.start_coordinator()
+    for i in range(4):
+        cluster.start_worker(f"w{i}")
+    steps, period = 6, 2
+    sync = (
+        f"{{kind: local-sgd, period: {period}, outer: {{name: nesterov, lr: 0.7, momentum: 0.9}}}}"
+    )
+    spec_yaml = job_spec(ADAMW, sync, steps)
+    losses, state = run_job(cluster, spec_yaml)
+    spec = parse_job_spec(spec_yaml)
+
+    def rounds(k: int, _: str) -> bool:
+        return (k + 1) % period == 0 or k == steps - 1
+
+    want_losses, want_params = simulate(spec, rounds, outer=("nesterov", 0.7, 0.9))
+    _, plain = simulate(spec, rounds)
+    loss_diff = max(abs(a - b) for a, b in zip(losses, want_losses, strict=True))
+    worst = relative_difference(state, want_params)
+    print(
+        f"outer nesterov period {period} vs simulation: largest loss difference {loss_diff:.3g}, "
+        f"parameters {worst:.3g} (vs plain averaging {relative_difference(state, plain):.3g})"
+    )
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+    assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
+    assert relative_difference(state, plain) > 10 * max(worst, 1e-6)  # the outer step acted
 
 
 ROUND = re.compile(

@@ -288,3 +288,21 @@ def test_with_fp16_values_the_group_sends_fp16_and_applies_the_same_fp32_mean(
     assert got[0] is not None and got[1] is not None
     assert torch.equal(got[0], got[1]) and got[0].dtype == torch.float32
     torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+
+
+def test_a_worker_runs_an_outer_optimizer_only_of_a_local_kind_and_in_range(
+    model: CapturedModel,
+) -> None:
+    _, plans = planned(model)
+    sp = plans[0]
+    assert dataclasses.replace(sp, outer=("nesterov", 0.7, 0.9)).sync_problem() is None
+    bad = [
+        (dataclasses.replace(sp, sync_kind="sync", outer=("sgd", 0.7, 0.9)), "not one of"),
+        (dataclasses.replace(sp, outer=("adam", 0.7, 0.9)), "not one of"),
+        (dataclasses.replace(sp, outer=("sgd", 0.0, 0.9)), "out of range"),
+        (dataclasses.replace(sp, outer=("sgd", 0.7, 1.0)), "out of range"),
+        (dataclasses.replace(sp, sync_values="int8"), "not fp32 or fp16"),
+    ]
+    for plan, why in bad:
+        problem = plan.sync_problem()
+        assert problem is not None and why in problem, problem
