@@ -27,7 +27,6 @@ from coordinator.job_table import JobTable
 from coordinator.link_survey import LinkProber
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.registry import Registry, WorkerState
-from coordinator.runnable import unrunnable_setting
 from coordinator.states import STAGE_ACTIVE, STAGE_BROKEN, JobState, WorkerStatus
 from coordinator.step_metrics import StepMetrics
 from coordinator.store import StateStore
@@ -117,8 +116,6 @@ class JobManager:
     async def submit(self, spec_yaml: str) -> Job:
         """Validate a spec, capture its model, store the job; then it waits for workers."""
         spec = parse_job_spec(spec_yaml)
-        if (refusal := unrunnable_setting(spec)) is not None:
-            raise JobError(refusal)
         job = Job(job_id=uuid.uuid4().hex[:10], name=spec.name, spec=spec)
         try:
             model, fingerprint = await asyncio.to_thread(self._prepare, spec)

@@ -15,7 +15,7 @@ import yaml
 from coordinator.checkpoints import Checkpoints
 from coordinator.handover import StageHandover
 from coordinator.planning.compute import ComputeModel
-from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.planning.jobspec import JobSpec, JobSpecError, parse_job_spec
 from coordinator.planning.plan import Plan, WorkerSlot, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan, predict
 from coordinator.serde import stage_assignment_pb
@@ -118,14 +118,18 @@ def test_a_plan_stored_before_replicas_reads_as_one_pipeline(model: CapturedMode
     assert "sync groups" not in plan.explanation
 
 
-def test_micro_batches_that_do_not_split_over_the_replicas_cannot_be_planned(
-    model: CapturedModel,
-) -> None:
-    request = PlanRequest(
-        "j", 1, 0, model.graph, spec(micro_batches=3), WORKERS, {}, ComputeModel()
-    )
-    with pytest.raises(ValueError, match="3 micro-batches do not split evenly over 2 replicas"):
-        make_plan(request)
+def test_replica_counts_always_split_the_micro_batches(model: CapturedModel) -> None:
+    # A count given in the spec is checked there; `auto` lets the planner pick only counts
+    # whose shares are equal.
+    with pytest.raises(JobSpecError, match="3 micro-batches do not split evenly over 2"):
+        spec(micro_batches=3)
+    for planner in ("even", "opfence"):
+        plan, _ = make_plan(
+            PlanRequest(
+                "j", 1, 0, model.graph, spec(planner, "auto", 3), WORKERS, {}, ComputeModel()
+            )
+        )
+        assert 3 % plan.replicas == 0, (planner, plan.replicas)
 
 
 # -- the sync group's averaging, its two members joined by direct calls ----------------------
