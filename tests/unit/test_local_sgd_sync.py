@@ -26,6 +26,7 @@ from opdag.capture import capture
 from opdag.errors import CodecError
 from opdag.ir import CapturedModel
 from opdag.zoo import build_model, example_batch
+from tests.unit.stage_plans import planned_stages
 from worker.replica_sync import LOSS, ReplicaSync, ReplicaSyncError
 from worker.serde import StagePlan, stage_plan_from_pb
 
@@ -55,27 +56,7 @@ def local_spec() -> JobSpec:
 
 
 def planned(model: CapturedModel) -> tuple[Plan, list[StagePlan]]:
-    job = local_spec()
-    plan, cut = make_plan(PlanRequest("j", 1, 0, model.graph, job, WORKERS, {}, ComputeModel()))
-    routes = stage_routes(cut)
-    plans = []
-    for p in plan.placements:
-        stage = cut.stages[p.stage]
-        handover = StageHandover(
-            job_id="j",
-            epoch=1,
-            stage=stage,
-            plan=plan,
-            routes=routes[stage.index],
-            spec=job,
-            fingerprint="",
-            start_step=0,
-            secret="s" * 32,
-            tensors=Checkpoints.stage_tensors("j", stage, model.state),
-            replica=p.replica,
-        )
-        plans.append(stage_plan_from_pb(stage_assignment_pb(handover)))
-    return plan, plans
+    return planned_stages(model, local_spec(), WORKERS)
 
 
 def group(

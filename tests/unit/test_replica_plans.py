@@ -12,19 +12,17 @@ import pytest
 import torch
 import yaml
 
-from coordinator.checkpoints import Checkpoints
-from coordinator.handover import StageHandover
 from coordinator.planning.compute import ComputeModel
 from coordinator.planning.jobspec import JobSpec, JobSpecError, parse_job_spec
-from coordinator.planning.plan import Plan, WorkerSlot, stage_routes
+from coordinator.planning.plan import Plan, WorkerSlot
 from coordinator.planning.planner import PlanRequest, make_plan, predict
-from coordinator.serde import stage_assignment_pb
 from opdag.capture import capture
 from opdag.errors import CodecError
 from opdag.ir import CapturedModel
 from opdag.zoo import build_model, example_batch
+from tests.unit.stage_plans import planned_stages
 from worker.replica_sync import LOSS, ReplicaSync, ReplicaSyncError
-from worker.serde import StagePlan, stage_plan_from_pb
+from worker.serde import StagePlan
 
 pytestmark = pytest.mark.unit
 
@@ -55,27 +53,7 @@ def spec(planner: str = "even", replicas: object = 2, micro_batches: int = 4) ->
 
 
 def planned(model: CapturedModel, job: JobSpec) -> tuple[Plan, list[StagePlan]]:
-    request = PlanRequest("j", 1, 0, model.graph, job, WORKERS, {}, ComputeModel())
-    plan, cut = make_plan(request)
-    routes = stage_routes(cut)
-    plans = []
-    for p in plan.placements:
-        stage = cut.stages[p.stage]
-        handover = StageHandover(
-            job_id="j",
-            epoch=1,
-            stage=stage,
-            plan=plan,
-            routes=routes[stage.index],
-            spec=job,
-            fingerprint="",
-            start_step=0,
-            secret="s" * 32,
-            tensors=Checkpoints.stage_tensors("j", stage, model.state),
-            replica=p.replica,
-        )
-        plans.append(stage_plan_from_pb(stage_assignment_pb(handover)))
-    return plan, plans
+    return planned_stages(model, job, WORKERS)
 
 
 @pytest.mark.parametrize("planner", ["even", "opfence"])
