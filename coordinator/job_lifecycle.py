@@ -25,6 +25,7 @@ import torch
 
 from coordinator.calibration import ComputeCalibration
 from coordinator.checkpoints import Checkpoints
+from coordinator.elastic import ElasticReplicas
 from coordinator.handover import StageHandover
 from coordinator.job_record import Job
 from coordinator.job_table import JobTable
@@ -61,6 +62,7 @@ class JobLifecycle:
         checkpoints: Checkpoints,
         calibration: ComputeCalibration,
         links: LinkProber | None,
+        drain_timeout_s: float = 120.0,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -70,6 +72,7 @@ class JobLifecycle:
         self.calibration = calibration
         self.links = links
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.elastic = ElasticReplicas(self, drain_timeout_s=drain_timeout_s)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in the background (until it ends or `close` cancels it)."""
@@ -142,7 +145,8 @@ class JobLifecycle:
             if job is not None and not job.terminal and job.epoch == w.epoch:
                 if w.state == WorkerStatus.LEFT and job.draining_until:
                     continue  # it drained and went; the drain finishes without it
-                self.recover_later(job, f"worker {w.name} was lost")
+                # A job of replicas goes on with an intact one; others are re-planned.
+                self.spawn(self.elastic.lose(job, w))
         now = time.monotonic()
         for job in sorted(self.table.jobs.values(), key=lambda j: j.created_at):
             if job.busy.locked():
@@ -151,6 +155,8 @@ class JobLifecycle:
                 await self._launch(job)
             elif job.draining_until and now > job.draining_until:
                 self.recover_later(job, "the drain did not finish in time")
+            elif job.state == JobState.RUNNING:
+                await self.elastic.consider_growth(job)
 
     def _links_ready(self, job: Job, worker_ids: list[str]) -> bool:
         """Whether to plan now: OP-Fence and AdaTopK plan on measured links, so they wait
@@ -216,6 +222,7 @@ class JobLifecycle:
             job.last_checkpoint = start_step
             job.steps_done = start_step
             job.draining_until = 0.0
+            job.speaker, job.alone = 0, False
             self.registry.assign(plan.worker_ids, job.job_id, plan.epoch)
             await self.table.save_with_plan(job, plan)
             await self.checkpoints.discard_after(job.job_id, start_step)
@@ -364,6 +371,7 @@ class JobLifecycle:
             job.state = JobState.COMPLETED
             job.steps_done = job.spec.steps
             self.calibration.forget(job.job_id)
+            self.elastic.forget(job.job_id)
             await self._release(job)
             await self.table.save(job)
         log.info(
@@ -374,15 +382,11 @@ class JobLifecycle:
         )
 
     async def end_drain(self, job: Job) -> None:
-        """Every stage stopped at the drain's step boundary: plan again without the
-        leaving workers."""
+        """Every stage stopped at the drain's step boundary: plan again on the workers
+        there are now (without leaving or lost ones, with joining ones), from that step."""
         async with job.busy:
             await self._stop_plan(job)
             job.state, job.draining_until = JobState.RECOVERING, 0.0
             job.recoveries += 1
             await self.table.save(job)
-        log.info(
-            "job %s drained at step %d; re-planning without the leaving workers",
-            job.job_id,
-            job.last_checkpoint,
-        )
+        log.info("job %s drained at step %d; planning it again", job.job_id, job.last_checkpoint)

@@ -52,6 +52,10 @@ class Job:
     fingerprint: str = ""
     finished_stages: set[int] = field(default_factory=set)
     drained_stages: set[int] = field(default_factory=set)
+    # The replica whose reports set the job's progress, and whether it is the only one
+    # the plan still has (after a lost replica: `coordinator.elastic`).
+    speaker: int = 0
+    alone: bool = False
     # Memory only.
     plan: Plan | None = None
     draining_until: float = 0.0
@@ -63,6 +67,24 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.state in JOB_ENDED
+
+    def replica_of(self, worker_id: str) -> int | None:
+        """Which replica of the current plan `worker_id` runs (None: none of it)."""
+        if self.plan is not None:
+            for p in self.plan.placements:
+                if p.worker_id == worker_id:
+                    return p.replica
+        return None
+
+    def speaks(self, worker_id: str) -> bool:
+        """Whether `worker_id`'s reports set the job's progress: it runs a stage of the
+        speaking replica."""
+        return self.replica_of(worker_id) == self.speaker
+
+    def dropped(self, worker_id: str) -> bool:
+        """Whether `worker_id` ran a replica the job no longer has (or is not in the plan)."""
+        replica = self.replica_of(worker_id)
+        return replica is None or (self.alone and replica != self.speaker)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -85,6 +107,8 @@ class Job:
             "fingerprint": self.fingerprint,
             "finished_stages": sorted(self.finished_stages),
             "drained_stages": sorted(self.drained_stages),
+            "speaker": self.speaker,
+            "alone": self.alone,
         }
 
     @classmethod
@@ -109,6 +133,8 @@ class Job:
             fingerprint=r["fingerprint"],
             finished_stages=set(r["finished_stages"]),
             drained_stages=set(r["drained_stages"]),
+            speaker=r.get("speaker", 0),
+            alone=r.get("alone", False),
         )
 
 

@@ -71,6 +71,7 @@ class JobManager:
             checkpoints=self.checkpoints,
             calibration=self.calibration,
             links=links,
+            drain_timeout_s=drain_timeout_s,
         )
 
     @property
@@ -168,16 +169,25 @@ class JobManager:
 
     async def on_progress(self, p: Progress) -> None:
         job = self.current_job(p.job_id, p.epoch)
+        if job.dropped(p.worker_id):
+            return  # a replica the job no longer has (`coordinator.elastic`)
         if p.error:
             self.lifecycle.recover_later(job, f"stage {p.stage} failed: {p.error}")
             return
-        if p.finished or p.drained:
+        if (p.finished or p.drained) and job.speaks(p.worker_id):
             (job.finished_stages if p.finished else job.drained_stages).add(p.stage)
             if p.drained and p.stage == 0 and job.plan is not None:
                 # Stage 0 chose the boundary; every other stage stops at the same one.
-                for placement in job.plan.placements[1:]:
+                for placement in job.plan.placements:
+                    if placement.worker_id == p.worker_id or job.dropped(placement.worker_id):
+                        continue
                     await self.workers.stop(
-                        placement.address, job.job_id, job.epoch, drain=True, steps_done=p.step + 1
+                        placement.address,
+                        job.job_id,
+                        job.epoch,
+                        drain=True,
+                        steps_done=p.step + 1,
+                        alone=job.alone,
                     )
             await self._check_end(job)
             return

@@ -121,9 +121,11 @@ def load_stage_parts(h: StageHandover) -> AsyncIterator[LoadStagePart]:
 
 
 def job_control_pb(
-    job_id: str, epoch: int, *, drain: bool = False, steps_done: int = 0
+    job_id: str, epoch: int, *, drain: bool = False, steps_done: int = 0, alone: bool = False
 ) -> worker_pb2.JobControl:
-    return worker_pb2.JobControl(job_id=job_id, epoch=epoch, drain=drain, steps_done=steps_done)
+    return worker_pb2.JobControl(
+        job_id=job_id, epoch=epoch, drain=drain, steps_done=steps_done, alone=alone
+    )
 
 
 def measure_link_pb(

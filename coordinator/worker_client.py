@@ -78,12 +78,20 @@ class WorkerClient:
             raise self._error(worker_id, f"starting job {job_id} on {address}", e) from None
 
     async def stop(
-        self, address: str, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0
+        self,
+        address: str,
+        job_id: str,
+        epoch: int,
+        *,
+        drain: bool,
+        steps_done: int = 0,
+        alone: bool = False,
     ) -> bool:
-        """Ask a worker to stop (or drain) a job; best effort, False if it did not answer."""
+        """Ask a worker to stop (or drain) a job, or (`alone`) to go on as the one replica
+        the job keeps; best effort, False if it did not answer."""
         try:
             await self._stub(address).StopJob(
-                job_control_pb(job_id, epoch, drain=drain, steps_done=steps_done),
+                job_control_pb(job_id, epoch, drain=drain, steps_done=steps_done, alone=alone),
                 metadata=token_metadata(self.token),
                 timeout=5,
             )

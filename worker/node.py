@@ -120,8 +120,16 @@ class WorkerNode:
             raise JobStateError(f"job {job_id} is {job.state}, not waiting to start")
         self._task = asyncio.create_task(job.run(), name=f"job {job_id}")
 
-    async def stop(self, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0) -> None:
+    async def stop(
+        self, job_id: str, epoch: int, *, drain: bool, steps_done: int = 0, alone: bool = False
+    ) -> None:
+        """Drop the job, or drain it (stop at a step boundary); `alone`: the coordinator
+        keeps only this replica, which goes on (and drains, if asked)."""
         job = self._held(job_id, epoch)
+        if alone and job.state == StageState.RUNNING:
+            job.go_alone()
+            if not drain:
+                return
         if drain and job.state == StageState.RUNNING:
             job.request_drain(steps_done)
             return

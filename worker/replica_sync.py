@@ -26,17 +26,25 @@ last round's parameters minus the mean); every member holds the same outer state
 reach the same values. That state lives only in the members: a resumed run starts it again
 from the checkpoint's parameters with zero outer momentum.
 
-A member that does not answer within `timeout_s`, or cannot be sent to after the peer
-retries, fails the step with `ReplicaSyncError`: nothing partial is applied (a member
-averages only once every share of the round is in), the stage reports the error and the
-coordinator re-plans.
+A member that cannot be sent to after the peer retries is taken as probably gone: the
+round waits, up to `timeout_s` in all, for the coordinator's word. When the coordinator
+has seen a member's worker die, it tells the one replica it keeps that it is alone
+(`go_alone`): a round then completes with the shares that did arrive, its own included,
+divided by their count (every replica holds the same number of micro-batches, so that is
+the mean over the micro-batches the round holds), and the round is announced: a warning
+in the log, and `shares` (fewer than the group's size) in the step's report. Every later
+round is its own share alone. Without that word nothing partial is ever applied: a member
+averages only once every share is in, and after `timeout_s` it fails the step with
+`ReplicaSyncError` (the stage reports the error and the coordinator re-plans).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -91,6 +99,13 @@ class ReplicaSync:
         self._outer_velocity: dict[str, torch.Tensor] = {}
         self._stubs: dict[int, WorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        # Set once the coordinator says the other replicas are gone (`go_alone`).
+        self._alone = asyncio.Event()
+        # What this step's exchange did, for its report (`take_figures`).
+        self._shares = 0
+        self._seconds = 0.0
+        self._bytes_reported = 0
+        self._last_averaged = plan.start_step  # boundary of the last round that averaged
 
     def attach(self, named: Named, *, loss: bool) -> None:
         """Set what the stage's gradients are: its trainable parameters (and the loss, for
@@ -103,6 +118,40 @@ class ReplicaSync:
             self._outer_velocity = {n: torch.zeros_like(t) for n, t in self._anchor.items()}
         if loss:
             self._expected[LOSS] = (torch.float64, (1,))
+
+    def go_alone(self) -> None:
+        """The other replicas are gone (the coordinator's word): rounds in progress complete
+        with what arrived, later ones are this member's own share alone."""
+        if not self._alone.is_set():
+            log.warning(
+                "job %s stage %d replica %d: the other replicas are gone; averaging alone",
+                self.plan.job_id,
+                self.plan.stage,
+                self.plan.replica,
+            )
+        self._alone.set()
+        # Wake a round waiting for shares that will not come.
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def alone(self) -> bool:
+        return self._alone.is_set()
+
+    def take_figures(self, step: int) -> tuple[int, float, int, int]:
+        """This step's exchange for its report, then reset: (bytes sent to the group,
+        seconds spent exchanging, shares averaged (0: no exchange), staleness: steps since
+        the parameters were last averaged, 0 under sync)."""
+        sent = self.sent_bytes - self._bytes_reported
+        out = (sent, self._seconds, self._shares, 0)
+        if self.plan.local_sgd:
+            out = (sent, self._seconds, self._shares, step + 1 - self._last_averaged)
+        self._bytes_reported = self.sent_bytes
+        self._shares, self._seconds = 0, 0.0
+        return out
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """How a tensor of `dtype` travels: fp16 when the policy says so (`values: fp16`)."""
@@ -145,6 +194,8 @@ class ReplicaSync:
         """Accept replica `src`'s share of `step` after checking it is one we expect."""
         if src not in self.plan.sync_peers:
             raise CodecError(f"replica {src} is not in this stage's sync group")
+        if self.alone:
+            raise CodecError(f"replica {self.plan.replica} of this stage now averages alone")
         due = self._due(step) if step < self.plan.total_steps else set()
         if not self._step <= step <= self._next_exchange(self._step + 1) or not due:
             raise CodecError(f"{self.what} of step {step} are not due (averaging {self._step})")
@@ -168,10 +219,13 @@ class ReplicaSync:
             self._changed.notify_all()
 
     async def _others(self, step: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Every other member's share of `step`; once alone, whatever arrived."""
         want = set(self.plan.sync_peers)
         async with self._changed:
-            await self._changed.wait_for(lambda: want <= set(self._arrived.get(step, {})))
-            return self._arrived.pop(step)
+            await self._changed.wait_for(
+                lambda: self.alone or want <= set(self._arrived.get(step, {}))
+            )
+            return self._arrived.pop(step, {})
 
     # -- averaging --------------------------------------------------------------------------
 
@@ -179,6 +233,9 @@ class ReplicaSync:
         """Replace the stage's gradients of `step` by their mean over the group; returns
         the loss of the step over the global batch (None where the stage has none)."""
         # Copies: a member must not see its share change while the others still read it.
+        if self.alone:
+            self._shares = 1
+            return loss  # no group left: the replica's own gradients are the mean
         own = [(n, p.grad.detach().cpu().clone()) for n, p in named if p.grad is not None]
         mean = await self._exchange(step, own, loss)
         for name, p in named:
@@ -193,8 +250,13 @@ class ReplicaSync:
         due = self._due(step)
         if not due:
             return loss
+        if self.alone:
+            self._shares, self._last_averaged = 1, step + 1
+            return loss
         own = [(n, p.detach().cpu().clone()) for n, p in named if n in due]
         mean = await self._exchange(step, own, loss)
+        if due - {LOSS}:
+            self._last_averaged = step + 1
         if self._anchor:
             await asyncio.to_thread(self._outer_step, mean)
         with torch.no_grad():
@@ -227,20 +289,42 @@ class ReplicaSync:
         own = [(n, t.to(self._wire_dtype(t.dtype))) for n, t in own]
         if loss is not None:
             own.append((LOSS, torch.tensor([loss], dtype=torch.float64)))
+        began = time.perf_counter()
         collect = asyncio.ensure_future(self._others(step))
         sends = {r: asyncio.ensure_future(self._send(r, step, own)) for r in self.plan.sync_peers}
+        alone = asyncio.ensure_future(self._alone.wait())
         tasks = [collect, *sends.values()]
+        failed: list[BaseException] = []
         try:
-            done, pending = await asyncio.wait(
-                tasks, timeout=self.timeout_s, return_when=asyncio.FIRST_EXCEPTION
-            )
+            # Until every share is in and taken, or the coordinator says we are alone; a
+            # send that fails means a member is probably gone, and the coordinator's word
+            # is awaited (up to the same timeout) before the step fails.
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            deadline = began + self.timeout_s
+            while pending and not self.alone:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                done, pending = await asyncio.wait(
+                    pending | {alone}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(alone)
+                for t in done - {alone}:
+                    if not t.cancelled() and (e := t.exception()) is not None:
+                        if not isinstance(e, ReplicaSyncError):
+                            raise e
+                        failed.append(e)
+                        log.warning("%s; waiting for the coordinator's word", e)
         finally:
-            for task in tasks:  # a failed send leaves the others and the wait behind
+            for task in (*tasks, alone):  # what is left of the round is not needed
                 task.cancel()
-        failed = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
-        if failed:
-            raise failed[0]
-        if pending:
+        self._seconds += time.perf_counter() - began
+        if self.alone:
+            others = collect.result() if collect.done() and not collect.cancelled() else {}
+            others = others or self._arrived.pop(step, {})
+        elif pending:  # out of time, without the coordinator's word
+            if failed and collect not in pending:
+                raise failed[0]
             if collect in pending:
                 silent = sorted(set(self.plan.sync_peers) - set(self._arrived.get(step, {})))
                 what = f"no {self.what} of step {step} from replica(s) {silent}"
@@ -251,8 +335,25 @@ class ReplicaSync:
                 f"stage {self.plan.stage}: {what} within {self.timeout_s:.0f} s; "
                 "nothing was averaged"
             )
-        others = collect.result()
+        else:
+            # Every share is in, though a send may have failed: the member it was for is
+            # probably gone; the shares are the same as every other member's.
+            others = collect.result()
         shares = {**others, self.plan.replica: dict(own)}
+        self._shares = len(shares)
+        if len(shares) < self.plan.replicas:
+            log.warning(
+                "job %s stage %d replica %d: step %d's %s averaged over replicas %s only, "
+                "%d of %d (the others are gone)",
+                self.plan.job_id,
+                self.plan.stage,
+                self.plan.replica,
+                step,
+                self.what,
+                sorted(shares),
+                len(shares),
+                self.plan.replicas,
+            )
         return await asyncio.to_thread(self._mean, step, shares)
 
     def _outer_step(self, mean: dict[str, torch.Tensor]) -> None:
@@ -284,12 +385,13 @@ class ReplicaSync:
                 )
         # The same sum in the same order on every member: the same average, bit for bit.
         out: dict[str, torch.Tensor] = {}
+        order = sorted(shares)  # every replica normally; fewer once the others are gone
         for name in names:
-            first = shares[0][name]  # fp16 on the wire is summed in fp32
+            first = shares[order[0]][name]  # fp16 on the wire is summed in fp32
             total = first.float() if first.dtype == torch.float16 else first.clone()
-            for r in range(1, self.plan.replicas):
+            for r in order[1:]:
                 total += shares[r][name]
-            out[name] = total / self.plan.replicas
+            out[name] = total / len(order)
         return out
 
     async def _send(self, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]) -> None:

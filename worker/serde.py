@@ -268,10 +268,11 @@ class JobControl:
     epoch: int
     drain: bool
     steps_done: int
+    alone: bool = False
 
 
 def job_control_from_pb(r: JobControlRequest) -> JobControl:
-    return JobControl(job_id=r.job_id, epoch=r.epoch, drain=r.drain, steps_done=r.steps_done)
+    return JobControl(r.job_id, r.epoch, r.drain, r.steps_done, r.alone)
 
 
 def load_stage_reply_pb(plan: StagePlan) -> LoadStageReply:

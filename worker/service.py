@@ -83,10 +83,12 @@ class WorkerService(serde.WorkerServicerBase):
         await self._guard(context)
         c = serde.job_control_from_pb(request)
         try:
-            await self.node.stop(c.job_id, c.epoch, drain=c.drain, steps_done=c.steps_done)
+            await self.node.stop(
+                c.job_id, c.epoch, drain=c.drain, steps_done=c.steps_done, alone=c.alone
+            )
         except JobStateError as e:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return serde.ack_pb("draining" if c.drain else "stopped")
+        return serde.ack_pb("draining" if c.drain else "alone" if c.alone else "stopped")
 
     async def Activations(
         self,

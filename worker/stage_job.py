@@ -12,7 +12,9 @@ and, on schedule, uploads a checkpoint of its parameters and optimizer state.
 In a plan with replicas, each replica's stage 0 loads its own share of the step's
 micro-batches, and before stepping a stage averages its gradients with the same stage of
 the other replicas (`worker.replica_sync`); the replicas then hold the same state, so
-replica 0 alone reports the step (with the loss over the global batch) and checkpoints.
+one replica (replica 0, unless the coordinator kept another when a replica was lost) speaks
+for the stage: its report of the step (with the loss over the global batch) sets the job's
+progress, and it alone checkpoints. Every replica reports its steps, for their metrics.
 
 With `sync: local-sgd` a stage steps on its own gradients and averages its parameters with
 its group after each step that ends an averaging round. Replica 0 still reports (the loss
@@ -77,6 +79,12 @@ class StepReport:
     finished: bool = False
     drained: bool = False
     error: str = ""
+    replica: int = 0  # which pipeline of the plan reports
+    speaker: bool = False  # this replica speaks for the job (its loss, steps, checkpoints)
+    sync_bytes: int = 0  # tensor bytes sent to the stage's sync group in this step
+    sync_seconds: float = 0.0  # seconds this step spent exchanging with the group
+    shares: int = 0  # replicas whose shares this step's average held (0: no exchange)
+    staleness: int = 0  # steps since the parameters were last averaged (0 under sync)
 
 
 class Reporter(Protocol):
@@ -123,6 +131,9 @@ class StageJob:
         self.error = ""
         self._drain = False
         self._drain_target: int | None = None
+        # Replica 0 speaks for its stage (reports the job's progress, checkpoints) until
+        # the coordinator makes another the one replica it keeps (`go_alone`).
+        self.speaks = plan.replica == 0
         self._step_task: asyncio.Task[None] | None = None
         self._forward_srcs = plan.forward_sources()
         self._backward_srcs = plan.backward_sources()
@@ -278,6 +289,13 @@ class StageJob:
         if self.step >= steps_done and self._step_task is not None and not self._step_task.done():
             self._step_task.cancel()
 
+    def go_alone(self) -> None:
+        """The coordinator keeps only this stage's replica: finish rounds with the shares
+        that arrived, average with nobody from now on, and speak for the stage."""
+        self.speaks = True
+        if self.sync is not None:
+            self.sync.go_alone()
+
     def _draining(self) -> bool:
         return self._drain or (self._drain_target is not None and self.step >= self._drain_target)
 
@@ -303,13 +321,13 @@ class StageJob:
             if self.step < plan.total_steps:  # drained at a step boundary
                 await self._checkpoint(wait=True)
                 self.state = StageState.DRAINED
-                if not plan.replica:  # replica 0 speaks for its stage (stage 0's drives)
+                if self.speaks:  # one replica speaks for its stage (stage 0's drives)
                     self.reporter.progress(self._report(self.step - 1, None, 0.0, drained=True))
                 return
             if self._checkpoint_task is not None:
                 await self._checkpoint_task
             self.state = StageState.FINISHED
-            if not plan.replica:
+            if self.speaks:
                 self.reporter.progress(self._report(plan.total_steps - 1, None, 0.0, finished=True))
         except asyncio.CancelledError:
             self.state = StageState.ABORTED
@@ -328,6 +346,8 @@ class StageJob:
             step=step,
             loss=loss,
             step_seconds=seconds,
+            replica=self.plan.replica,
+            speaker=self.speaks,
             **flags,
         )
 
@@ -397,11 +417,20 @@ class StageJob:
         if self.sync is not None and plan.local_sgd:
             loss = await self.sync.average_parameters(step, named, loss)
         self.codecs.forget(step)
-        if plan.replica:
-            return  # replica 0 reports each step for its stage, the group's loss included
+        # Every replica reports its step; the speaker's report (with the loss over the
+        # group's shares) sets the job's progress.
+        group: dict[str, Any] = {}
+        if self.sync is not None:
+            nbytes, secs, shares, stale = self.sync.take_figures(step)
+            group = dict(sync_bytes=nbytes, sync_seconds=secs, shares=shares, staleness=stale)
         self.reporter.progress(
             self._report(
-                step, loss, time.perf_counter() - began, sent=sent, compute_seconds=self._compute_s
+                step,
+                loss,
+                time.perf_counter() - began,
+                sent=sent,
+                compute_seconds=self._compute_s,
+                **group,
             )
         )
 
@@ -449,8 +478,8 @@ class StageJob:
         return out
 
     async def _checkpoint(self, *, wait: bool) -> None:
-        if self.plan.replica:
-            return  # replicas hold the same state: replica 0's copy is the checkpoint
+        if not self.speaks:
+            return  # replicas hold the same state: the speaker's copy is the checkpoint
         if self._checkpoint_task is not None:
             await self._checkpoint_task  # one upload at a time, in step order
         tensors = await self._compute(self.snapshot)

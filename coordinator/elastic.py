@@ -1,0 +1,208 @@
+"""Elastic replicas: a job of replicas loses one without going back to its last checkpoint,
+and takes in workers that join as new replicas.
+
+Shrink. When a worker of a job with replicas is lost, its replica is broken. If another
+replica still has every worker, the coordinator keeps that one (replica 0 when it is
+intact, else the lowest intact one) and stops the workers of every other replica, which are
+free again. It tells the kept replica's workers that they are alone: a round in progress
+completes with the shares that arrived (announced: a warning in the worker's log, and
+`shares` below the group's size in the step's report), later ones have nobody to average
+with. It then drains the kept replica: its stage 0 stops at the next step boundary, every
+other stage at the same one, each uploading its state there. The job is then planned again
+on every live worker (the kept replica's, the broken replica's survivors, any that joined)
+from that state. No step is redone: the new plan starts from the kept replica's state at
+the step it reached, relayed through the coordinator's store as the checkpoint of that step.
+What the other intact replicas learnt since their last round (local SGD) is not kept: one
+copy of each stage goes on.
+Without an intact replica, or for a plan of one pipeline, the job is re-planned from its
+last checkpoint, as before.
+
+Grow. A running OP-Fence job whose replica count is `auto` is looked at every
+`GROW_CHECK_S` while workers are free and their links are measured: when a plan over its
+workers and the free ones is predicted at least `1 - GROW_GAIN` faster per step, every
+stage drains at the next boundary of an averaging period (where local SGD's replicas hold
+the averaged parameters) and the job is planned again, the free workers included, from the
+state there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from coordinator.job_record import Job
+from coordinator.planning.planner import PlanRequest, make_plan
+from coordinator.registry import WorkerSlot, WorkerState
+from coordinator.states import JobState
+
+if TYPE_CHECKING:
+    from coordinator.job_lifecycle import JobLifecycle
+
+log = logging.getLogger("archipelago.coordinator")
+
+# How often a running job is priced against the free workers, and the predicted step time
+# (as a share of the current plan's) below which it is re-planned to take them in.
+GROW_CHECK_S = 10.0
+GROW_GAIN = 0.9
+
+
+class ElasticReplicas:
+    """Shrinking a job of replicas when one breaks, growing it when workers join."""
+
+    def __init__(self, lifecycle: JobLifecycle, *, drain_timeout_s: float) -> None:
+        self.life = lifecycle
+        self.drain_timeout_s = drain_timeout_s
+        self._checked: dict[str, float] = {}  # job id -> when its growth was last priced
+
+    # -- shrink -----------------------------------------------------------------------------
+
+    def kept_replica(self, job: Job) -> int | None:
+        """The replica a broken job of replicas can go on with: one whose workers are all
+        alive (replica 0 first), or None."""
+        plan = job.plan
+        if plan is None or plan.replicas < 2:
+            return None
+        for r in range(plan.replicas):
+            members = [p.worker_id for p in plan.placements if p.replica == r]
+            workers = [self.life.registry.get(w) for w in members]
+            if all(w is not None and w.alive and w.job_id == job.job_id for w in workers):
+                return r
+        return None
+
+    async def lose(self, job: Job, lost: WorkerState) -> None:
+        """`lost` was a worker of `job`'s plan: go on with an intact replica if there is
+        one, else re-plan from the last checkpoint."""
+        async with job.busy:
+            plan = job.plan
+            if job.terminal or job.state not in (JobState.RUNNING,) or plan is None:
+                keep = None
+            elif job.alone or job.draining_until:
+                keep = None  # a second loss while shrinking or draining: start over
+            else:
+                keep = self.kept_replica(job)
+            if keep is None:
+                reason = f"worker {lost.name} was lost"
+            else:
+                await self._keep_only(job, keep, lost)
+                return
+        await self.life.recover(job, reason)
+
+    async def _keep_only(self, job: Job, keep: int, lost: WorkerState) -> None:
+        plan = job.plan
+        assert plan is not None
+        dropped = [p for p in plan.placements if p.replica != keep]
+        kept = sorted((p for p in plan.placements if p.replica == keep), key=lambda p: p.stage)
+        log.warning(
+            "job %s epoch %d: worker %s was lost; replica %d goes on alone to the next step "
+            "boundary, then the job is planned again from its state there (replicas %s "
+            "stopped)",
+            job.job_id,
+            job.epoch,
+            lost.name,
+            keep,
+            sorted({p.replica for p in dropped}),
+        )
+        job.speaker, job.alone = keep, True
+        job.draining_until = time.monotonic() + self.drain_timeout_s
+        stops = []
+        for p in dropped:
+            w = self.life.registry.get(p.worker_id)
+            if w is not None and w.alive:
+                stops.append(self.life.workers.stop(p.address, job.job_id, job.epoch, drain=False))
+        await asyncio.gather(*stops)
+        changed = self.life.registry.release(tuple(p.worker_id for p in dropped), job.job_id)
+        await self.life.save_workers(changed)
+        # Alone first, everywhere, so no stage still waits for a share; then stage 0 picks
+        # the boundary the others stop at (`JobManager.on_progress`).
+        await asyncio.gather(
+            *(
+                self.life.workers.stop(
+                    p.address, job.job_id, job.epoch, drain=p.stage == 0, alone=True
+                )
+                for p in kept
+            )
+        )
+        await self.life.table.save(job)
+
+    # -- grow -------------------------------------------------------------------------------
+
+    async def consider_growth(self, job: Job) -> None:
+        """Drain `job` for a re-plan when the free workers make it predicted faster."""
+        spec, plan, life = job.spec, job.plan, self.life
+        now = time.monotonic()
+        if (
+            plan is None
+            or job.state != JobState.RUNNING
+            or job.draining_until
+            or spec.parallel.planner != "opfence"
+            or spec.parallel.replicas is not None
+            or now - self._checked.get(job.job_id, 0.0) < GROW_CHECK_S
+        ):
+            return
+        free = life.registry.free()
+        if not free:
+            return
+        self._checked[job.job_id] = now
+        mine = [life.registry.get(w) for w in plan.worker_ids]
+        current = [
+            WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in mine if w is not None
+        ]
+        ids = [w.worker_id for w in (*current, *free)]
+        if life.links is not None and life.links.unmeasured(ids):
+            return  # priced on measured links only
+        period = spec.sync.period if spec.sync.kind != "sync" else 1
+        boundary = -(-(job.steps_done + 2) // period) * period
+        if boundary >= spec.steps:
+            return
+        model = await life.table.model_of(job)
+        request = PlanRequest(
+            job_id=job.job_id,
+            epoch=job.epoch + 1,
+            start_step=boundary,
+            graph=model.graph,
+            spec=spec,
+            workers=[*current, *free],
+            figures=life.links.figures(ids) if life.links else {},
+            compute=life.calibration.model,
+        )
+        try:
+            candidate, _ = await asyncio.to_thread(make_plan, request)
+        except ValueError:
+            return
+        if candidate.predicted_step_s > GROW_GAIN * plan.predicted_step_s:
+            return
+        async with job.busy:
+            if job.state != JobState.RUNNING or job.draining_until or job.epoch != plan.epoch:
+                return
+            log.info(
+                "job %s epoch %d: %d free worker(s) would take a step from %.3f s to %.3f s "
+                "(%d stages x %d replicas); draining at step %d to take them in",
+                job.job_id,
+                job.epoch,
+                len(free),
+                plan.predicted_step_s,
+                candidate.predicted_step_s,
+                candidate.num_stages,
+                candidate.replicas,
+                boundary,
+            )
+            job.draining_until = now + self.drain_timeout_s + boundary_wait_s(job, boundary)
+            await asyncio.gather(
+                *(
+                    life.workers.stop(
+                        p.address, job.job_id, job.epoch, drain=True, steps_done=boundary
+                    )
+                    for p in plan.placements
+                )
+            )
+            await life.table.save(job)
+
+    def forget(self, job_id: str) -> None:
+        self._checked.pop(job_id, None)
+
+
+def boundary_wait_s(job: Job, boundary: int) -> float:
+    """About how long the job takes to reach step `boundary` at its measured pace."""
+    return max(0, boundary - job.steps_done) * max(job.step_seconds, 1.0) * 2
