@@ -7,8 +7,13 @@ check by hand:
 - transfer: bytes over the link's bandwidth plus half its round trip, after an optional
   compression policy has chosen a codec for the link;
 - step: the event simulation of the workers' 1F1B schedule (`simulate_1f1b`), forward
-  and backward traffic on separate FIFO links, then each stage's optimizer step (after
-  the all-reduce of its gradients when the plan has replicas).
+  and backward traffic on separate FIFO links, then each stage's optimizer step;
+- averaging, when the plan has replicas: a stage's sync group exchanges all-to-all (as
+  `worker/replica_sync.py` does: each member sends its whole share to each of the R-1
+  others at once, so the R-1 copies share its uplink), by the job's sync policy
+  (`SyncSpec`): `sync` sends gradients every step, before the optimizer step; the local
+  kinds send parameters once per period, after it, priced amortised (a round's seconds
+  over the period); `values: fp16` halves the bytes.
 
 The planner calls `Estimator.step` many times, so it is memoised.
 """
@@ -23,6 +28,7 @@ from typing import Any, Protocol
 from coordinator.planning.compute import ComputeModel
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.simulator import simulate_1f1b
+from coordinator.planning.sync_spec import SyncSpec
 from coordinator.planning.workload import Block, PipelineLoad, StageLoad
 
 
@@ -65,9 +71,11 @@ class StepEstimate:
     micro_batches: int  # per replica
     replicas: int
     stage_compute_s: tuple[float, ...]  # busy seconds per stage (slowest replica), with step
-    allreduce_s: tuple[float, ...]  # per stage; zeros without replicas
+    averaging_s: tuple[float, ...]  # per stage and step, amortised; zeros without replicas
     links: tuple[LinkLoad, ...]
     bottleneck: str
+    # Bytes one member of each stage's sync group sends per step (amortised), all copies.
+    averaging_bytes: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,9 +83,10 @@ class StepEstimate:
             "micro_batches": self.micro_batches,
             "replicas": self.replicas,
             "stage_compute_s": list(self.stage_compute_s),
-            "allreduce_s": list(self.allreduce_s),
+            "averaging_s": list(self.averaging_s),
             "links": [dict(x.__dict__) for x in self.links],
             "bottleneck": self.bottleneck,
+            "averaging_bytes": list(self.averaging_bytes),
         }
 
     @classmethod
@@ -87,14 +96,17 @@ class StepEstimate:
             micro_batches=int(d["micro_batches"]),
             replicas=int(d["replicas"]),
             stage_compute_s=tuple(float(x) for x in d["stage_compute_s"]),
-            allreduce_s=tuple(float(x) for x in d["allreduce_s"]),
+            averaging_s=tuple(float(x) for x in d["averaging_s"]),
             links=tuple(LinkLoad(**x) for x in d["links"]),
             bottleneck=str(d["bottleneck"]),
+            averaging_bytes=tuple(int(x) for x in d.get("averaging_bytes", ())),
         )
 
 
 class Estimator:
-    """Predicts compute, transfer and step times for one set of workers and links."""
+    """Predicts compute, transfer and step times for one set of workers and links, under
+    one sync policy for replicas (`sync`; by default `SyncSpec()`: gradients, fp32, every
+    step)."""
 
     def __init__(
         self,
@@ -103,11 +115,13 @@ class Estimator:
         *,
         compute: ComputeModel | None = None,
         compression: WireCompression | None = None,
+        sync: SyncSpec | None = None,
     ) -> None:
         self.speeds = dict(speeds)
         self.links = links
         self.compute = compute or ComputeModel()
         self.compression = compression
+        self.sync = sync or SyncSpec()
         self._wire: dict[tuple[int, float, float], tuple[str, float, int]] = {}
         self._steps: dict[tuple[PipelineLoad, tuple[tuple[str, ...], ...], int], StepEstimate] = {}
 
@@ -151,16 +165,42 @@ class Estimator:
         bw = self.links.bandwidth(src, dst)
         return self.wire(dense_bytes, bw, budget_s)[2] / bw + self.links.latency(src, dst)
 
-    def allreduce_seconds(self, param_bytes: int, workers: Sequence[str]) -> float:
-        """A ring all-reduce of `param_bytes` among `workers`: 2(R-1)/R of the bytes over the
-        slowest link among them, and 2(R-1) one-way delays."""
+    def averaging_bytes(self, param_bytes: int, replicas: int) -> float:
+        """Bytes one member of a sync group of `replicas` sends per step, amortised: its
+        share (`param_bytes` of fp32 gradients or parameters; half as fp16) to each of the
+        R-1 others, every step for `sync`, once per period for the local kinds."""
+        if replicas < 2 or param_bytes <= 0:
+            return 0.0
+        share = param_bytes / 2 if self.sync.values == "fp16" else param_bytes
+        return (replicas - 1) * share / self._rounds_apart()
+
+    def averaging_seconds(
+        self, param_bytes: int, workers: Sequence[str], *, carries_loss: bool = False
+    ) -> float:
+        """Seconds per step the sync group `workers` spends averaging a stage of
+        `param_bytes`, amortised over the sync period. A round is all-to-all: each member's
+        R-1 copies of its share leave together over its uplink, taken at the slowest link
+        of the group, then one round trip (the sends are acknowledged) on the slowest
+        pair. Partial local SGD is priced like local SGD: the design overlaps it with the
+        backward pass, but the workers average after the optimizer step, so it is not
+        free. The stage that `carries_loss` exchanges the loss every step (one round
+        trip), so that replica 0 can report the global batch's."""
         r = len(workers)
-        if r < 2 or param_bytes <= 0:
+        if r < 2 or (param_bytes <= 0 and not carries_loss):
             return 0.0
         pairs = [(a, b) for a in workers for b in workers if a != b]
         bw = min(self.links.bandwidth(a, b) for a, b in pairs)
         lat = max(self.links.latency(a, b) for a, b in pairs)
-        return 2 * (r - 1) / r * param_bytes / bw + 2 * (r - 1) * lat
+        apart = self._rounds_apart()
+        sent = self.averaging_bytes(param_bytes, r) * apart
+        rounds = (sent / bw + 2 * lat) / apart if param_bytes > 0 else 0.0
+        if carries_loss:
+            rounds += 2 * lat * (1 - 1 / apart)  # the steps between rounds
+        return rounds
+
+    def _rounds_apart(self) -> int:
+        """Steps between averaging rounds: 1 for `sync`, the period for the local kinds."""
+        return self.sync.period if self.sync.local else 1
 
     def step(
         self,
@@ -249,15 +289,19 @@ class Estimator:
             for s in range(num_stages):
                 busy[s] = max(busy[s], m * (fwd[s] + bwd[s]))
 
-        allreduce = tuple(
-            self.allreduce_seconds(st.param_bytes, [r[s] for r in plan])
+        averaging = tuple(
+            self.averaging_seconds(
+                st.param_bytes, [r[s] for r in plan], carries_loss=s == num_stages - 1
+            )
             for s, st in enumerate(load.stages)
         )
         total = 0.0
         compute = []
         for s, st in enumerate(load.stages):
             steps = [self.compute.step_seconds(st.params, r[s], self._speed(r[s])) for r in plan]
-            done = max(e[s] for e in ends) + allreduce[s]
+            # `sync` averages before the optimizer step, the local kinds after it: either
+            # way the group's members wait for the slowest of them, then the round.
+            done = max(e[s] for e in ends) + averaging[s]
             total = max(total, max(done + x for x in steps))
             compute.append(busy[s] + max(steps))
         return StepEstimate(
@@ -265,16 +309,19 @@ class Estimator:
             micro_batches=m,
             replicas=replicas,
             stage_compute_s=tuple(compute),
-            allreduce_s=allreduce,
+            averaging_s=averaging,
             links=tuple(links),
-            bottleneck=_bottleneck(total, compute, allreduce, links, plan),
+            bottleneck=_bottleneck(total, compute, averaging, links, plan),
+            averaging_bytes=tuple(
+                round(self.averaging_bytes(st.param_bytes, replicas)) for st in load.stages
+            ),
         )
 
 
 def _bottleneck(
     total: float,
     compute: Sequence[float],
-    allreduce: Sequence[float],
+    averaging: Sequence[float],
     links: Sequence[LinkLoad],
     plan: tuple[tuple[str, ...], ...],
 ) -> str:
@@ -283,9 +330,9 @@ def _bottleneck(
     for s, secs in enumerate(compute):
         if secs > best:
             best, name = secs, f"stage {s} compute on {plan[0][s]}"
-    for s, secs in enumerate(allreduce):
+    for s, secs in enumerate(averaging):
         if secs > best:
-            best, name = secs, f"stage {s} gradient all-reduce"
+            best, name = secs, f"stage {s} replica averaging"
     for x in links:
         if x.busy_s > best:
             best = x.busy_s

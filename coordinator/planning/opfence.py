@@ -7,17 +7,20 @@
    order into `max_blocks` blocks of equal work, the cut position crossed by the fewest
    bytes (forward and backward) within half a block, so blocks end where little flows,
    e.g. between transformer layers. Contiguous runs of that order are convex stages.
-3. Search: a dynamic programme (`pipeline_dp`) builds pipelines backwards from the last
-   block, a stage at a time: its blocks, and its worker - any unused one of a small
-   island (in a small cluster), else the island's next fastest, or the way into an island
-   not used yet (in any order, for up to `ANY_ORDER` islands; along greedy routes
-   beyond). Each state keeps a Pareto front of (bottleneck, tail, stages) (`scoring`):
-   the tail sums stage and link seconds per micro-batch from the stage to the end, the
-   bottleneck is the slowest stage, link or in-flight bound (1F1B lets stage s hold
-   S - s micro-batches, so one takes tail / (S - s) at least), and a plan scores about
-   (M - 1) x bottleneck + tail. The best few are simulated with the estimator, then
-   improved by local moves (`local_search`: shift a cut, merge or split stages, move a
-   stage to an unused worker, swap two stages) judged by the same simulation.
+3. Search: for each replica count and slot layout (a slot: a stage's worker per replica,
+   the replicas inside one island, or along lanes across islands so that each pipeline
+   stays in an island and the averaging crosses), a dynamic programme (`pipeline_dp`)
+   builds pipelines backwards from the last block, a stage at a time: its blocks, and its
+   slot - any unused one of a small island (in a small cluster), else the island's next
+   fastest, or the way into an island not used yet (in any order, for up to `ANY_ORDER`
+   islands; along greedy routes beyond). Each state keeps a Pareto front of (bottleneck,
+   tail, stages) (`scoring`): the tail sums stage and link seconds per micro-batch from
+   the stage to the end, the bottleneck is the slowest stage, link or in-flight bound
+   (1F1B lets stage s hold S - s micro-batches, so one takes tail / (S - s) at least),
+   and a plan scores about (M - 1) x bottleneck + tail. The best few are simulated with
+   the estimator, then improved by local moves (`local_search`: shift a cut, merge or
+   split stages, move a stage to an unused worker, swap two stages) judged by the same
+   simulation.
 4. Refinement (`local_search`): the winner's cuts move within windows of a `REFINE`x
    finer coarsening (a small DP proposes, the simulation decides), to balance better
    than blocks allow.
@@ -38,9 +41,10 @@ from coordinator.planning.islands import find_islands
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.local_search import improve, refine_cuts
 from coordinator.planning.opfence_plan import OpFencePlan, build_plan
-from coordinator.planning.pipeline_dp import propose_plans, slot_islands
+from coordinator.planning.pipeline_dp import propose_plans, slot_layouts
 from coordinator.planning.plan import WorkerSlot
 from coordinator.planning.scoring import SimulatedSteps
+from coordinator.planning.sync_spec import SyncSpec
 from coordinator.planning.workload import BlockChain
 from opdag.ir import Graph
 from opdag.partition import balanced_assignment
@@ -59,15 +63,17 @@ def plan_opfence(
     compression: WireCompression | None = None,
     compute_model: ComputeModel | None = None,
     max_blocks: int = MAX_BLOCKS,
+    sync: SyncSpec | None = None,
 ) -> OpFencePlan:
     """Plan `graph` (costs per micro-batch) on `workers` over measured `links`: the
-    stages, their workers and the predicted step, for `micro_batches` per step."""
+    stages, their workers and the predicted step, for `micro_batches` per step, replicas
+    averaging by `sync` (default: gradients every step)."""
     # A worker whose speed was never probed cannot be balanced against: it sits out.
     speeds = {w.worker_id: w.gflops for w in workers if w.gflops > 0}
     if not speeds:
         raise ValueError("there are no workers with a measured speed to plan on")
     fine = BlockChain.from_graph(graph)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression)
+    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
     ref = sorted(est.rate(w) for w in speeds)[len(speeds) // 2]
     over2 = 2 * est.compute.node_overhead_s
     work = [(b.fwd_flops + b.bwd_flops) / ref + over2 * b.nodes for b in fine.blocks]
@@ -85,6 +91,7 @@ def plan_opfence(
         max_replicas=max_replicas,
         compression=compression,
         compute_model=compute_model,
+        sync=sync,
     )
     finer = fine.merge(fine_starts)
     index = {p: i for i, p in enumerate(fine_starts)}
@@ -116,6 +123,7 @@ def plan_even_baseline(
     stages: int | None = None,
     compression: WireCompression | None = None,
     compute_model: ComputeModel | None = None,
+    sync: SyncSpec | None = None,
 ) -> OpFencePlan:
     """Today's `even` plan in OP-Fence's terms, with its predicted step: FLOPs-balanced
     stages (as many as workers, by default) on the workers in registration order."""
@@ -128,7 +136,7 @@ def plan_even_baseline(
     order = [assignment[node.name] for node in graph.compute_nodes]
     starts = tuple([0, *(i for i in range(1, len(order)) if order[i] != order[i - 1])])
     placement = (tuple(w.worker_id for w in workers[:n]),)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression)
+    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
     islands = find_islands(list(speeds), links)
     return build_plan("even", graph, fine, starts, placement, islands, est, micro_batches)
 
@@ -158,9 +166,11 @@ def plan_chain(
     compression: WireCompression | None = None,
     compute_model: ComputeModel | None = None,
     islands: Sequence[Sequence[str]] | None = None,
+    sync: SyncSpec | None = None,
 ) -> ChainPlan:
     """The fastest predicted pipeline over `chain` on the workers of `speeds` (in their
-    order), searching stage counts, cuts, placements and, up to `max_replicas`, replicas."""
+    order), searching stage counts, cuts, placements and, up to `max_replicas`, replicas
+    (averaging by `sync`), each replica count on every slot layout `slot_layouts` offers."""
     if not chain.blocks:
         raise ValueError("the chain has no blocks to plan")
     if not speeds:
@@ -172,7 +182,7 @@ def plan_chain(
     if max_replicas < 1:
         raise ValueError(f"max_replicas must be at least 1, not {max_replicas}")
     ids = list(speeds)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression)
+    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
     isl = tuple(tuple(i) for i in islands) if islands else find_islands(ids, links)
     search = SimulatedSteps(chain, est, micro_batches)
     limit = min(len(chain.blocks), max_stages or len(ids))
@@ -180,12 +190,10 @@ def plan_chain(
     for r in range(1, max_replicas + 1):
         if micro_batches % r or r > len(ids):
             continue
-        groups = slot_islands(isl, est, r)
-        if not any(groups):
-            continue
-        found = _search_slots(search, groups, limit, micro_batches // r)
-        if found is not None and (best is None or found[0] < best[0]):
-            best = found
+        for groups in slot_layouts(isl, est, r):
+            found = _search_slots(search, groups, limit, micro_batches // r)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
     assert best is not None, "one replica always has a plan"
     _, starts, seq = best
     placement = tuple(zip(*seq, strict=True))

@@ -166,10 +166,15 @@ class OpFencePlan:
                 f"  stage {x.src_stage}->{x.dst_stage} {who(x.src_worker)}->{who(x.dst_worker)}"
                 f"{rep} {span}: {fwd}; {bwd}"
             )
-        if any(est.allreduce_s):
+        if any(est.averaging_s):
+            sent = est.averaging_bytes or (0,) * len(est.averaging_s)
             lines.append(
-                "gradient all-reduce per stage (s): "
-                + ", ".join(f"{x:.3g}" for x in est.allreduce_s)
+                "replica averaging per stage, all-to-all, per step amortised over the sync "
+                "period: "
+                + ", ".join(
+                    f"{x:.3g} s ({_format_bytes(b)} sent per member)"
+                    for x, b in zip(est.averaging_s, sent, strict=True)
+                )
             )
         return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """The dynamic programme that proposes plans: stage cuts and the slots that run them.
 
 Pipelines are built backwards from the last block, a stage at a time: its blocks, and its
-slot (a worker per replica) - any unused one of a small island (in a small cluster), else
+slot (a worker per replica, `slot_layouts`: a stage's replicas in one island, or spread
+along lanes across islands) - any unused one of a small island (in a small cluster), else
 the island's next fastest, or the way into an island not used yet (in any order, for up
 to `ANY_ORDER` islands; along greedy routes beyond). Each state keeps a Pareto front of
 partial plans by the proxy score (`scoring`); the best whole plans are the candidates
@@ -29,7 +30,7 @@ def slot_islands(
     islands: Sequence[Sequence[str]], est: Estimator, replicas: int
 ) -> list[list[tuple[str, ...]]]:
     """Per island, its slots fastest first: single workers, or `replicas` workers of
-    similar speed that run one stage's replicas (so their all-reduce stays in the island)."""
+    similar speed that run one stage's replicas (so their averaging stays in the island)."""
     out = []
     for isl in islands:
         ranked = sorted(isl, key=lambda w: -est.rate(w))
@@ -40,6 +41,40 @@ def slot_islands(
             ]
         )
     return [g for g in out if g]
+
+
+def replica_lanes(
+    islands: Sequence[Sequence[str]], est: Estimator, replicas: int
+) -> list[list[tuple[str, ...]]]:
+    """Slots whose replicas lie along lanes: the workers island by island (largest and
+    fastest islands first, each fastest first), cut into `replicas` equal lanes, replica
+    j's pipeline on lane j. Pipelines then stay inside an island where one holds a lane,
+    and a stage's sync group spans islands: the layout for local SGD, which sends little
+    between replicas. One group (the DP's island) of slots, empty when too few workers."""
+    ranked = sorted(
+        (sorted(isl, key=lambda w: -est.rate(w)) for isl in islands),
+        key=lambda isl: (-len(isl), -sum(est.rate(w) for w in isl)),
+    )
+    flat = [w for isl in ranked for w in isl]
+    size = len(flat) // replicas
+    if replicas < 2 or size < 1:
+        return []
+    lanes = [flat[j * size : (j + 1) * size] for j in range(replicas)]
+    return [[tuple(lane[i] for lane in lanes) for i in range(size)]]
+
+
+def slot_layouts(
+    islands: Sequence[Sequence[str]], est: Estimator, replicas: int
+) -> list[list[list[tuple[str, ...]]]]:
+    """The slot layouts the search tries for `replicas`, each searched on its own (their
+    slots share workers): a stage's replicas inside one island (`slot_islands`), and,
+    with replicas, along lanes across islands (`replica_lanes`)."""
+    layouts = [slot_islands(islands, est, replicas), replica_lanes(islands, est, replicas)]
+    out: list[list[list[tuple[str, ...]]]] = []
+    for groups in layouts:
+        if any(groups) and groups not in out:
+            out.append(groups)
+    return out
 
 
 def island_routes(

@@ -86,8 +86,8 @@ def _even_replicas(
     planner: str = "even",
 ) -> OpFencePlan:
     """FLOPs-balanced `stages`, `replicas` times over: replica r on workers
-    `order[r*stages:(r+1)*stages]`, priced (the gradient all-reduce included) by the
-    estimator. One replica is exactly `plan_even_baseline`."""
+    `order[r*stages:(r+1)*stages]`, priced (the replicas' averaging by the sync policy
+    included) by the estimator. One replica is exactly `plan_even_baseline`."""
     policy = wire_compression(req.spec.compression)
     m = req.spec.data.micro_batches
     if replicas == 1:
@@ -99,6 +99,7 @@ def _even_replicas(
             stages=stages,
             compression=policy,
             compute_model=req.compute,
+            sync=req.spec.sync,
         )
         return OpFencePlan(**{**found.__dict__, "planner": planner})
     if not 1 <= stages * replicas <= len(order):
@@ -112,7 +113,7 @@ def _even_replicas(
     placement = tuple(
         tuple(w.worker_id for w in order[r * stages : (r + 1) * stages]) for r in range(replicas)
     )
-    est = Estimator(speeds, links, compute=req.compute, compression=policy)
+    est = Estimator(speeds, links, compute=req.compute, compression=policy, sync=req.spec.sync)
     islands = find_islands(list(speeds), links)
     fine = BlockChain.from_graph(req.graph)
     return build_plan(planner, req.graph, fine, starts, placement, islands, est, m)
@@ -175,6 +176,7 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
             max_replicas=replicas or len(workers),
             compression=policy,
             compute_model=req.compute,
+            sync=req.spec.sync,
         )
         if (want is not None and found.num_stages != want) or (
             replicas is not None and found.replicas != replicas
@@ -249,6 +251,7 @@ def predict(
         link_matrix(figures),
         compute=compute,
         compression=wire_compression(spec.compression),
+        sync=spec.sync,
     )
     estimate = est.step(
         load_from_partition(cut), plan.pipelines(), micro_batches=spec.data.micro_batches

@@ -1,5 +1,6 @@
 """The workload estimator on cases small enough to check by hand: compute, transfers,
-the 1F1B event simulation, FIFO links, replicas' all-reduce, compression, calibration."""
+the 1F1B event simulation, FIFO links, replicas' averaging by sync policy, compression,
+calibration."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from coordinator.planning.compute import ComputeModel, StageTiming, fit_compute_
 from coordinator.planning.estimator import Estimator, StepEstimate
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.simulator import simulate_1f1b, simulated_ops
+from coordinator.planning.sync_spec import SyncSpec
 from coordinator.planning.workload import (
     BlockChain,
     EdgeLoad,
@@ -132,20 +134,69 @@ def test_estimator_schedule_is_the_workers_1f1b() -> None:
                 assert ours == theirs
 
 
-def test_replicas_add_a_ring_all_reduce_over_the_slowest_link() -> None:
+def test_replicas_average_all_to_all_over_the_slowest_link() -> None:
     links = BandwidthMatrix.of(
         {("a", "b"): (1e6, 0.02), ("b", "a"): (2e6, 0.02)}, default_bandwidth_Bps=1e9
     )
     est = Estimator({"a": 1.0, "b": 1.0}, links, compute=NO_STEP)
     load = PipelineLoad((StageLoad(1 * GFLOP, 2 * GFLOP, 1, params=1, param_bytes=4_000_000),), ())
     step = est.step(load, [["a"], ["b"]], micro_batches=4)
-    # Each replica runs 2 micro-batches (6 s); all-reduce: 2(R-1)/R x 4 MB at 1 MB/s
-    # (the slower direction) plus 2(R-1) one-way delays of 10 ms.
+    # Each replica runs 2 micro-batches (6 s); `sync` (the default) sends the 4 MB of
+    # gradients to the other member every step at 1 MB/s (the slower direction), then
+    # waits one round trip (20 ms) for the send to be taken.
     assert step.micro_batches == 2 and step.replicas == 2
-    assert step.allreduce_s == pytest.approx((4.0 + 0.02,))
+    assert step.averaging_s == pytest.approx((4.0 + 0.02,))
+    assert step.averaging_bytes == (4_000_000,)
     assert step.total_s == pytest.approx(6.0 + 4.02)
     with pytest.raises(ValueError, match="do not split"):
         est.step(load, [["a"], ["b"]], micro_batches=3)
+
+
+def test_each_member_sends_its_share_to_every_other_over_one_uplink() -> None:
+    # Three members: each sends R-1 = 2 copies of its 3 MB, over the slowest link of the
+    # group (1 MB/s, though most are faster): 6 s, not a ring's 2(R-1)/R x 3 MB = 4 s.
+    ids = ["a", "b", "c"]
+    figures = {(x, y): (10e6, 0.0) for x in ids for y in ids if x != y}
+    figures[("c", "a")] = (1e6, 0.0)
+    est = Estimator({w: 1.0 for w in ids}, BandwidthMatrix.of(figures), compute=NO_STEP)
+    assert est.averaging_seconds(3_000_000, ids) == pytest.approx(6.0)
+    assert est.averaging_bytes(3_000_000, 3) == 6_000_000
+    assert est.averaging_seconds(3_000_000, ["a"]) == 0.0
+
+
+def _averaging(sync: SyncSpec) -> tuple[float, ...]:
+    ids = ["a", "b", "c", "d"]
+    est = Estimator(
+        {w: 1.0 for w in ids}, BandwidthMatrix.uniform(ids, 1e6, 0.0), compute=NO_STEP, sync=sync
+    )
+    stage = StageLoad(1 * GFLOP, 2 * GFLOP, 1, params=1, param_bytes=8_000_000)
+    return est.step(PipelineLoad((stage,), ()), [["a"], ["b"]], micro_batches=2).averaging_s
+
+
+def test_local_sgd_pays_one_round_per_period_and_fp16_half_the_bytes() -> None:
+    every_step = _averaging(SyncSpec())[0]
+    assert every_step == pytest.approx(8.0)  # 8 MB to the one other member at 1 MB/s
+    for kind in ("local-sgd", "partial-local-sgd"):
+        # Partial local SGD is priced as local SGD: the workers average after the
+        # optimizer step, so its rounds do not hide behind the backward pass.
+        assert _averaging(SyncSpec(kind=kind, period=8))[0] == pytest.approx(every_step / 8)
+        assert _averaging(SyncSpec(kind=kind, period=8, values="fp16"))[0] == pytest.approx(
+            every_step / 16
+        )
+    assert _averaging(SyncSpec(values="fp16"))[0] == pytest.approx(every_step / 2)
+
+
+def test_between_rounds_the_loss_stage_of_local_sgd_still_trips_once_a_step() -> None:
+    links = BandwidthMatrix.uniform(["a", "b"], 1e6, 0.1)  # 50 ms each way
+    est = Estimator(
+        {"a": 1.0, "b": 1.0}, links, compute=NO_STEP, sync=SyncSpec(kind="local-sgd", period=4)
+    )
+    # One round every 4 steps (4 s of bytes and a 0.1 s round trip), amortised, and the
+    # loss's round trip on the 3 steps without one.
+    assert est.averaging_seconds(4_000_000, ["a", "b"]) == pytest.approx((4.0 + 0.1) / 4)
+    assert est.averaging_seconds(4_000_000, ["a", "b"], carries_loss=True) == pytest.approx(
+        (4.0 + 0.1) / 4 + 0.1 * 3 / 4
+    )
 
 
 def test_a_placement_reusing_a_worker_is_refused() -> None:

@@ -175,7 +175,7 @@ def test_one_pipeline_by_default_and_replicas_when_allowed_and_faster(gpt_graph:
     # 3.5 MB at 10 Gbit/s costs little.
     assert both.replicas == 2 and both.num_stages == 1
     assert both.step_s < single.step_s
-    assert both.estimate.allreduce_s[0] > 0
+    assert both.estimate.averaging_s[0] > 0
     assert {w for r in both.placement for w in r} == {"a", "b"}
 
 

@@ -198,3 +198,50 @@ def test_the_group_refuses_gradients_that_are_not_its_own(model: CapturedModel) 
             await sync.deliver(0, 1, good)
 
     asyncio.run(refusals())
+
+
+# -- what OP-Fence picks, priced by the job's sync policy -----------------------------------
+
+GPT_6X256 = {"layers": 6, "d_model": 256, "heads": 8, "context": 128}
+
+
+@pytest.fixture(scope="module")
+def gpt_6x256() -> CapturedModel:
+    m = build_model("gpt", GPT_6X256, seed=0)
+    return capture(m, example_batch("gpt", GPT_6X256, 8, device="meta"), name="gpt")
+
+
+def _two_hosts_plan(model: CapturedModel, sync: object) -> Plan:
+    doc = {
+        "name": "two-hosts",
+        "model": {"zoo": "gpt", "args": GPT_6X256},
+        "data": {"corpus": "stdlib-text", "batch_size": 32, "micro_batches": 4},
+        "steps": 100,
+        "parallel": {"planner": "opfence", "replicas": "auto"},
+        "sync": sync,
+    }
+    hosts = [WorkerSlot(w, w, f"10.0.0.{i + 1}:7100", 10.0) for i, w in enumerate("ab")]
+    ten_mbit = (10e6 / 8, 0.002)
+    figures = {("a", "b"): ten_mbit, ("b", "a"): ten_mbit}
+    job = parse_job_spec(yaml.safe_dump(doc))
+    plan, _ = make_plan(PlanRequest("j", 1, 0, model.graph, job, hosts, figures, ComputeModel()))
+    return plan
+
+
+def test_two_hosts_on_a_slow_link_become_two_replicas_only_when_averaging_is_rare(
+    gpt_6x256: CapturedModel,
+) -> None:
+    # 4.9 M parameters: `sync` sends 19.6 MB of gradients each way every step, 16 s at
+    # 10 Mbit/s, far more than the pipeline's activations or one host alone; local SGD
+    # sends the fp16 parameters (9.8 MB, 8 s) once every 32 steps, 0.25 s a step, so two
+    # replicas of the whole model beat both.
+    exact = _two_hosts_plan(gpt_6x256, "sync")
+    assert exact.replicas == 1
+    local = _two_hosts_plan(gpt_6x256, {"kind": "local-sgd", "period": 32, "values": "fp16"})
+    assert (local.num_stages, local.replicas) == (1, 2)
+    assert {w for r in local.pipelines() for w in r} == {"a", "b"}
+    assert local.predicted_step_s < exact.predicted_step_s
+    assert "replica averaging per stage, all-to-all" in local.explanation
+    # Every step instead, the same bytes cost more than the second host gains.
+    every = _two_hosts_plan(gpt_6x256, {"kind": "local-sgd", "period": 1, "values": "fp16"})
+    assert every.replicas == 1
