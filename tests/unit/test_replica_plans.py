@@ -245,3 +245,43 @@ def test_two_hosts_on_a_slow_link_become_two_replicas_only_when_averaging_is_rar
     # Every step instead, the same bytes cost more than the second host gains.
     every = _two_hosts_plan(gpt_6x256, {"kind": "local-sgd", "period": 1, "values": "fp16"})
     assert every.replicas == 1
+
+
+def test_local_sgd_keeps_pipelines_in_a_region_and_sync_keeps_its_groups_there(
+    gpt_6x256: CapturedModel,
+) -> None:
+    # Two regions of two hosts, 200 Mbit/s inside, 20 Mbit/s between. Averaging every
+    # step wants its sync groups inside a region (pipelines cross); averaging once in 32
+    # steps sends little, so the replicas spread along lanes across the regions and each
+    # pipeline stays inside one.
+    region = {"eu1": "eu", "us1": "us", "eu2": "eu", "us2": "us"}
+    hosts = [WorkerSlot(w, w, f"10.0.0.{i + 1}:7100", 10.0) for i, w in enumerate(region)]
+    figures = {
+        (a, b): ((200e6 if region[a] == region[b] else 20e6) / 8, 0.002)
+        for a in region
+        for b in region
+        if a != b
+    }
+
+    def planned_with(sync: object) -> Plan:
+        doc = {
+            "name": "two-regions",
+            "model": {"zoo": "gpt", "args": GPT_6X256},
+            "data": {"corpus": "stdlib-text", "batch_size": 32, "micro_batches": 8},
+            "steps": 100,
+            "parallel": {"planner": "opfence", "replicas": "auto"},
+            "sync": sync,
+        }
+        job = parse_job_spec(yaml.safe_dump(doc))
+        req = PlanRequest("j", 1, 0, gpt_6x256.graph, job, hosts, figures, ComputeModel())
+        return make_plan(req)[0]
+
+    exact = planned_with("sync")
+    assert exact.replicas > 1
+    for s in range(exact.num_stages):
+        assert len({region[p.worker_id] for p in exact.placements if p.stage == s}) == 1
+    local = planned_with({"kind": "local-sgd", "period": 32, "values": "fp16"})
+    assert local.replicas > 1
+    for row in local.pipelines():
+        assert len({region[w] for w in row}) == 1
+    assert local.predicted_step_s < exact.predicted_step_s
