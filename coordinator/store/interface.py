@@ -84,12 +84,17 @@ class StateStore(abc.ABC):
     # -- metrics ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def put_metric(self, job_id: str, step: int, stage: int, record: dict[str, Any]) -> None:
-        """Store the metrics of one (step, stage), replacing an earlier record of the same pair."""
+    def put_metric(
+        self, job_id: str, step: int, stage: int, record: dict[str, Any], *, replica: int = 0
+    ) -> None:
+        """Store the metrics of one (step, stage, replica), replacing an earlier record of the
+        same three."""
 
     @abc.abstractmethod
     def metrics(self, job_id: str, since_step: int = 0) -> list[dict[str, Any]]:
-        """Records with step >= since_step ordered by (step, stage), each with "step"/"stage"."""
+        """Records with step >= since_step ordered by (step, stage, replica), each with
+        "step"/"stage", and "replica" when it is not 0 (records of one pipeline read as
+        they always have)."""
 
     # -- checkpoints -----------------------------------------------------------------------
 

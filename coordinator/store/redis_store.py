@@ -38,10 +38,10 @@ class RedisStore(StateStore):
 
     Layout (the id always comes last, so ids containing ':' cannot collide):
     job:{id} / plan:{id} / worker:{id} JSON, listed by the sorted sets index:jobs (scored by
-    created_at) and index:workers; metrics:{job} hash of "step:stage" -> JSON, ordered by
-    metric-order:{job}; ckpt-manifest:{job} hash step -> num_stages; ckpt-complete:{job}
-    sorted set of complete steps; ckpt-part:{step}:{stage}:{job} and blob:{key} raw bytes,
-    blobs listed in index:blobs.
+    created_at) and index:workers; metrics:{job} hash of "step:stage" (replica 0) or
+    "step:stage:replica" -> JSON, ordered by metric-order:{job}; ckpt-manifest:{job} hash
+    step -> num_stages; ckpt-complete:{job} sorted set of complete steps;
+    ckpt-part:{step}:{stage}:{job} and blob:{key} raw bytes, blobs listed in index:blobs.
     """
 
     def __init__(
@@ -215,13 +215,17 @@ class RedisStore(StateStore):
 
     # metrics
 
-    def put_metric(self, job_id: str, step: int, stage: int, record: dict[str, Any]) -> None:
+    def put_metric(
+        self, job_id: str, step: int, stage: int, record: dict[str, Any], *, replica: int = 0
+    ) -> None:
         check_id("job_id", job_id)
         check_count("step", step, 0)
         check_count("stage", stage, 0)
+        check_count("replica", replica, 0)
         body = encode_record("metric record", record)
-        # Zero-padded so that members of one step (equal scores) sort by stage.
-        field = f"{step:020d}:{stage:010d}"
+        # Zero-padded so that members of one step (equal scores) sort by stage, then replica;
+        # replica 0 keeps the field of a single pipeline, so earlier records stay its own.
+        field = f"{step:020d}:{stage:010d}" + (f":{replica:010d}" if replica else "")
         with self._errors():
             pipe = self._client.pipeline(transaction=True)
             pipe.hset(self._key("metrics", job_id), field, body)
@@ -240,10 +244,11 @@ class RedisStore(StateStore):
         for field, raw in zip(fields, values, strict=True):
             if raw is None:  # deleted between the two reads
                 continue
-            step, stage = (self._int(key, part) for part in field.split(b":"))
-            records.append(
-                {**decode_record(f"{key} {field.decode()}", raw), "step": step, "stage": stage}
-            )
+            step, stage, *replica = (self._int(key, part) for part in field.split(b":"))
+            record = {**decode_record(f"{key} {field.decode()}", raw), "step": step, "stage": stage}
+            if replica and replica[0]:
+                record["replica"] = replica[0]
+            records.append(record)
         return records
 
     # checkpoints

@@ -25,7 +25,8 @@ from coordinator.store.interface import (
     steps_to_prune,
 )
 
-_SCHEMA_VERSION = 1
+# 2: metrics are keyed by (job, step, stage, replica); a version 1 file is migrated.
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, created_at REAL NOT NULL, body TEXT NOT NULL);
@@ -33,8 +34,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_creation ON jobs (created_at, job_id);
 CREATE TABLE IF NOT EXISTS plans (job_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
-    job_id TEXT NOT NULL, step INTEGER NOT NULL, stage INTEGER NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (job_id, step, stage)) WITHOUT ROWID;
+    job_id TEXT NOT NULL, step INTEGER NOT NULL, stage INTEGER NOT NULL,
+    replica INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (job_id, step, stage, replica)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id TEXT NOT NULL, step INTEGER NOT NULL, num_stages INTEGER NOT NULL,
     complete INTEGER NOT NULL, PRIMARY KEY (job_id, step)) WITHOUT ROWID;
@@ -83,9 +85,17 @@ class SQLiteStore(StateStore):
                     f"{self.url} has schema version {version}; this code reads up to "
                     f"{_SCHEMA_VERSION}"
                 )
+            if version == 1:
+                # Version 1 keyed metrics by (job, step, stage): its records are replica 0's.
+                db.execute("ALTER TABLE metrics RENAME TO metrics_v1")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if version == 1:
+                db.execute(
+                    "INSERT INTO metrics SELECT job_id, step, stage, 0, body FROM metrics_v1"
+                )
+                db.execute("DROP TABLE metrics_v1")
             db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -176,30 +186,35 @@ class SQLiteStore(StateStore):
 
     # metrics
 
-    def put_metric(self, job_id: str, step: int, stage: int, record: dict[str, Any]) -> None:
+    def put_metric(
+        self, job_id: str, step: int, stage: int, record: dict[str, Any], *, replica: int = 0
+    ) -> None:
         check_id("job_id", job_id)
         check_count("step", step, 0)
         check_count("stage", stage, 0)
+        check_count("replica", replica, 0)
         body = encode_record("metric record", record)
         with self._transaction(write=True) as db:
             db.execute(
-                "REPLACE INTO metrics VALUES (?, ?, ?, ?)", (job_id, step, stage, body.decode())
+                "REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
+                (job_id, step, stage, replica, body.decode()),
             )
 
     def metrics(self, job_id: str, since_step: int = 0) -> list[dict[str, Any]]:
         with self._transaction(write=False) as db:
             rows = db.execute(
-                "SELECT step, stage, body FROM metrics WHERE job_id = ? AND step >= ? "
-                "ORDER BY step, stage",
+                "SELECT step, stage, replica, body FROM metrics WHERE job_id = ? AND step >= ? "
+                "ORDER BY step, stage, replica",
                 (job_id, since_step),
             ).fetchall()
         return [
             {
-                **decode_record(f"metrics[{job_id!r}, {step}, {stage}]", body),
+                **decode_record(f"metrics[{job_id!r}, {step}, {stage}, {replica}]", body),
                 "step": step,
                 "stage": stage,
+                **({"replica": replica} if replica else {}),
             }
-            for step, stage, body in rows
+            for step, stage, replica, body in rows
         ]
 
     # checkpoints
