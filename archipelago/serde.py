@@ -11,7 +11,16 @@ import math
 
 import grpc
 
-from archipelago.views import JobView, LinkView, PlanView, StageView, StepView, WorkerView
+from archipelago.views import (
+    GroupView,
+    JobView,
+    LinkView,
+    PlanView,
+    ReplicaView,
+    StageView,
+    StepView,
+    WorkerView,
+)
 from proto import coordinator_pb2, coordinator_pb2_grpc
 
 CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
@@ -80,6 +89,32 @@ def job_view(pb: coordinator_pb2.JobInfo) -> JobView:
         ),
         metrics=tuple(
             StepView(m.step, m.loss, m.step_seconds, m.bytes, m.epoch) for m in pb.metrics
+        ),
+        replica_metrics=tuple(
+            ReplicaView(
+                r.replica,
+                r.last_step,
+                r.steps,
+                r.samples_per_s,
+                r.sync_bytes_per_step,
+                r.sync_seconds_per_step,
+                r.staleness,
+                r.speaker,
+            )
+            for r in pb.replica_metrics
+        ),
+        group_metrics=tuple(
+            GroupView(
+                g.stage,
+                tuple(g.replicas),
+                g.steps,
+                g.sync_bytes_per_step,
+                g.sync_seconds_per_step,
+                g.staleness,
+                g.rounds,
+                g.shares,
+            )
+            for g in pb.group_metrics
         ),
     )
 

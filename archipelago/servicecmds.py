@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
 from archipelago.errors import UsageError
+from archipelago.job_lines import eta, job_line, replica_lines
 from opdag.report import human_bytes, human_count
 from proto.rpc import TlsConfig, TlsError
 
@@ -251,20 +251,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eta(seconds: float) -> str:
-    if seconds <= 0 or math.isinf(seconds):
-        return "-"
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def _job_line(j: JobView) -> str:
-    loss = f"{j.loss:.4f}" if j.loss is not None else "-"
-    return (
-        f"{j.job_id}  {j.name:<20} {j.state:<10} {j.steps_done:>6}/{j.steps:<6} loss {loss:>7}  "
-        f"{j.samples_per_s:6.1f} samples/s  ETA {_eta(j.eta_s)}"
-    )
-
-
 def format_links(links: list[LinkView]) -> str:
     """The measured links as a table, one row a directed pair."""
     if not links:
@@ -273,7 +259,7 @@ def format_links(links: list[LinkView]) -> str:
     for link in sorted(links, key=lambda x: (x.src_name, x.dst_name)):
         rows.append(
             f"{link.src_name:<20} {link.dst_name:<20} {link.bandwidth * 8e-6:>10.1f} "
-            f"{link.rtt_s * 1e3:>8.2f} {_eta(link.age_s):>8}"
+            f"{link.rtt_s * 1e3:>8.2f} {eta(link.age_s):>8}"
         )
     return "\n".join(rows)
 
@@ -308,11 +294,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(format_links(links))
             return 0
         if args.job:
-            job = client.job(args.job)
+            job = client.job(args.job, with_metrics=True)
             if args.json:
                 print(json.dumps(asdict(job), indent=2))
                 return 0
-            print(_job_line(job))
+            print(job_line(job))
             print(
                 f"  plan epoch {job.epoch} ({job.recoveries} re-plans), last checkpoint at step "
                 f"{job.last_checkpoint}, {human_bytes(job.bytes_per_step)} between stages per step"
@@ -326,6 +312,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                     f"  stage {s.stage}: {where}{s.worker_name} ({s.address})  {s.nodes} "
                     f"operators, {human_count(s.params)} parameters"
                 )
+            for line in replica_lines(job):
+                print(f"  {line}")
             return 0
         jobs, workers = client.jobs(), client.workers()
     except ClientError as e:
@@ -340,7 +328,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"jobs ({len(jobs)}):")
     for j in jobs:
-        print(f"  {_job_line(j)}")
+        print(f"  {job_line(j)}")
     print(f"workers ({len(workers)}):")
     for w in workers:
         on_job = f" job {w.job_id}" if w.job_id else ""
@@ -351,8 +339,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# How often `watch` asks for the replicas' figures (each ask reads the job's metrics).
+REPLICA_REFRESH_S = 3.0
+
+
 def _follow(client: CoordinatorClient, job_id: str) -> int:
     bar: tqdm | None = None
+    lines: list[tqdm] = []  # a status line under the bar per replica and sync group
+    asked = -REPLICA_REFRESH_S
     last: JobView | None = None
     try:
         for job in client.watch(job_id):
@@ -361,15 +355,25 @@ def _follow(client: CoordinatorClient, job_id: str) -> int:
                 bar = tqdm(total=job.steps, desc=f"{job.name} ({job.job_id})", unit="step")
             bar.n = job.steps_done
             loss = f"{job.loss:.4f}" if job.loss is not None else "-"
-            replicas = len({s.replica for s in job.stages}) or 1
             bar.set_postfix_str(
                 f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s, epoch {job.epoch}"
-                + (f", {replicas} replicas" if replicas > 1 else ""),
+                + (f", {job.replicas} replicas" if job.replicas > 1 else ""),
                 refresh=True,
             )
+            if job.replicas > 1 and time.monotonic() - asked >= REPLICA_REFRESH_S:
+                asked = time.monotonic()
+                texts = replica_lines(client.job(job_id, with_metrics=True))
+                while len(lines) < len(texts):
+                    lines.append(tqdm(position=len(lines) + 1, bar_format="{desc}", leave=False))
+                for i, line in enumerate(lines):
+                    line.set_description_str(f"  {texts[i]}" if i < len(texts) else "", True)
+        many = last is not None and last.replicas > 1
+        final = replica_lines(client.job(job_id, with_metrics=True)) if many else []
     except ClientError as e:
         raise UsageError(str(e)) from None
     finally:
+        for line in lines:
+            line.close()
         if bar is not None:
             bar.close()
     if last is None:
@@ -378,6 +382,8 @@ def _follow(client: CoordinatorClient, job_id: str) -> int:
         f"job {last.job_id} {last.state}"
         + (f": {last.error}" if last.error and last.state != "completed" else "")
     )
+    for text in final:
+        print(f"  {text}")
     return 0 if last.state == "completed" else 1
 
 

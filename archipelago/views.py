@@ -28,6 +28,34 @@ class StepView:
 
 
 @dataclass(frozen=True)
+class ReplicaView:
+    """One replica (pipeline) over the job's recent steps."""
+
+    replica: int
+    last_step: int
+    steps: int  # how many recent steps the figures cover
+    samples_per_s: float  # its share of the batch over its step time
+    sync_bytes_per_step: int  # sent to its sync groups, all its stages together
+    sync_seconds_per_step: float  # its slowest stage's exchange with its group
+    staleness: int  # steps since its stages were last averaged
+    speaker: bool  # its loss and pace are the job's
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One stage's sync group (its replicas) over the job's recent steps."""
+
+    stage: int
+    replicas: tuple[int, ...]
+    steps: int
+    sync_bytes_per_step: int  # all members together
+    sync_seconds_per_step: float  # the slowest member's exchange
+    staleness: int
+    rounds: int  # recent steps that averaged parameters (or gradients)
+    shares: int  # shares the latest average held
+
+
+@dataclass(frozen=True)
 class JobView:
     job_id: str
     name: str
@@ -46,10 +74,18 @@ class JobView:
     created_at: float
     stages: tuple[StageView, ...] = ()
     metrics: tuple[StepView, ...] = field(default_factory=tuple)
+    # Only when asked for with the metrics.
+    replica_metrics: tuple[ReplicaView, ...] = ()
+    group_metrics: tuple[GroupView, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.state in ("completed", "failed", "cancelled")
+
+    @property
+    def replicas(self) -> int:
+        """How many pipelines the current plan runs (0 before it has one)."""
+        return len({s.replica for s in self.stages})
 
 
 @dataclass(frozen=True)

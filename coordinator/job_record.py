@@ -140,7 +140,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Progress:
-    """One stage's report of one step (decoded from the wire)."""
+    """One stage's report of one step, from one replica (decoded from the wire)."""
 
     worker_id: str
     job_id: str
@@ -154,6 +154,12 @@ class Progress:
     drained: bool
     error: str
     compute_seconds: float = 0.0
+    replica: int = 0  # which pipeline of the plan reports
+    sync_bytes: int = 0  # tensor bytes the stage sent to its sync group in this step
+    sync_seconds: float = 0.0  # seconds the step spent exchanging with the group
+    staleness: int = 0  # steps since the stage's parameters were last averaged
+    shares: int = 0  # replicas' shares the step's average held (0: no exchange)
+    speaker: bool = False  # the replica whose loss, steps and pace are the job's
 
 
 @dataclass(frozen=True)

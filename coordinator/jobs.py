@@ -191,7 +191,8 @@ class JobManager:
                     )
             await self._check_end(job)
             return
-        if self.calibration.observe(job, p):
+        # The compute model is calibrated on replica 0's workers (the plan's first placements).
+        if p.replica == 0 and self.calibration.observe(job, p):
             self.lifecycle.spawn(self.calibration.save())
         if await self.step_metrics.record(job, p):
             await self.table.save(job)

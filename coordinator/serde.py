@@ -19,6 +19,7 @@ from coordinator.checkpoint_upload import CheckpointUpload
 from coordinator.handover import StageHandover
 from coordinator.job_record import Job, PlanReport, Progress
 from coordinator.registry import Registry, WorkerState
+from coordinator.replica_metrics import ReplicaMetrics, summarise_replicas
 from coordinator.worker_admission import Registration
 from opdag import graph_serde
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -273,7 +274,38 @@ def progress_from_pb(r: ProgressReport) -> Progress:
         finished=r.finished,
         drained=r.drained,
         error=r.error[:2000],
+        replica=r.replica,
+        sync_bytes=r.sync_bytes,
+        sync_seconds=r.sync_seconds if 0 <= r.sync_seconds < 1e6 else 0.0,
+        staleness=r.staleness,
+        shares=r.shares,
+        speaker=r.speaker,
     )
+
+
+def _add_replica_metrics(info: coordinator_pb2.JobInfo, summary: ReplicaMetrics) -> None:
+    for r in summary.replicas:
+        info.replica_metrics.add(
+            replica=r.replica,
+            last_step=r.last_step,
+            steps=r.steps,
+            samples_per_s=r.samples_per_s,
+            sync_bytes_per_step=r.sync_bytes_per_step,
+            sync_seconds_per_step=r.sync_seconds_per_step,
+            staleness=r.staleness,
+            speaker=r.speaker,
+        )
+    for g in summary.groups:
+        info.group_metrics.add(
+            stage=g.stage,
+            replicas=g.replicas,
+            steps=g.steps,
+            sync_bytes_per_step=g.sync_bytes_per_step,
+            sync_seconds_per_step=g.sync_seconds_per_step,
+            staleness=g.staleness,
+            rounds=g.rounds,
+            shares=g.shares,
+        )
 
 
 def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordinator_pb2.JobInfo:
@@ -319,6 +351,8 @@ def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordina
                 bytes=m.get("bytes", 0),
                 epoch=m.get("epoch", 0),
             )
+    if metrics:
+        _add_replica_metrics(info, summarise_replicas(metrics, epoch=job.epoch))
     return info
 
 

@@ -1,8 +1,11 @@
 """Per-step metrics of a job's stages: storing what they report, and what a plan measured.
 
-Every stage reports each step (its step and compute seconds, the bytes it sent); the stage
-that computes the loss also sets the job's pace. A plan's measured step time is the
-interval between loss reports of its epoch.
+Every stage of every replica reports each step (its step and compute seconds, the bytes it
+sent, what it spent averaging with its sync group) and is stored as its own record, keyed
+by (step, stage, replica). Only the speaker, the one replica that speaks for the job, moves
+the job: its last stage's loss and pace are the job's, and only its records carry "loss"
+(another replica's loss is kept as "replica_loss"). A plan's measured step time is the
+interval between the speaker's loss reports of its epoch.
 """
 
 from __future__ import annotations
@@ -27,18 +30,28 @@ class StepMetrics:
         return await asyncio.to_thread(self.store.metrics, job_id, since_step)
 
     async def record(self, job: Job, p: Progress) -> bool:
-        """Store a stage's report of a step; a report with the loss also moves the job's
-        loss, steps done, smoothed step time and bytes per step (True then: the job
-        changed and should be saved)."""
+        """Store a stage's report of a step; the speaker's report with the loss also moves
+        the job's loss, steps done, smoothed step time and bytes per step (True then: the
+        job changed and should be saved)."""
+        replicas = job.plan.replicas if job.plan is not None else 1
         record: dict[str, Any] = {
             "epoch": p.epoch,
             "step_seconds": p.step_seconds,
             "compute_seconds": p.compute_seconds,
             "bytes": sum(p.sent.values()),
             "at": time.time(),
+            # The replica's share of the batch: the replicas split it evenly.
+            "samples": job.spec.data.batch_size / replicas,
+            "sync_bytes": p.sync_bytes,
+            "sync_seconds": p.sync_seconds,
+            "staleness": p.staleness,
+            "shares": p.shares,
+            "speaker": p.speaker,
         }
         if p.loss is not None:
-            record["loss"] = p.loss
+            record["loss" if p.speaker else "replica_loss"] = p.loss
+        moves_job = p.speaker and p.loss is not None
+        if p.speaker and p.loss is not None:
             job.loss = p.loss
             job.steps_done = max(job.steps_done, p.step + 1)
             # A smoothed step time of the stage that computes the loss: the pipeline's pace.
@@ -47,14 +60,19 @@ class StepMetrics:
                 if job.step_seconds == 0
                 else 0.8 * job.step_seconds + 0.2 * p.step_seconds
             )
-        await asyncio.to_thread(self.store.put_metric, job.job_id, p.step, p.stage, record)
-        if p.loss is None:
+        await asyncio.to_thread(
+            self.store.put_metric, job.job_id, p.step, p.stage, record, replica=p.replica
+        )
+        if not moves_job:
             return False
         metrics = await self.since(job.job_id, p.step)
+        # Bytes between the stages of one pipeline, the speaker's, as with a single one.
         job.bytes_per_step = sum(
             int(m.get("bytes", 0))
             for m in metrics
-            if m["step"] == p.step and m.get("epoch") == p.epoch
+            if m["step"] == p.step
+            and m.get("epoch") == p.epoch
+            and m.get("replica", 0) == p.replica
         )
         return True
 

@@ -411,6 +411,12 @@ def progress_report_pb(worker_id: str, report: StepReport) -> coordinator_pb2.Pr
         finished=report.finished,
         drained=report.drained,
         error=report.error,
+        replica=report.replica,
+        sync_bytes=report.sync_bytes,
+        sync_seconds=report.sync_seconds,
+        staleness=report.staleness,
+        shares=report.shares,
+        speaker=report.speaker,
     )
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from archipelago.cli import main
+from archipelago.job_lines import job_line, replica_lines
+from archipelago.views import GroupView, JobView, ReplicaView, StageView
 from opdag import model_file
 from opdag.ir import Node
 
@@ -147,3 +149,43 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("archipelago: error:")
+
+
+# -- what `status` and `watch` print of a job's replicas -------------------------------------
+
+
+def replicated_job(replicas: int) -> JobView:
+    stages = tuple(
+        StageView(s, f"w{r}{s}", f"w{r}{s}", "127.0.0.1:1", 1, 1, 1.0, r)
+        for r in range(replicas)
+        for s in range(2)
+    )
+    return JobView(
+        "j1", "gpt", "running", 100, 41, 2.5, 30.0, 60.0, 1, 40, "", 0, 16, 0, 0.0, stages,
+        replica_metrics=tuple(
+            ReplicaView(r, 40, 20, 15.0 - r, 2_400_000, 0.35, 3 * r, r == 0)
+            for r in range(replicas)
+        ),
+        group_metrics=tuple(
+            GroupView(s, tuple(range(replicas)), 20, 4_800_000, 0.4, 3, 5, replicas - 1)
+            for s in range(2)
+        ),
+    )  # fmt: skip
+
+
+def test_the_job_line_counts_replicas_only_when_there_are_several() -> None:
+    assert job_line(replicated_job(3)).endswith("ETA 00:01:00  3 replicas")
+    assert "replicas" not in job_line(replicated_job(1))
+
+
+def test_a_line_per_replica_then_per_sync_group() -> None:
+    assert replica_lines(replicated_job(2)) == [
+        "replica 0 (speaker): step 40, 15.0 samples/s, averaging 2.4 MB in 0.350 s per step, "
+        "staleness 0",
+        "replica 1: step 40, 14.0 samples/s, averaging 2.4 MB in 0.350 s per step, staleness 3",
+        "stage 0 sync group (replicas 0, 1): averaging 4.8 MB in 0.400 s per step, 5 of the "
+        "last 20 steps averaged, the latest of 1 shares, staleness 3",
+        "stage 1 sync group (replicas 0, 1): averaging 4.8 MB in 0.400 s per step, 5 of the "
+        "last 20 steps averaged, the latest of 1 shares, staleness 3",
+    ]
+    assert replica_lines(replicated_job(1)) == []

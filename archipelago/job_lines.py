@@ -1,0 +1,56 @@
+"""The lines `status` and `watch` print about a job: its one-line summary (with the
+replica count), and one line per replica and per sync group from the recent steps."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from archipelago.views import GroupView, JobView, ReplicaView
+from opdag.report import human_bytes
+
+
+def eta(seconds: float) -> str:
+    """Seconds as H:M:S, or "-" when unknown."""
+    if seconds <= 0 or math.isinf(seconds):
+        return "-"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def job_line(j: JobView) -> str:
+    """A job in one line: state, steps, loss, pace, ETA, and its replicas when it has many."""
+    loss = f"{j.loss:.4f}" if j.loss is not None else "-"
+    line = (
+        f"{j.job_id}  {j.name:<20} {j.state:<10} {j.steps_done:>6}/{j.steps:<6} loss {loss:>7}  "
+        f"{j.samples_per_s:6.1f} samples/s  ETA {eta(j.eta_s)}"
+    )
+    return line + (f"  {j.replicas} replicas" if j.replicas > 1 else "")
+
+
+def replica_line(r: ReplicaView) -> str:
+    """One replica: its latest step, pace, averaging cost and staleness."""
+    who = " (speaker)" if r.speaker else ""
+    return (
+        f"replica {r.replica}{who}: step {r.last_step}, {r.samples_per_s:.1f} samples/s, "
+        f"averaging {human_bytes(r.sync_bytes_per_step)} in {r.sync_seconds_per_step:.3f} s "
+        f"per step, staleness {r.staleness}"
+    )
+
+
+def group_line(g: GroupView) -> str:
+    """One stage's sync group: its members, averaging cost, rounds and the latest's shares."""
+    members = ", ".join(str(r) for r in g.replicas)
+    latest = f", the latest of {g.shares} shares" if g.rounds else ""
+    return (
+        f"stage {g.stage} sync group (replicas {members}): averaging "
+        f"{human_bytes(g.sync_bytes_per_step)} in {g.sync_seconds_per_step:.3f} s per step, "
+        f"{g.rounds} of the last {g.steps} steps averaged{latest}, staleness {g.staleness}"
+    )
+
+
+def replica_lines(j: JobView) -> list[str]:
+    """A line per replica, then per sync group, of a job with more than one replica (a
+    single pipeline averages nothing: its job line says it all)."""
+    if j.replicas <= 1 and len(j.replica_metrics) <= 1:
+        return []
+    return [replica_line(r) for r in j.replica_metrics] + [group_line(g) for g in j.group_metrics]
