@@ -14,6 +14,7 @@ BENCHMARKS = {
     "opfence": "bench.opfence_speed",
     "wan-planners": "bench.wan_planners",
     "wan-compression": "bench.wan_compression",
+    "wan-replicas": "bench.wan_replicas",
 }
 
 

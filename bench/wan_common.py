@@ -74,9 +74,13 @@ class GptJob:
             f"adamw lr {self.lr:g}, {self.steps} steps, seed {self.seed}"
         )
 
-    def spec(self, name: str, *, parallel: str, compression: str = "none") -> str:
-        """The job spec YAML; `parallel` and `compression` are YAML flow values."""
+    def spec(
+        self, name: str, *, parallel: str, compression: str = "none", sync: str | None = None
+    ) -> str:
+        """The job spec YAML; `parallel`, `compression` and `sync` (the spec's default when
+        None) are YAML flow values."""
         args = ", ".join(f"{k}: {v}" for k, v in self.model_args.items())
+        sync_line = "" if sync is None else f"sync: {sync}\n"
         return f"""
 name: {name}
 model: {{zoo: gpt, args: {{{args}}}}}
@@ -88,7 +92,7 @@ seed: {self.seed}
 parallel: {parallel}
 compression: {compression}
 checkpoint: {{every: 1000}}
-"""
+{sync_line}"""
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -200,6 +204,11 @@ class Run:
 def run_job(cluster: TestbedCluster, label: str, spec_yaml: str, *, skip: int) -> Run:
     """Submit, wait for completion, and read back the metrics and the plan."""
     job_id = cluster.submit(spec_yaml)
+    return finished_run(cluster, label, job_id, skip=skip)
+
+
+def finished_run(cluster: TestbedCluster, label: str, job_id: str, *, skip: int) -> Run:
+    """Wait for a submitted job to complete, and read back its metrics and plan."""
     cluster.wait_job(
         job_id, lambda j: j.state == "completed", f"job {label} to complete", JOB_TIMEOUT_S
     )
