@@ -5,15 +5,20 @@ Three scenarios, each on its own testbed, one after the other (`--only a,b,c`):
 
 a. Two hosts joined by 10 Mbit/s. The compute bound first: both hosts train alone at once
    (two single-worker jobs of half the batch, no communication), their samples/s summed.
-   Then `sync` (OP-Fence, replicas auto: it picks what is fastest when gradients are
-   averaged every step) and the plan OP-Fence picks under local SGD with a long period
-   and fp16 values. Targets: >= 0.75 of the compute bound; validation loss within 3% of
+   Then the plan OP-Fence picks under local SGD with a long period and fp16 values, and
+   `sync` (OP-Fence, replicas auto: what is fastest when gradients are averaged every
+   step). Targets: >= 0.75 of the compute bound; validation loss within 3% of
    the `sync` run.
-b. Two hosts joined by 50 Mbit/s: `sync`, `partial-local-sgd` and `local-sgd` (the same
-   period, fp16). Target: partial-local-sgd >= 1.5x sync samples/s at validation loss
+b. Two hosts joined by 50 Mbit/s: `partial-local-sgd`, `local-sgd` (the same period,
+   fp16) and `sync`. Target: partial-local-sgd >= 1.5x sync samples/s at validation loss
    within 3%.
-c. Two regions of two hosts, 200 Mbit/s inside and 20 Mbit/s between: one pipeline
-   (`replicas: 1`), `sync` and the plan OP-Fence picks under local SGD.
+c. Two regions of two hosts, 200 Mbit/s inside and 20 Mbit/s between: the plan OP-Fence
+   picks under local SGD, one pipeline (`replicas: 1`) and `sync`.
+
+In each scenario the runs with replicas go first: the coordinator calibrates each
+worker's speed from the steps it runs, and a baseline on one host first would calibrate
+that host alone (on a busy machine, faster than both hosts computing at once), so the
+plans after it would be priced on uneven figures.
 
 Every compared run trains the same gpt (6 layers, d_model 256, 8 heads, context 128) on
 the same data and seed for the same number of samples. Printed: each run's plan as `plan
@@ -22,8 +27,8 @@ warm-up steps left out), the averaging bytes per step (computed from the plan's 
 counts and the sync policy: each member sends its share to each other member once per
 round; the workers do not report these bytes), the validation loss of its final
 checkpoint (held-out batches, computed here from the coordinator's store), and the ratios
-against their targets. Every worker runs with 1 thread. `--quick` runs a few steps with a
-short period, to check that it all works (its figures mean nothing).
+against their targets. Every worker runs with 1 thread. `--quick` runs a few steps (one
+averaging round, at the end), to check that it all works (its figures mean nothing).
 
 Needs root (network namespaces, tc); skips with a message otherwise.
 """
@@ -303,10 +308,10 @@ def scenario_a(workdir: Path, settings: Settings) -> list[Verdict]:
     print(f"\n==== a: 2 hosts, 10 Mbit/s; {job.describe()}; first {settings.skip} not timed")
     with testbed_cluster(two_hosts(SUBNETS["a"], "10mbit"), workdir / "a", hosts) as cluster:
         bound, _ = compute_bound(cluster, hosts, job, settings)
-        exact = measure(cluster, hosts, job, "a-sync", parallel=AUTO, sync=SYNC, settings=settings)
         picked = measure(
             cluster, hosts, job, "a-picked", parallel=AUTO, sync=picked_sync, settings=settings
         )
+        exact = measure(cluster, hosts, job, "a-sync", parallel=AUTO, sync=SYNC, settings=settings)
     print(
         f"\na: samples/s: compute bound {bound:.1f}, sync {exact.samples_per_s:.1f}, "
         f"picked ({picked_sync.flow}) {picked.samples_per_s:.1f}"
@@ -329,7 +334,6 @@ def scenario_b(workdir: Path, settings: Settings) -> list[Verdict]:
     job = job_of(settings, "b", micro_batches=4)
     print(f"\n==== b: 2 hosts, 50 Mbit/s; {job.describe()}; first {settings.skip} not timed")
     with testbed_cluster(two_hosts(SUBNETS["b"], "50mbit"), workdir / "b", hosts) as cluster:
-        exact = measure(cluster, hosts, job, "b-sync", parallel=AUTO, sync=SYNC, settings=settings)
         partial = measure(
             cluster,
             hosts,
@@ -348,6 +352,7 @@ def scenario_b(workdir: Path, settings: Settings) -> list[Verdict]:
             sync=local("local-sgd", settings.period_b),
             settings=settings,
         )
+        exact = measure(cluster, hosts, job, "b-sync", parallel=AUTO, sync=SYNC, settings=settings)
     r_partial = ratio(partial.samples_per_s, exact.samples_per_s)
     return [
         Verdict(
@@ -372,13 +377,13 @@ def scenario_c(workdir: Path, settings: Settings) -> list[Verdict]:
         f"{job.describe()}; first {settings.skip} not timed"
     )
     with testbed_cluster(two_regions(SUBNETS["c"]), workdir / "c", hosts) as cluster:
+        picked = measure(
+            cluster, hosts, job, "c-picked", parallel=AUTO, sync=picked_sync, settings=settings
+        )
         single = measure(
             cluster, hosts, job, "c-single", parallel=SINGLE, sync=SYNC, settings=settings
         )
         exact = measure(cluster, hosts, job, "c-sync", parallel=AUTO, sync=SYNC, settings=settings)
-        picked = measure(
-            cluster, hosts, job, "c-picked", parallel=AUTO, sync=picked_sync, settings=settings
-        )
     return [
         Verdict("c", "picked / sync", ratio(picked.samples_per_s, exact.samples_per_s), "", True),
         Verdict(
