@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,9 @@ from bench.wan_common import (
     wait_all_idle,
     wait_for_links,
 )
+from coordinator.planning.stage_sync import layer_of
 from deploy.wan import Testbed, parse_spec
+from opdag.zoo import build_model
 
 MODEL = {"layers": 6, "d_model": 256, "heads": 8, "context": 128}
 BATCH = 32
@@ -218,6 +221,12 @@ def measure(
     loss = validation_loss(job, state, settings.val_batches)
     print(f"\n-- {describe_run(run)}")
     print(f"  sync {sync.flow}; {replica_summary(run, sync)}")
+    if sync.kind == "partial-local-sgd":
+        logged = logged_partial_bytes_per_step(cluster, run, sync)
+        print(
+            f"  from the workers' logged rounds (extra syncs included): {logged / 1e6:.2f} MB "
+            "averaged per step"
+        )
     print(f"  validation loss {loss:.4f} (checkpoint at step {step})")
     if run.plan.epoch > 1:
         print(f"  note: re-planned during the run (plan epoch {run.plan.epoch}); timed on it")
@@ -274,6 +283,30 @@ def averaging_bytes_per_step(run: Run, sync: Policy) -> float:
     params = sum(s.params for s in run.job.stages if s.replica == 0)
     width = 2 if sync.values == "fp16" else 4
     return params * width * (replicas - 1) * replicas / sync.rounds_apart
+
+
+ROUND_LINE = re.compile(
+    r"job (?P<job>\S+) stage \d+ replica \d+: averaged layers (?P<once>\S*) \| extra "
+    r"(?P<extra>\S*) after step"
+)
+
+
+def logged_partial_bytes_per_step(cluster: TestbedCluster, run: Run, sync: Policy) -> float:
+    """Partial local SGD's averaging bytes per step as the workers did it: every round each
+    member logs the layers it averaged (scheduled and extra); each went to the R-1 others."""
+    sizes: dict[str, int] = {}
+    for name, p in build_model("gpt", MODEL, seed=0).named_parameters():
+        sizes[layer_of(name)] = sizes.get(layer_of(name), 0) + p.numel()
+    width = 2 if sync.values == "fp16" else 4
+    replicas = 1 + max((s.replica for s in run.job.stages), default=0)
+    sent = 0
+    for log in cluster.workdir.glob("*.log"):
+        for m in ROUND_LINE.finditer(log.read_text(errors="replace")):
+            if m["job"] != run.job.job_id:
+                continue
+            layers = [x for x in f"{m['once']},{m['extra']}".split(",") if x]
+            sent += sum(sizes.get(x, 0) for x in layers) * width * (replicas - 1)
+    return sent / max(1, run.job.steps)
 
 
 # -- scenarios -----------------------------------------------------------------------------
@@ -431,10 +464,20 @@ def main(argv: list[str] | None = None) -> None:
     # The validation losses are computed here, beside the workers: one thread, as theirs.
     torch.set_num_threads(1)
     verdicts: list[Verdict] = []
+    failed: list[str] = []
     for name in chosen:
-        verdicts += SCENARIOS[name](workdir, settings)
+        try:
+            verdicts += SCENARIOS[name](workdir, settings)
+        except (AssertionError, RuntimeError, TimeoutError) as e:
+            # A job that fails says something about the system: shown, and the next
+            # scenario still runs.
+            head = "\n".join(str(e).splitlines()[:3])
+            print(f"\nscenario {name} FAILED: {head}\n  (logs under {workdir / name})")
+            failed.append(name)
     print("\nsummary (samples/s ratios from wall-clock; val loss: relative difference):")
     print(summary(verdicts))
+    if failed:
+        print(f"scenarios that failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
