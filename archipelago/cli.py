@@ -52,7 +52,13 @@ def _add_demo_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="train the gpt demo job and compare it with plain PyTorch")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--workers", type=int, default=3, help="worker processes to start")
+    p.add_argument(
+        "--stages",
+        type=int,
+        default=None,
+        help="pipeline stages (default: OP-Fence picks them; 3 with --in-process)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads, --in-process (0: all)")
     p.add_argument(
         "--in-process",

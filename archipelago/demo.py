@@ -1,10 +1,12 @@
 """`archipelago demo`: the main job on an embedded default.
 
-Starts a coordinator and three workers as separate processes on loopback, submits the
-`gpt` job, follows it with a progress bar, then trains the same model with plain PyTorch
-in this process and prints the two side by side: the losses must agree step for step, and
-the throughput ratio is what the distributed runtime costs on one machine. Every process
-it starts is stopped when it ends, also on Ctrl-C or an error.
+Starts a coordinator and three workers (`--workers`) as processes on loopback, submits the
+`gpt` job with the plan left to OP-Fence (stages, replicas and placement; `--stages` fixes
+the stage count), follows it with a progress bar, then trains the same model with plain
+PyTorch in this process and prints the two side by side: under the default `sync` policy
+the losses must agree step for step whatever the plan, and the throughput ratio is what
+the distributed runtime costs on one machine. Every process it starts is stopped when it
+ends, also on Ctrl-C or an error.
 
 `--in-process` runs the stages in this one process instead (remote autodiff without a
 network), the fastest way to see the OP-DAG at work.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from archipelago.client import ClientError, JobView
 from archipelago.errors import UsageError
+from archipelago.job_lines import replica_lines
 from archipelago.localcluster import Cluster
 from opdag import report
 from opdag.data import DataConfig, TextSource
@@ -36,10 +39,15 @@ DEMO_ARGS = {"layers": 6, "d_model": 256, "heads": 8, "context": 128}
 DEMO_DATA = DataConfig(corpus="stdlib-text", batch_size=16, micro_batches=4, seed=0)
 DEMO_OPTIMIZER = OptimizerConfig(name="adamw", lr=1e-3)
 EVAL_BATCHES = 4
+IN_PROCESS_STAGES = 3  # `--in-process` without `--stages`
 
 
-def demo_spec(steps: int, stages: int) -> str:
-    """The demo job as a user would write it."""
+def demo_spec(steps: int, stages: int | None = None) -> str:
+    """The demo job as a user would write it: OP-Fence picks the stages (unless given),
+    the replicas and the placement."""
+    parallel: dict[str, object] = {"planner": "opfence", "replicas": "auto"}
+    if stages is not None:
+        parallel["stages"] = stages
     spec = {
         "name": "demo-gpt",
         "model": {"zoo": DEMO_MODEL, "args": DEMO_ARGS},
@@ -51,7 +59,7 @@ def demo_spec(steps: int, stages: int) -> str:
         },
         "optimizer": {"name": DEMO_OPTIMIZER.name, "lr": DEMO_OPTIMIZER.lr},
         "steps": steps,
-        "parallel": {"planner": "opfence", "stages": stages},
+        "parallel": parallel,
         "checkpoint": {"every": 50},
     }
     return yaml.safe_dump(spec, sort_keys=False)
@@ -73,8 +81,10 @@ def _print_rows(rows: list[tuple[str, str, str]]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, not {args.steps}")
-    if args.stages < 1:
+    if args.stages is not None and args.stages < 1:
         raise UsageError(f"--stages must be at least 1, not {args.stages}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
     if args.in_process:
         return _in_process(args)
     return _distributed(args)
@@ -85,7 +95,7 @@ def _distributed(args: argparse.Namespace) -> int:
     shape = ", ".join(f"{k} {v}" for k, v in DEMO_ARGS.items())
     print(
         f"Archipelago demo: {DEMO_MODEL} ({shape}), {args.steps} steps on a coordinator and "
-        f"{args.stages} workers on loopback"
+        f"{args.workers} workers on loopback, planned by OP-Fence"
     )
     workdir = Path(tempfile.mkdtemp(prefix="archipelago-demo-"))
     with Cluster(
@@ -93,10 +103,10 @@ def _distributed(args: argparse.Namespace) -> int:
     ) as cluster:
         cluster.start_coordinator()
         print(f"  coordinator on {cluster.address} (logs in {workdir})")
-        for i in range(args.stages):
+        for i in range(args.workers):
             cluster.start_worker(f"worker-{i}")
         print(
-            f"  {args.stages} workers joined; submitting the job (the coordinator captures "
+            f"  {args.workers} workers joined; submitting the job (the coordinator captures "
             "the model first)"
         )
         job_id = cluster.submit(demo_spec(args.steps, args.stages))
@@ -106,12 +116,19 @@ def _distributed(args: argparse.Namespace) -> int:
             print(cluster.logs())
             return 1
         job = cluster.job(job_id, with_metrics=True)
-        plan = [
-            f"stage {s.stage}: {s.worker_name} ({s.nodes} operators, "
+    stages = len({s.stage for s in job.stages})
+    shape_of_plan = f"{stages} stage{'s' * (stages > 1)} x {job.replicas} replica" + (
+        "s" * (job.replicas > 1)
+    )
+    print(f"  OP-Fence's plan: {shape_of_plan}")
+    for s in sorted(job.stages, key=lambda s: (s.replica, s.stage)):
+        where = f"replica {s.replica} " if job.replicas > 1 else ""
+        print(
+            f"  {where}stage {s.stage}: {s.worker_name} ({s.nodes} operators, "
             f"{report.human_count(s.params)} parameters)"
-            for s in job.stages
-        ]
-    print("  " + "\n  ".join(plan))
+        )
+    for line in replica_lines(job):
+        print(f"  {line}")
     print("\nthe same model, data and optimizer in one plain PyTorch process:")
     reference = _reference(args.steps)
     losses = {m.step: m.loss for m in job.metrics}
@@ -124,7 +141,7 @@ def _distributed(args: argparse.Namespace) -> int:
     diff = max(abs(a - b) for a, b in zip(ours, reference.losses, strict=True))
     _print_rows(
         [
-            ("", f"{len(job.stages)} workers (gRPC)", "plain PyTorch"),
+            ("", f"{shape_of_plan} (gRPC)", "plain PyTorch"),
             ("first loss", f"{ours[0]:.4f}", f"{reference.losses[0]:.4f}"),
             (
                 f"loss, mean of last {tail}",
@@ -137,7 +154,7 @@ def _distributed(args: argparse.Namespace) -> int:
     print(f"  largest difference between the two runs' step losses: {diff:.2e}")
     print(
         f"  throughput ratio (distributed / plain): {samples_per_s / reference.samples_per_s:.2f}"
-        " - three processes share this machine's cores"
+        f" - {len({s.worker_id for s in job.stages})} worker processes share this machine's cores"
     )
     print(
         f"  bytes between workers per step: {report.human_bytes(job.bytes_per_step)} "
@@ -156,8 +173,10 @@ def _follow(cluster: Cluster, job_id: str, steps: int) -> JobView:
             last = job
             bar.n = job.steps_done
             loss = f"{job.loss:.4f}" if job.loss is not None else "-"
+            replicas = f", {job.replicas} replicas" if job.replicas > 1 else ""
             bar.set_postfix_str(
-                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s", refresh=True
+                f"{job.state}, loss {loss}, {job.samples_per_s:.1f} samples/s{replicas}",
+                refresh=True,
             )
     except ClientError as e:
         raise UsageError(str(e)) from None
@@ -182,7 +201,7 @@ def _in_process(args: argparse.Namespace) -> int:
         model_args=DEMO_ARGS,
         data=DEMO_DATA,
         optimizer=DEMO_OPTIMIZER,
-        stages=args.stages,
+        stages=args.stages or IN_PROCESS_STAGES,
     )
     graph = staged.captured.graph
     source = staged.source
@@ -203,7 +222,7 @@ def _in_process(args: argparse.Namespace) -> int:
     diff = max(abs(a - b) for a, b in zip(ours.losses, reference.losses, strict=True))
     _print_rows(
         [
-            ("", f"{args.stages} stages (OP-DAG)", "plain PyTorch"),
+            ("", f"{args.stages or IN_PROCESS_STAGES} stages (OP-DAG)", "plain PyTorch"),
             ("first loss", f"{ours.losses[0]:.4f}", f"{reference.losses[0]:.4f}"),
             (
                 f"loss, mean of last {tail}",
