@@ -70,6 +70,13 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     p.add_argument(
+        "--gflops",
+        type=float,
+        default=0.0,
+        help="declare this worker's speed in GFLOP/s instead of measuring it at start "
+        "(0: measure); the coordinator refits it from the steps the worker runs",
+    )
+    p.add_argument(
         "--probe-networks",
         default="",
         metavar="CIDR[,CIDR]",
@@ -224,6 +231,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         tls=_tls(args),
         threads=args.threads,
+        gflops=args.gflops,
         device=args.device,
         probe_networks=tuple(n for n in args.probe_networks.split(",") if n.strip()),
     )

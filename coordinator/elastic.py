@@ -144,14 +144,14 @@ class ElasticReplicas:
         free = life.registry.free()
         if not free:
             return
-        self._checked[job.job_id] = now
         mine = [life.registry.get(w) for w in plan.worker_ids]
         current = [
             WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in mine if w is not None
         ]
         ids = [w.worker_id for w in (*current, *free)]
         if life.links is not None and life.links.unmeasured(ids):
-            return  # priced on measured links only
+            return  # priced on measured links only (the prober measures joiners at once)
+        self._checked[job.job_id] = now
         period = spec.sync.period if spec.sync.kind != "sync" else 1
         boundary = -(-(job.steps_done + 2) // period) * period
         if boundary >= spec.steps:
@@ -169,9 +169,22 @@ class ElasticReplicas:
         )
         try:
             candidate, _ = await asyncio.to_thread(make_plan, request)
-        except ValueError:
+        except ValueError as e:
+            log.info("job %s: no plan with the free workers to price: %s", job.job_id, e)
             return
-        if candidate.predicted_step_s > GROW_GAIN * plan.predicted_step_s:
+        if not {w.worker_id for w in free} & set(candidate.worker_ids):
+            return  # the best plan leaves the free workers out: nothing to take in
+        # The plan running now, priced again with the same compute model as the candidate.
+        now_s = await life.calibration.predicted_step_s(plan, model.graph, spec)
+        if candidate.predicted_step_s > GROW_GAIN * now_s:
+            log.info(
+                "job %s: with the %d free worker(s) a step is predicted at %.3f s against "
+                "%.3f s now; not worth a re-plan",
+                job.job_id,
+                len(free),
+                candidate.predicted_step_s,
+                now_s,
+            )
             return
         async with job.busy:
             if job.state != JobState.RUNNING or job.draining_until or job.epoch != plan.epoch:
@@ -182,7 +195,7 @@ class ElasticReplicas:
                 job.job_id,
                 job.epoch,
                 len(free),
-                plan.predicted_step_s,
+                now_s,
                 candidate.predicted_step_s,
                 candidate.num_stages,
                 candidate.replicas,

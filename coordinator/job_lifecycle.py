@@ -302,7 +302,9 @@ class JobLifecycle:
         for s in cut.stages:
             members = [p.worker_id for p in plan.placements if p.stage == s.index]
             rate = group_link_rate(figures, members)
-            out[s.index] = stage_sync_layers(s.graph, plan.replicas, sync.period, rate)[0]
+            out[s.index] = stage_sync_layers(
+                s.graph, plan.replicas, sync.period, rate, sync.values
+            )[0]
         return out
 
     # -- stopping --------------------------------------------------------------------------

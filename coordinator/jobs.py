@@ -192,7 +192,7 @@ class JobManager:
             await self._check_end(job)
             return
         # The compute model is calibrated on replica 0's workers (the plan's first placements).
-        if p.replica == 0 and self.calibration.observe(job, p):
+        if job.replica_of(p.worker_id) == 0 and self.calibration.observe(job, p):
             self.lifecycle.spawn(self.calibration.save())
         if await self.step_metrics.record(job, p):
             await self.table.save(job)

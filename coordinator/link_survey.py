@@ -3,10 +3,12 @@
 The OP-Fence planner needs every directed link between the workers it may use. The prober
 asks one worker at a time to measure its link to one other (`MeasureLinks`), at most
 `concurrency` pairs at once and never two sharing a worker, so probes do not disturb each
-other; it only probes idle workers, so a running job is not disturbed either. A link is
-measured when a worker joins (or comes back at a new address) and again once it is older
-than `refresh_s`. Figures are kept in the store, so a restarted coordinator plans with
-them at once.
+other; it probes idle workers, so a running job is not disturbed either, with one
+exception: a worker that joins while others train is measured once against each of them
+(a short probe beside the job's traffic), so the planner can price taking it into their
+job (`coordinator.elastic`). A link is measured when a worker joins (or comes back at a
+new address) and again, between idle workers, once it is older than `refresh_s`. Figures
+are kept in the store, so a restarted coordinator plans with them at once.
 """
 
 from __future__ import annotations
@@ -146,6 +148,13 @@ class LinkProber:
                 age = now - rec.measured_at
                 if age > (RETRY_FAILED_S if rec.error else self.config.refresh_s):
                     wanted.append((rec.measured_at, a, b))
+        # Joiners against busy workers: once each way, never refreshed during the job.
+        busy = [w.worker_id for w in self.registry.workers.values() if w.alive and w.job_id]
+        for a in idle:
+            for b in busy[:MAX_PROBED_WORKERS]:
+                for pair in ((a, b), (b, a)):
+                    if self.current(*pair) is None:
+                        wanted.append((0.0, *pair))
         wanted.sort()
         return [(a, b) for _, a, b in wanted]
 

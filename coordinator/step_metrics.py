@@ -34,6 +34,9 @@ class StepMetrics:
         the job's loss, steps done, smoothed step time and bytes per step (True then: the
         job changed and should be saved)."""
         replicas = job.plan.replicas if job.plan is not None else 1
+        # Which replica reported and whether it speaks are the plan's, not the worker's say.
+        replica = job.replica_of(p.worker_id) or 0
+        speaker = job.speaks(p.worker_id)
         record: dict[str, Any] = {
             "epoch": p.epoch,
             "step_seconds": p.step_seconds,
@@ -46,12 +49,12 @@ class StepMetrics:
             "sync_seconds": p.sync_seconds,
             "staleness": p.staleness,
             "shares": p.shares,
-            "speaker": p.speaker,
+            "speaker": speaker,
         }
         if p.loss is not None:
-            record["loss" if p.speaker else "replica_loss"] = p.loss
-        moves_job = p.speaker and p.loss is not None
-        if p.speaker and p.loss is not None:
+            record["loss" if speaker else "replica_loss"] = p.loss
+        moves_job = speaker and p.loss is not None
+        if moves_job:
             job.loss = p.loss
             job.steps_done = max(job.steps_done, p.step + 1)
             # A smoothed step time of the stage that computes the loss: the pipeline's pace.
@@ -61,7 +64,7 @@ class StepMetrics:
                 else 0.8 * job.step_seconds + 0.2 * p.step_seconds
             )
         await asyncio.to_thread(
-            self.store.put_metric, job.job_id, p.step, p.stage, record, replica=p.replica
+            self.store.put_metric, job.job_id, p.step, p.stage, record, replica=replica
         )
         if not moves_job:
             return False
@@ -72,7 +75,7 @@ class StepMetrics:
             for m in metrics
             if m["step"] == p.step
             and m.get("epoch") == p.epoch
-            and m.get("replica", 0) == p.replica
+            and m.get("replica", 0) == replica
         )
         return True
 

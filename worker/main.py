@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
@@ -41,6 +41,8 @@ class WorkerConfig:
     tls: TlsConfig | None = None
     threads: int = 0
     device: str = "cpu"
+    # A declared speed (GFLOP/s) in place of the one measured at start; 0: measure.
+    gflops: float = 0.0
     drain_timeout_s: float = 300.0
     # CIDR blocks this worker may send link probes to when the coordinator asks (empty:
     # any address the coordinator names).
@@ -60,6 +62,10 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     resources = measure_resources(device=cfg.device)
+    if cfg.gflops:
+        if not 0 < cfg.gflops < 1e7:
+            raise ValueError(f"--gflops {cfg.gflops} is not a speed in GFLOP/s")
+        resources = replace(resources, gflops=cfg.gflops)
     name = cfg.name or f"{socket.gethostname()}-{id(cfg) % 10000:04d}"
     link = CoordinatorLink(
         cfg.coordinator, token=cfg.token, tls=cfg.tls, name=name, resources=resources

@@ -107,7 +107,8 @@ class StagePlan:
                 return f"outer optimizer {name!r} is not one of a local kind"
             if not (0 < lr < math.inf and 0 <= momentum < 1):
                 return f"outer optimizer lr {lr} and momentum {momentum} are out of range"
-        if self.sync_kind != "partial-local-sgd":
+        if self.sync_kind != "partial-local-sgd" or self.replicas < 2:
+            # One replica has nobody to average with: no layers to schedule.
             return "sync layers are only for partial-local-sgd" if self.sync_layers else None
         trainable = {p.name for p in self.graph.params if p.trainable}
         named = [p for la in self.sync_layers for p in la.params]

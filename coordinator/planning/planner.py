@@ -229,7 +229,9 @@ def _explained(
         for stage in cut.stages:
             members = [p.worker_id for p in placements if p.stage == stage.index]
             rate = group_link_rate(req.figures, members)
-            _, schedule = stage_sync_layers(stage.graph, found.replicas, sync.period, rate)
+            _, schedule = stage_sync_layers(
+                stage.graph, found.replicas, sync.period, rate, sync.values
+            )
             if schedule is not None:
                 text = f"{text}\nstage {stage.index} {schedule.format()}"
     return text

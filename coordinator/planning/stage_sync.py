@@ -6,9 +6,13 @@ parameters under one layer prefix (`blocks.3.attn.qkv.weight` is in layer `block
 `tok_emb.weight` in `tok_emb`), its backward time is taken proportional to its parameter
 count (a layer's backward FLOPs grow with its weights), and its averaging time is its bytes
 sent to each other member over a link of `link_bytes_per_s` (the group's slowest measured
-link, `group_link_rate`). `StageSyncLayers` is what
-the worker is told: per layer, its parameters and the iterations of the period that
-average it (its one scheduled iteration first, then its extra syncs).
+link, `group_link_rate`), at two bytes a value when the policy sends fp16. `SyncLayer` is
+what the worker is told: per layer, its parameters and the iterations of the period that
+average it.
+
+Extra syncs in idle link time (`schedule_partial_sync(fill_idle=True)`) are not asked for:
+the scheduler's idle time is link time beside the backward pass, and the worker averages
+after the optimizer step, so an extra sync would stall the step, not fill idle time.
 """
 
 from __future__ import annotations
@@ -71,9 +75,13 @@ def _layers(params: Sequence[ParamSpec]) -> dict[str, list[ParamSpec]]:
 
 
 def stage_profile(
-    graph: Graph, replicas: int, link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    graph: Graph,
+    replicas: int,
+    link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
+    values: str = "fp32",
 ) -> StageProfile | None:
-    """The estimated profile of a stage's layers in forward order (None: nothing trains)."""
+    """The estimated profile of a stage's layers in forward order (None: nothing trains);
+    `values`: how averaged values travel (fp32 or fp16)."""
     layers = _layers(graph.params)
     if not layers:
         return None
@@ -81,19 +89,25 @@ def stage_profile(
     for name, params in layers.items():
         count = sum(math.prod(p.shape) for p in params)
         nbytes = sum(p.nbytes for p in params) * (replicas - 1)  # a copy to each other member
+        if values == "fp16":
+            nbytes //= 2
         profiles.append(LayerProfile(name, BACKWARD_S_PER_PARAM * count, nbytes / link_bytes_per_s))
     backward = sum(p.backward_s for p in profiles)
     return StageProfile(tuple(profiles), forward_s=backward / 2)
 
 
 def stage_sync_layers(
-    graph: Graph, replicas: int, period: int, link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S
+    graph: Graph,
+    replicas: int,
+    period: int,
+    link_bytes_per_s: float = DEFAULT_LINK_BYTES_PER_S,
+    values: str = "fp32",
 ) -> tuple[tuple[SyncLayer, ...], SyncSchedule | None]:
     """The layers of a stage with the iterations that average them, and the schedule."""
-    profile = stage_profile(graph, replicas, link_bytes_per_s)
+    profile = stage_profile(graph, replicas, link_bytes_per_s, values)
     if profile is None:
         return (), None
-    schedule = schedule_partial_sync(profile, period)
+    schedule = schedule_partial_sync(profile, period, fill_idle=False)
     layers = _layers(graph.params)
     out = []
     for layer in profile.layers:

@@ -103,30 +103,6 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     print(f"largest loss difference {loss_diff:.3g}, relative parameter difference {worst:.3g}")
 
 
-def test_a_killed_replica_worker_is_replaced_and_training_resumes_from_checkpoint(
-    cluster: Cluster,
-) -> None:
-    cluster.start_coordinator()
-    # Five workers for 2 stages x 2 replicas: `even` takes w0..w3 (replica 1 on w2, w3).
-    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
-    steps = 60
-    job_id = cluster.submit(SPEC.format(steps=steps, every=10))
-    running = cluster.wait_job(
-        job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
-    )
-    assert {s.worker_name for s in running.stages} == {"w0", "w1", "w2", "w3"}
-    cluster.kill(workers["w3"])
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
-    assert job.epoch >= 2 and job.recoveries >= 1
-    assert {s.worker_name for s in job.stages} == {"w0", "w1", "w2", "w4"}
-    # Every step, before and after the kill, has the loss of one uninterrupted process.
-    want, _ = reference(steps)
-    loss_diff = largest_loss_difference(cluster, job_id, want)
-    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
-
-
 def test_a_restarted_coordinator_takes_back_a_job_of_replicas(cluster: Cluster) -> None:
     cluster.start_coordinator()
     for i in range(4):
