@@ -198,7 +198,11 @@ class Run:
 
     @property
     def placement(self) -> str:
-        return " | ".join(s.worker_name for s in sorted(self.job.stages, key=lambda s: s.stage))
+        """Workers by stage (`|` between stages), replicas of a stage joined by `,`."""
+        by_stage: dict[int, list[str]] = {}
+        for s in sorted(self.job.stages, key=lambda s: (s.stage, s.replica)):
+            by_stage.setdefault(s.stage, []).append(s.worker_name)
+        return " | ".join(",".join(names) for _, names in sorted(by_stage.items()))
 
 
 def run_job(cluster: TestbedCluster, label: str, spec_yaml: str, *, skip: int) -> Run:
@@ -245,7 +249,8 @@ def plan_show(plan: PlanView) -> str:
 
 def describe_run(run: Run) -> str:
     return (
-        f"{run.label}: planner {run.plan.planner}, {len(run.job.stages)} stages "
+        f"{run.label}: planner {run.plan.planner}, "
+        f"{len({s.stage for s in run.job.stages})} stage(s) x {run.job.replicas} replica(s) "
         f"[{run.placement}], {run.job.bytes_per_step / 1e6:.2f} MB between workers per step, "
         f"first step reported {run.startup_s:.1f} s after submission, the last after "
         f"{run.wall_s:.1f} s; final loss {run.job.loss:.4f}\n"

@@ -25,7 +25,7 @@ the same data and seed for the same number of samples. Printed: each run's plan 
 show` explains it, its samples/s (wall-clock between the coordinator's loss reports,
 warm-up steps left out), the averaging bytes per step (computed from the plan's parameter
 counts and the sync policy: each member sends its share to each other member once per
-round; the workers do not report these bytes), the validation loss of its final
+round; and as the workers reported them, step by step), the validation loss of its final
 checkpoint (held-out batches, computed here from the coordinator's store), and the ratios
 against their targets. Every worker runs with 1 thread. `--quick` runs a few steps (one
 averaging round, at the end), to check that it all works (its figures mean nothing).
@@ -66,6 +66,7 @@ from bench.wan_common import (
     wait_for_links,
 )
 from coordinator.planning.stage_sync import layer_of
+from coordinator.store import open_store
 from deploy.wan import Testbed, parse_spec
 from opdag.zoo import build_model
 
@@ -221,6 +222,9 @@ def measure(
     loss = validation_loss(job, state, settings.val_batches)
     print(f"\n-- {describe_run(run)}")
     print(f"  sync {sync.flow}; {replica_summary(run, sync)}")
+    reported = reported_averaging_bytes_per_step(cluster, run)
+    if reported:
+        print(f"  reported by the workers: {reported / 1e6:.2f} MB averaged per step")
     if sync.kind == "partial-local-sgd":
         logged = logged_partial_bytes_per_step(cluster, run, sync)
         print(
@@ -283,6 +287,20 @@ def averaging_bytes_per_step(run: Run, sync: Policy) -> float:
     params = sum(s.params for s in run.job.stages if s.replica == 0)
     width = 2 if sync.values == "fp16" else 4
     return params * width * (replicas - 1) * replicas / sync.rounds_apart
+
+
+def reported_averaging_bytes_per_step(cluster: TestbedCluster, run: Run) -> float:
+    """Bytes all members sent their sync groups per step, as every replica's stages reported
+    them (`sync_bytes` of each step's record; the loss travelling every step included)."""
+    store = open_store(cluster.store)
+    try:
+        records = store.metrics(run.job.job_id)
+    finally:
+        store.close()
+    mine = [r for r in records if r.get("epoch") == run.plan.epoch]
+    steps = {int(r["step"]) for r in mine}
+    total = sum(int(r.get("sync_bytes", 0)) for r in mine)
+    return total / len(steps) if steps else 0.0
 
 
 ROUND_LINE = re.compile(

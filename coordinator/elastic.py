@@ -17,8 +17,9 @@ copy of each stage goes on.
 Without an intact replica, or for a plan of one pipeline, the job is re-planned from its
 last checkpoint, as before.
 
-Grow. A running OP-Fence job whose replica count is `auto` is looked at every
-`GROW_CHECK_S` while workers are free and their links are measured: when a plan over its
+Grow. A running OP-Fence job whose replica count is `auto` is priced, at most every
+`GROW_CHECK_S` and once for each set of free workers, while workers are free and their
+links are measured (in the background: the search runs in a thread). When a plan over its
 workers and the free ones is predicted at least `1 - GROW_GAIN` faster per step, every
 stage drains at the next boundary of an averaging period (where local SGD's replicas hold
 the averaged parameters) and the job is planned again, the free workers included, from the
@@ -55,6 +56,8 @@ class ElasticReplicas:
         self.life = lifecycle
         self.drain_timeout_s = drain_timeout_s
         self._checked: dict[str, float] = {}  # job id -> when its growth was last priced
+        # job id -> (plan epoch, workers) last priced: the same again is not worth a search
+        self._priced: dict[str, tuple[int, frozenset[str]]] = {}
 
     # -- shrink -----------------------------------------------------------------------------
 
@@ -128,8 +131,9 @@ class ElasticReplicas:
 
     # -- grow -------------------------------------------------------------------------------
 
-    async def consider_growth(self, job: Job) -> None:
-        """Drain `job` for a re-plan when the free workers make it predicted faster."""
+    def consider_growth(self, job: Job) -> None:
+        """Price `job` with the free workers, in the background, when that is due: at most
+        every GROW_CHECK_S, and only when the free workers or the plan changed since."""
         spec, plan, life = job.spec, job.plan, self.life
         now = time.monotonic()
         if (
@@ -151,16 +155,24 @@ class ElasticReplicas:
         ids = [w.worker_id for w in (*current, *free)]
         if life.links is not None and life.links.unmeasured(ids):
             return  # priced on measured links only (the prober measures joiners at once)
-        self._checked[job.job_id] = now
-        period = spec.sync.period if spec.sync.kind != "sync" else 1
-        boundary = -(-(job.steps_done + 2) // period) * period
-        if boundary >= spec.steps:
-            return
+        key = (plan.epoch, frozenset(ids))
+        if self._priced.get(job.job_id) == key or next_boundary(job) >= spec.steps:
+            return  # this plan with these free workers was priced already, or ends soon
+        self._checked[job.job_id], self._priced[job.job_id] = now, key
+        life.spawn(self._price_growth(job, current, free))
+
+    async def _price_growth(
+        self, job: Job, current: list[WorkerSlot], free: list[WorkerSlot]
+    ) -> None:
+        """Drain `job` for a re-plan when the free workers make it predicted faster."""
+        spec, plan, life = job.spec, job.plan, self.life
+        assert plan is not None
+        ids = [w.worker_id for w in (*current, *free)]
         model = await life.table.model_of(job)
         request = PlanRequest(
             job_id=job.job_id,
             epoch=job.epoch + 1,
-            start_step=boundary,
+            start_step=next_boundary(job),
             graph=model.graph,
             spec=spec,
             workers=[*current, *free],
@@ -189,6 +201,10 @@ class ElasticReplicas:
         async with job.busy:
             if job.state != JobState.RUNNING or job.draining_until or job.epoch != plan.epoch:
                 return
+            # Where the job is now (pricing took a while): no stage may be past it.
+            boundary = next_boundary(job)
+            if boundary >= spec.steps:
+                return
             log.info(
                 "job %s epoch %d: %d free worker(s) would take a step from %.3f s to %.3f s "
                 "(%d stages x %d replicas); draining at step %d to take them in",
@@ -201,7 +217,9 @@ class ElasticReplicas:
                 candidate.replicas,
                 boundary,
             )
-            job.draining_until = now + self.drain_timeout_s + boundary_wait_s(job, boundary)
+            job.draining_until = (
+                time.monotonic() + self.drain_timeout_s + boundary_wait_s(job, boundary)
+            )
             await asyncio.gather(
                 *(
                     life.workers.stop(
@@ -214,6 +232,16 @@ class ElasticReplicas:
 
     def forget(self, job_id: str) -> None:
         self._checked.pop(job_id, None)
+        self._priced.pop(job_id, None)
+
+
+def next_boundary(job: Job) -> int:
+    """The first step boundary no stage of the job can have passed that also ends an
+    averaging period: the reported steps (the speaker's loss stage) plus three, as stage 0
+    may be a step ahead and a report a step late, rounded up to the period (1 under
+    `sync`)."""
+    period = job.spec.sync.period if job.spec.sync.kind != "sync" else 1
+    return -(-(job.steps_done + 3) // period) * period
 
 
 def boundary_wait_s(job: Job, boundary: int) -> float:

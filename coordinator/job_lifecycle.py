@@ -156,7 +156,7 @@ class JobLifecycle:
             elif job.draining_until and now > job.draining_until:
                 self.recover_later(job, "the drain did not finish in time")
             elif job.state == JobState.RUNNING:
-                await self.elastic.consider_growth(job)
+                self.elastic.consider_growth(job)
 
     def _links_ready(self, job: Job, worker_ids: list[str]) -> bool:
         """Whether to plan now: OP-Fence and AdaTopK plan on measured links, so they wait

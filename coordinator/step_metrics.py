@@ -73,9 +73,7 @@ class StepMetrics:
         job.bytes_per_step = sum(
             int(m.get("bytes", 0))
             for m in metrics
-            if m["step"] == p.step
-            and m.get("epoch") == p.epoch
-            and m.get("replica", 0) == replica
+            if m["step"] == p.step and m.get("epoch") == p.epoch and m.get("replica", 0) == replica
         )
         return True
 
