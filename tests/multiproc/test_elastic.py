@@ -7,8 +7,9 @@ processes on loopback.
   in the step reports (`shares` below 2), and the losses equal one plain PyTorch process
   exactly up to the first announced round: nothing partial was applied before it.
 - A worker joining a running job with `replicas: auto`: the job drains at a step boundary
-  and is planned again with two replicas; every step of the run, before and after, has the
-  loss of one plain PyTorch process training the full batch (lossless `sync`).
+  and is planned again with two replicas, and its samples/s rise; every step of the run,
+  before and after, has the loss of one plain PyTorch process training the full batch
+  (lossless `sync`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.multiproc
 
 SPEC = """
 name: elastic
-model: {{zoo: gpt, args: {{layers: 2, d_model: 64, heads: 4, context: 32}}}}
+model: {{zoo: gpt, args: {{layers: 2, d_model: {d_model}, heads: 4, context: 32}}}}
 data: {{corpus: stdlib-text, batch_size: {batch}, micro_batches: 4, max_bytes: 2000000}}
 optimizer: {{name: adamw, lr: 1.0e-3}}
 steps: {steps}
@@ -90,7 +91,8 @@ def test_a_killed_replica_worker_leaves_and_the_job_goes_on_from_the_intact_repl
     # Five workers for 2 stages x 2 replicas: `even` takes w0..w3 (replica 1 on w2, w3).
     workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
     steps = 40
-    spec = SPEC.format(batch=8, steps=steps, parallel="{planner: even, stages: 2, replicas: 2}")
+    parallel = "{planner: even, stages: 2, replicas: 2}"
+    spec = SPEC.format(d_model=64, batch=8, steps=steps, parallel=parallel)
     job_id = cluster.submit(spec)
     running = cluster.wait_job(
         job_id, lambda j: j.state == "running" and j.steps_done >= 8, "the job to pass step 8"
@@ -148,9 +150,10 @@ def test_a_joining_worker_becomes_a_replica_and_the_loss_curve_goes_on(cluster: 
     cluster.extra_worker_args = ["--gflops", "50"]
     cluster.start_coordinator()
     cluster.start_worker("w0")
-    steps, batch = 200, 32
+    # Enough compute per step that a second replica's share outweighs averaging on loopback.
+    steps, batch = 120, 32
     parallel = "{planner: opfence, stages: 1, replicas: auto}"
-    spec = SPEC.format(batch=batch, steps=steps, parallel=parallel)
+    spec = SPEC.format(d_model=192, batch=batch, steps=steps, parallel=parallel)
     job_id = cluster.submit(spec)
     first = cluster.wait_job(
         job_id, lambda j: j.state == "running" and j.steps_done >= 5, "the job to pass step 5"
@@ -176,6 +179,8 @@ def test_a_joining_worker_becomes_a_replica_and_the_loss_curve_goes_on(cluster: 
     # Both replicas report their steps in the second plan.
     assert {r.get("replica", 0) for r in rows if r["epoch"] == 2} == {0, 1}
     before, after = samples_per_s(rows, 1, batch), samples_per_s(rows, 2, batch)
+    # Twice the compute for the same batch (the machine has two cores): the pace must rise.
+    assert after > before, f"{before:.1f} samples/s with one replica, {after:.1f} with two"
     print(
         f"joined at step {joined}: 1 -> 2 replicas; {before:.1f} -> {after:.1f} samples/s "
         f"(x{after / before:.2f}); largest loss difference from one process {worst:.3g}"
