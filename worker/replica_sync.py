@@ -106,6 +106,7 @@ class ReplicaSync:
         self._seconds = 0.0
         self._bytes_reported = 0
         self._last_averaged = plan.start_step  # boundary of the last round that averaged
+        self._waking: asyncio.Task[None] | None = None
 
     def attach(self, named: Named, *, loss: bool) -> None:
         """Set what the stage's gradients are: its trainable parameters (and the loss, for
@@ -130,8 +131,9 @@ class ReplicaSync:
                 self.plan.replica,
             )
         self._alone.set()
-        # Wake a round waiting for shares that will not come.
-        asyncio.get_running_loop().create_task(self._wake())
+        # Wake a round waiting for shares that will not come (held: the loop keeps only a
+        # weak reference to a task).
+        self._waking = asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:
         async with self._changed:
