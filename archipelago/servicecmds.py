@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -347,14 +346,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# How often `watch` asks for the replicas' figures (each ask reads the job's metrics).
-REPLICA_REFRESH_S = 3.0
-
-
 def _follow(client: CoordinatorClient, job_id: str) -> int:
     bar: tqdm | None = None
     lines: list[tqdm] = []  # a status line under the bar per replica and sync group
-    asked = -REPLICA_REFRESH_S
     last: JobView | None = None
     try:
         for job in client.watch(job_id):
@@ -368,15 +362,13 @@ def _follow(client: CoordinatorClient, job_id: str) -> int:
                 + (f", {job.replicas} replicas" if job.replicas > 1 else ""),
                 refresh=True,
             )
-            if job.replicas > 1 and time.monotonic() - asked >= REPLICA_REFRESH_S:
-                asked = time.monotonic()
-                texts = replica_lines(client.job(job_id, with_metrics=True))
+            if job.replicas > 1:  # each change carries the replicas' recent figures
+                texts = replica_lines(job)
                 while len(lines) < len(texts):
                     lines.append(tqdm(position=len(lines) + 1, bar_format="{desc}", leave=False))
                 for i, line in enumerate(lines):
                     line.set_description_str(f"  {texts[i]}" if i < len(texts) else "", True)
-        many = last is not None and last.replicas > 1
-        final = replica_lines(client.job(job_id, with_metrics=True)) if many else []
+        final = replica_lines(last) if last is not None and last.replicas > 1 else []
     except ClientError as e:
         raise UsageError(str(e)) from None
     finally:

@@ -27,6 +27,7 @@ from coordinator.job_table import JobTable
 from coordinator.link_survey import LinkProber
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.registry import Registry, WorkerState
+from coordinator.replica_metrics import WINDOW_STEPS
 from coordinator.states import STAGE_ACTIVE, STAGE_BROKEN, JobState, WorkerStatus
 from coordinator.step_metrics import StepMetrics
 from coordinator.store import StateStore
@@ -95,6 +96,13 @@ class JobManager:
     async def metrics(self, job_id: str, since_step: int = 0) -> list[dict[str, Any]]:
         """The job's stored per-step metrics from `since_step` on."""
         return await self.step_metrics.since(job_id, since_step)
+
+    async def recent_metrics(self, job: Job) -> list[dict[str, Any]]:
+        """The stored records of the job's last steps, enough for its replica and group
+        figures (empty for a plan of one pipeline, which has none)."""
+        if job.plan is None or job.plan.replicas < 2:
+            return []
+        return await self.metrics(job.job_id, max(0, job.steps_done - WINDOW_STEPS - 2))
 
     async def save_workers(self, workers: list[WorkerState]) -> None:
         """Store the workers' current records (after the registry changed them)."""

@@ -308,7 +308,14 @@ def _add_replica_metrics(info: coordinator_pb2.JobInfo, summary: ReplicaMetrics)
         )
 
 
-def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordinator_pb2.JobInfo:
+def job_info_pb(
+    job: Job,
+    metrics: Sequence[Mapping[str, Any]] = (),
+    *,
+    recent: Sequence[Mapping[str, Any]] = (),
+) -> coordinator_pb2.JobInfo:
+    """The job as a client sees it: with `metrics`, every step's loss and the replica and
+    group figures; with `recent` (the last steps' records) the figures alone."""
     spec = job.spec
     samples_per_s = spec.data.batch_size / job.step_seconds if job.step_seconds > 0 else 0.0
     remaining = max(spec.steps - job.steps_done, 0)
@@ -351,8 +358,8 @@ def job_info_pb(job: Job, metrics: Sequence[Mapping[str, Any]] = ()) -> coordina
                 bytes=m.get("bytes", 0),
                 epoch=m.get("epoch", 0),
             )
-    if metrics:
-        _add_replica_metrics(info, summarise_replicas(metrics, epoch=job.epoch))
+    if metrics or recent:
+        _add_replica_metrics(info, summarise_replicas(metrics or recent, epoch=job.epoch))
     return info
 
 

@@ -161,7 +161,9 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         await self._guard(context)
         job = await self._job(serde.job_query_from_pb(request).job_id, context)
         async for snapshot in self.manager.watch(job.job_id):
-            yield serde.job_info_pb(snapshot)
+            # The replicas' figures travel with each change; the per-step losses do not.
+            recent = await self.manager.recent_metrics(snapshot)
+            yield serde.job_info_pb(snapshot, recent=recent)
 
     async def ListWorkers(
         self, request: serde.ListWorkersRequest, context: grpc.aio.ServicerContext
