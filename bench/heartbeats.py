@@ -17,13 +17,13 @@ from pathlib import Path
 
 from archipelago.localcluster import Cluster
 from proto.rpc import open_channel, token_metadata
-from worker.resources import Resources
-from worker.serde import (
+from worker.coordinator_serde import (
     coordinator_stub,
     heartbeat_request_pb,
     register_request_pb,
     registration_from_pb,
 )
+from worker.resources import Resources
 
 WORKERS = 500
 INTERVAL_S = 1.0

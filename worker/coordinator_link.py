@@ -20,9 +20,7 @@ import torch
 
 from proto.retry import RetryPolicy, retry
 from proto.rpc import TlsConfig, open_channel, token_metadata
-from worker.resources import Resources
-from worker.serde import (
-    StagePlan,
+from worker.coordinator_serde import (
     checkpoint_parts,
     coordinator_stub,
     heartbeat_answer_from_pb,
@@ -32,7 +30,9 @@ from worker.serde import (
     register_request_pb,
     registration_from_pb,
 )
+from worker.resources import Resources
 from worker.stage_job import StepReport
+from worker.stage_plan import StagePlan
 
 log = logging.getLogger("archipelago.worker")
 

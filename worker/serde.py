@@ -1,8 +1,8 @@
 """The worker's serialisation boundary: protobuf messages to the worker's own dataclasses.
 
-The only worker module that touches generated classes: the servicer (`worker.service`)
-decodes and encodes through it, and the coordinator link, peer sends and link probes build
-and read their messages here.
+With `worker.coordinator_serde` (the messages to and from the coordinator), the only
+worker module that touches generated classes: the servicer (`worker.service`) decodes and
+encodes through it, and peer sends and link probes build and read their messages here.
 
 Everything a worker receives is checked here before anything else sees it: the stage graph
 passes the allow-list (via `opdag.graph_serde`), routes name values that exist, stage numbers are
@@ -22,18 +22,16 @@ from opdag import graph_serde
 from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
 from opdag.optim import OptimizerConfig
-from proto import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, worker_pb2, worker_pb2_grpc
+from proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from proto.rpc import MAX_DETAILS_CHARS
 from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import encode_values, header_of
 from worker.edge_compression import EdgeCodec
 from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
-from worker.resources import Resources
 from worker.stage_plan import StagePlan, SyncLayer
 
 if TYPE_CHECKING:
     from worker.node import NodeStatus
-    from worker.stage_job import StepReport
 
 
 def _fail(what: str) -> CodecError:
@@ -327,119 +325,12 @@ def link_figures_pb(figures: Sequence[LinkFigure]) -> MeasureLinksReply:
 
 # -- what the worker sends: to the coordinator, to peer stages, to probed links ---------------
 
-CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
 WorkerStub = worker_pb2_grpc.WorkerStub
-
-
-def coordinator_stub(channel: grpc.aio.Channel) -> CoordinatorStub:
-    """The coordinator API over `channel`."""
-    return CoordinatorStub(channel)
 
 
 def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
     """Another worker's API over `channel`."""
     return WorkerStub(channel)
-
-
-@dataclass(frozen=True)
-class Registration:
-    """The coordinator's answer to a registration: this worker's id, how often to beat."""
-
-    worker_id: str
-    heartbeat_s: float
-
-
-@dataclass(frozen=True)
-class HeartbeatAnswer:
-    """The coordinator's answer to a heartbeat: whether it knows this worker, and the jobs
-    it has dropped that this worker should stop."""
-
-    known: bool
-    stop_jobs: tuple[str, ...]
-
-
-def register_request_pb(
-    *, name: str, address: str, worker_id: str, resources: Resources
-) -> coordinator_pb2.RegisterRequest:
-    return coordinator_pb2.RegisterRequest(
-        name=name,
-        address=address,
-        worker_id=worker_id,
-        resources=coordinator_pb2.WorkerResources(
-            gflops=resources.gflops,
-            memory_bytes=resources.memory_bytes,
-            device=resources.device,
-            threads=resources.threads,
-        ),
-    )
-
-
-def registration_from_pb(reply: coordinator_pb2.RegisterReply) -> Registration:
-    return Registration(worker_id=reply.worker_id, heartbeat_s=reply.heartbeat_interval_s or 1.0)
-
-
-def heartbeat_request_pb(
-    *, worker_id: str, job_id: str, epoch: int, step: int, state: str
-) -> coordinator_pb2.HeartbeatRequest:
-    return coordinator_pb2.HeartbeatRequest(
-        worker_id=worker_id, job_id=job_id, epoch=epoch, step=step, state=state
-    )
-
-
-def heartbeat_answer_from_pb(reply: coordinator_pb2.HeartbeatReply) -> HeartbeatAnswer:
-    return HeartbeatAnswer(known=reply.known, stop_jobs=tuple(reply.stop_jobs))
-
-
-def leave_request_pb(worker_id: str) -> coordinator_pb2.LeaveRequest:
-    return coordinator_pb2.LeaveRequest(worker_id=worker_id)
-
-
-def progress_report_pb(worker_id: str, report: StepReport) -> coordinator_pb2.ProgressReport:
-    return coordinator_pb2.ProgressReport(
-        worker_id=worker_id,
-        job_id=report.job_id,
-        epoch=report.epoch,
-        stage=report.stage,
-        step=report.step,
-        has_loss=report.loss is not None,
-        loss=report.loss or 0.0,
-        step_seconds=report.step_seconds,
-        compute_seconds=report.compute_seconds,
-        sent=[
-            coordinator_pb2.LinkBytes(dst_stage=d, bytes=b) for d, b in sorted(report.sent.items())
-        ],
-        finished=report.finished,
-        drained=report.drained,
-        error=report.error,
-        replica=report.replica,
-        sync_bytes=report.sync_bytes,
-        sync_seconds=report.sync_seconds,
-        staleness=report.staleness,
-        shares=report.shares,
-        speaker=report.speaker,
-    )
-
-
-def checkpoint_parts(
-    *, worker_id: str, plan: StagePlan, step: int, tensors: Mapping[str, torch.Tensor]
-) -> Callable[[], AsyncIterator[coordinator_pb2.CheckpointPart]]:
-    """The UploadCheckpoint stream of a stage's state after `step` steps: a function that
-    makes it afresh, once for each try."""
-    items = list(tensors.items())
-    header = coordinator_pb2.CheckpointHeader(
-        worker_id=worker_id,
-        job_id=plan.job_id,
-        epoch=plan.epoch,
-        stage=plan.stage,
-        num_stages=plan.num_stages,
-        step=step,
-        tensors=[header_of(name, t) for name, t in items],
-    )
-
-    def parts() -> AsyncIterator[coordinator_pb2.CheckpointPart]:
-        return stream_parts(coordinator_pb2.CheckpointPart, "header", header, [t for _, t in items])
-
-    return parts
 
 
 def transfer_parts(

@@ -46,6 +46,7 @@ SERDE_MODULES = (
     "opdag.graph_serde",
     "coordinator.serde",
     "worker.serde",
+    "worker.coordinator_serde",
     "archipelago.serde",
 )
 # Plain tables may be long; code may not.
