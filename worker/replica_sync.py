@@ -23,8 +23,9 @@ replica 0 reports the global batch's loss; other steps send nothing.
 With an outer optimizer (`outer`, DiLoCo), a round takes, instead of the mean, the
 parameters of the last round stepped by outer SGD or Nesterov on the pseudo-gradient (the
 last round's parameters minus the mean); every member holds the same outer state, so all
-reach the same values. That state lives only in the members: a resumed run starts it again
-from the checkpoint's parameters with zero outer momentum.
+reach the same values. The speaker's checkpoint carries that state (`outer_state`: the last
+round's parameters and the outer momentum, as `optim/<param>/outer_anchor` and
+`optim/<param>/outer_velocity`), and a resumed run takes it back (`attach`).
 
 A member that cannot be sent to after the peer retries is taken as probably gone: the
 round waits, up to `timeout_s` in all, for the coordinator's word. When the coordinator
@@ -49,7 +50,8 @@ from typing import Any
 import grpc
 import torch
 
-from opdag.errors import CodecError
+from opdag.errors import CodecError, OpDagError
+from opdag.optim import OPTIM_PREFIX
 from proto.retry import RetryPolicy, retry
 from proto.rpc import TlsConfig, open_channel, token_metadata
 from worker.peers import PEER_RETRY, RETRYABLE
@@ -60,6 +62,9 @@ log = logging.getLogger("archipelago.worker")
 
 # The name the loss travels under: not a parameter's (those are graph identifiers).
 LOSS = "#loss"
+# The outer optimizer's state as checkpoint tensors `optim/<param>/<key>`.
+OUTER_ANCHOR, OUTER_VELOCITY = "outer_anchor", "outer_velocity"
+OUTER_KEYS = (OUTER_ANCHOR, OUTER_VELOCITY)
 # How long a member waits for the rest of its group in one step: a peer replica may be up
 # to about one step behind; one that is silent this long is taken as gone.
 SYNC_TIMEOUT_S = 120.0
@@ -108,15 +113,24 @@ class ReplicaSync:
         self._last_averaged = plan.start_step  # boundary of the last round that averaged
         self._waking: asyncio.Task[None] | None = None
 
-    def attach(self, named: Named, *, loss: bool) -> None:
+    def attach(
+        self,
+        named: Named,
+        *,
+        loss: bool,
+        outer: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         """Set what the stage's gradients are: its trainable parameters (and the loss, for
-        the stage that computes it)."""
+        the stage that computes it); `outer`: the outer optimizer's state from a
+        checkpoint (`outer_state`), checked against the parameters (none: start afresh)."""
         self._expected = {n: (self._wire_dtype(p.dtype), tuple(p.shape)) for n, p in named}
         self._loss = loss
         # DiLoCo: the parameters at the last round, and the outer optimizer's momentum.
         if self.plan.outer is not None and self.plan.local_sgd:
             self._anchor = {n: p.detach().cpu().float().clone() for n, p in named}
             self._outer_velocity = {n: torch.zeros_like(t) for n, t in self._anchor.items()}
+            if outer:
+                self._restore_outer(outer)
         if loss:
             self._expected[LOSS] = (torch.float64, (1,))
 
@@ -154,6 +168,33 @@ class ReplicaSync:
         self._bytes_reported = self.sent_bytes
         self._shares, self._seconds = 0, 0.0
         return out
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """The outer optimizer's state as checkpoint tensors (empty without one)."""
+        out: dict[str, torch.Tensor] = {}
+        for n, anchor in self._anchor.items():
+            out[f"{OPTIM_PREFIX}{n}/{OUTER_ANCHOR}"] = anchor.clone()
+            out[f"{OPTIM_PREFIX}{n}/{OUTER_VELOCITY}"] = self._outer_velocity[n].clone()
+        return out
+
+    def _restore_outer(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take back a checkpoint's outer state: every trainable parameter's anchor and
+        momentum, each shaped like it, or nothing at all (OpDagError names what is off)."""
+        want = set(self.outer_state())
+        if set(tensors) != want:
+            odd = sorted(set(tensors) ^ want)[:3]
+            raise OpDagError(f"the outer optimizer state does not fit the stage: {odd}")
+        for name, t in tensors.items():
+            param, _, key = name[len(OPTIM_PREFIX) :].rpartition("/")
+            held = self._anchor if key == OUTER_ANCHOR else self._outer_velocity
+            if t.shape != held[param].shape or not t.dtype.is_floating_point:
+                raise OpDagError(
+                    f"outer state {name!r}: {t.dtype}{list(t.shape)}, not a float tensor "
+                    f"shaped {list(held[param].shape)}"
+                )
+            if not torch.isfinite(t).all():
+                raise OpDagError(f"outer state {name!r} holds values that are not finite")
+            held[param] = t.detach().cpu().float().clone()
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """How a tensor of `dtype` travels: fp16 when the policy says so (`values: fp16`)."""

@@ -54,7 +54,7 @@ from opdag.values import Value, add_grads
 from proto.tensor_stream import EncodedTensor
 from worker.edge_compression import EdgeCodecs
 from worker.inbox import Inbox, check_value
-from worker.replica_sync import ReplicaSync
+from worker.replica_sync import OUTER_KEYS, ReplicaSync
 from worker.serde import StagePlan
 from worker.states import StageState
 from worker.transfer_kind import TransferKind
@@ -177,7 +177,13 @@ class StageJob:
     ) -> StageJob:
         """Build the stage (run this in the compute thread: it allocates and loads data)."""
         params = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
-        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+        # The outer optimizer's state (local SGD with `outer`) travels as optimizer state.
+        outer = {
+            k: v
+            for k, v in tensors.items()
+            if k.startswith(OPTIM_PREFIX) and k.rpartition("/")[2] in OUTER_KEYS
+        }
+        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX) and k not in outer}
         module = StageModule(plan.graph, params, device=device, copy=False)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         optimizer = build_optimizer(named, plan.optimizer) if named else None
@@ -197,7 +203,9 @@ class StageJob:
             stage, module, num_micro_batches=plan.local_micro_batches, optimizer=optimizer
         )
         if sync is not None:
-            sync.attach(named, loss=bool(stage.loss))
+            # A checkpoint's outer state is taken back where the plan has an outer optimizer
+            # (a plan without one, or of one replica, has no use for it).
+            sync.attach(named, loss=bool(stage.loss), outer=outer if plan.outer else None)
         source = None
         if plan.loads_data:
             source = build_source(plan.data, context=plan.context)
@@ -475,6 +483,8 @@ class StageJob:
                     for k, v in optimizer_state_tensors(self.runner.optimizer, named).items()
                 }
             )
+        if self.sync is not None:
+            out.update(self.sync.outer_state())
         return out
 
     async def _checkpoint(self, *, wait: bool) -> None:

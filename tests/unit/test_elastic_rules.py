@@ -20,6 +20,7 @@ from coordinator.planning.plan import WorkerSlot
 from coordinator.registry import Registry, WorkerState
 from coordinator.states import WorkerStatus
 from opdag.capture import capture
+from opdag.errors import OpDagError
 from opdag.ir import CapturedModel
 from opdag.zoo import build_model, example_batch
 from tests.unit.stage_plans import planned_stages
@@ -183,3 +184,32 @@ def test_growth_drains_at_a_period_boundary_no_stage_can_have_passed(
 ) -> None:
     job = Job(job_id="j", name="elastic", spec=spec(sync), steps_done=steps_done)
     assert next_boundary(job) == boundary
+
+
+def outer_member(model: CapturedModel) -> ReplicaSync:
+    sync = {"kind": "local-sgd", "period": 2, "outer": {"name": "nesterov"}}
+    _, plans = planned_stages(model, spec(sync), WORKERS)
+    return ReplicaSync(plans[0], token="t", tls=None)
+
+
+def test_the_outer_state_goes_into_a_checkpoint_and_comes_back_checked(
+    model: CapturedModel,
+) -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    sync = outer_member(model)
+    sync.attach([("w", p)], loss=False)
+    state = sync.outer_state()
+    assert sorted(state) == ["optim/w/outer_anchor", "optim/w/outer_velocity"]
+    state["optim/w/outer_velocity"] = torch.full((3,), 0.5)
+    again = outer_member(model)
+    again.attach([("w", p)], loss=False, outer=state)
+    assert torch.equal(again.outer_state()["optim/w/outer_velocity"], torch.full((3,), 0.5))
+    bad = [
+        ({"optim/w/outer_anchor": torch.ones(3)}, "does not fit the stage"),
+        ({**state, "optim/w/outer_anchor": torch.ones(4)}, "shaped"),
+        ({**state, "optim/w/outer_anchor": torch.ones(3, dtype=torch.int64)}, "not a float"),
+        ({**state, "optim/w/outer_velocity": torch.tensor([1.0, float("nan"), 0.0])}, "finite"),
+    ]
+    for tensors, message in bad:
+        with pytest.raises(OpDagError, match=message):
+            outer_member(model).attach([("w", p)], loss=False, outer=tensors)
