@@ -79,6 +79,8 @@ class ElasticReplicas:
         one, else re-plan from the last checkpoint."""
         async with job.busy:
             plan = job.plan
+            if job.alone and job.dropped(lost.worker_id):
+                return  # a worker of a replica already let go (lost in the same sweep)
             if job.terminal or job.state not in (JobState.RUNNING,) or plan is None:
                 keep = None
             elif job.alone or job.draining_until:

@@ -182,7 +182,9 @@ class JobManager:
         if p.error:
             self.lifecycle.recover_later(job, f"stage {p.stage} failed: {p.error}")
             return
-        if (p.finished or p.drained) and job.speaks(p.worker_id):
+        if p.finished or p.drained:
+            if not job.speaks(p.worker_id):
+                return  # only the speaking replica ends or drains a stage
             (job.finished_stages if p.finished else job.drained_stages).add(p.stage)
             if p.drained and p.stage == 0 and job.plan is not None:
                 # Stage 0 chose the boundary; every other stage stops at the same one.

@@ -18,7 +18,7 @@ from coordinator.job_record import Job
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.planning.plan import WorkerSlot
 from coordinator.registry import Registry, WorkerState
-from coordinator.states import WorkerStatus
+from coordinator.states import JobState, WorkerStatus
 from opdag.capture import capture
 from opdag.errors import OpDagError
 from opdag.ir import CapturedModel
@@ -213,3 +213,29 @@ def test_the_outer_state_goes_into_a_checkpoint_and_comes_back_checked(
     for tensors, message in bad:
         with pytest.raises(OpDagError, match=message):
             outer_member(model).attach([("w", p)], loss=False, outer=tensors)
+
+
+class Recorder(Lifecycle):
+    """A life cycle that notes the re-plans asked of it."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry)
+        self.recovered: list[str] = []
+
+    async def recover(self, job: Job, reason: str) -> None:
+        self.recovered.append(reason)
+
+
+def test_a_second_loss_in_a_replica_already_let_go_changes_nothing(model: CapturedModel) -> None:
+    registry = Registry(timeout_s=5.0)
+    job = job_on(model, registry, {"kind": "sync"})
+    life = Recorder(registry)
+    elastic = ElasticReplicas(life, drain_timeout_s=60)  # type: ignore[arg-type]
+    assert job.plan is not None
+    r0 = [p.worker_id for p in job.plan.placements if p.replica == 0]
+    r1 = [p.worker_id for p in job.plan.placements if p.replica == 1]
+    job.state, job.speaker, job.alone = JobState.RUNNING, 0, True  # replica 1 was let go
+    asyncio.run(elastic.lose(job, registry.workers[r1[0]]))
+    assert life.recovered == []
+    asyncio.run(elastic.lose(job, registry.workers[r0[0]]))  # the kept one: start over
+    assert life.recovered == [f"worker {registry.workers[r0[0]].name} was lost"]
