@@ -110,6 +110,7 @@ class ElasticReplicas:
             sorted({p.replica for p in dropped}),
         )
         job.speaker, job.alone = keep, True
+        await self._promote_losses(job, keep)
         job.draining_until = time.monotonic() + self.drain_timeout_s
         stops = []
         for p in dropped:
@@ -130,6 +131,23 @@ class ElasticReplicas:
             )
         )
         await self.life.table.save(job)
+
+    async def _promote_losses(self, job: Job, keep: int) -> None:
+        """The kept replica speaks now: its reports of the steps the old speaker's never
+        reached (lost with a dead worker, or queued on a stopped one) become the job's, so
+        no step is left without a loss. Every replica's loss is the step's global one."""
+        store = self.life.store
+        rows = await asyncio.to_thread(store.metrics, job.job_id, job.steps_done)
+        for r in rows:
+            if r.get("epoch") != job.epoch or int(r.get("replica", 0)) != keep:
+                continue
+            if "replica_loss" not in r or "loss" in r:
+                continue
+            step, stage = int(r["step"]), int(r["stage"])
+            record = {k: v for k, v in r.items() if k not in ("step", "stage", "replica")}
+            record["loss"], record["speaker"] = record.pop("replica_loss"), True
+            await asyncio.to_thread(store.put_metric, job.job_id, step, stage, record, replica=keep)
+            job.loss, job.steps_done = float(record["loss"]), max(job.steps_done, step + 1)
 
     # -- grow -------------------------------------------------------------------------------
 

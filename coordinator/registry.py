@@ -75,6 +75,11 @@ class WorkerState:
         )
 
 
+# After a coordinator takes over, how long a worker it knew may stay silent before it is
+# declared lost (at least: never less than the usual timeout).
+TAKEOVER_GRACE_S = 10.0
+
+
 class Registry:
     """All workers, by id."""
 
@@ -83,9 +88,11 @@ class Registry:
         self.workers: dict[str, WorkerState] = {}
 
     def load(self, records: list[dict[str, Any]]) -> None:
-        """Take over the workers a previous coordinator knew; each gets a fresh grace period
-        to heart-beat before it is declared lost."""
-        now = time.monotonic()
+        """Take over the workers a previous coordinator knew; each gets a grace period to
+        heart-beat before it is declared lost: the usual timeout, and at least
+        TAKEOVER_GRACE_S (a worker finds a restarted coordinator only on its next retry,
+        and one declared lost by mistake would cost its job a re-plan)."""
+        now = time.monotonic() + max(0.0, TAKEOVER_GRACE_S - self.timeout_s)
         for r in records:
             w = WorkerState.from_record(r)
             w.last_seen = now
