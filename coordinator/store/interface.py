@@ -22,6 +22,10 @@ ACCEPTED_URLS = (
 )
 
 
+# Events kept per scope: a timeline of months of re-plans and checkpoints, bounded.
+EVENTS_KEPT = 5000
+
+
 class StoreError(Exception):
     """The state store is unreachable, holds a corrupt record, or was named by a bad URL."""
 
@@ -95,6 +99,19 @@ class StateStore(abc.ABC):
         """Records with step >= since_step ordered by (step, stage, replica), each with
         "step"/"stage", and "replica" when it is not 0 (records of one pipeline read as
         they always have)."""
+
+    # -- events ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_event(self, scope: str, record: dict[str, Any]) -> int:
+        """Append `record` to the event log of `scope` (a job id, or "cluster"); returns its
+        sequence number, 1, 2, ... within the scope. Only the newest EVENTS_KEPT events of a
+        scope are kept; a job's go with `delete_job`."""
+
+    @abc.abstractmethod
+    def events(self, scope: str, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        """The events of `scope` with a sequence number above `after_seq`, oldest first, at
+        most `limit` of them, each with its "seq"."""
 
     # -- checkpoints -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from coordinator.store.interface import (
     ACCEPTED_URLS,
+    EVENTS_KEPT,
     StateStore,
     StoreError,
     blob_prefix_range,
@@ -157,7 +158,10 @@ class RedisStore(StateStore):
             names = cast("list[bytes]", pipe.zrangebylex(blobs, f"[{lo}", f"({hi}"))
             pipe.multi()
             pipe.delete(
-                *(self._key(kind, job_id) for kind in ("job", "plan", "metrics", "metric-order")),
+                *(
+                    self._key(kind, job_id)
+                    for kind in ("job", "plan", "metrics", "metric-order", "events", "event-seq")
+                ),
                 manifest,
                 self._key("ckpt-complete", job_id),
                 *parts,
@@ -250,6 +254,37 @@ class RedisStore(StateStore):
                 record["replica"] = replica[0]
             records.append(record)
         return records
+
+    # events
+
+    def put_event(self, scope: str, record: dict[str, Any]) -> int:
+        check_id("scope", scope)
+        body = encode_record("event", record)
+        log = self._key("events", scope)
+        with self._errors():
+            seq = int(self._client.incr(self._key("event-seq", scope)))
+            # The member leads with its zero-padded number so that equal bodies stay distinct.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zadd(log, {f"{seq:020d}:".encode() + body: seq})
+            pipe.zremrangebyscore(log, "-inf", seq - EVENTS_KEPT)
+            pipe.execute()
+        return seq
+
+    def events(self, scope: str, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        check_count("after_seq", after_seq, 0)
+        check_count("limit", limit, 1)
+        log = self._key("events", scope)
+        with self._errors():
+            members = cast(
+                "list[bytes]",
+                self._client.zrangebyscore(log, f"({after_seq}", "+inf", start=0, num=limit),
+            )
+        out = []
+        for member in members:
+            head, _, body = member.partition(b":")
+            seq = self._int(log, head)
+            out.append({**decode_record(f"{log} {seq}", body), "seq": seq})
+        return out
 
     # checkpoints
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from coordinator.store.interface import (
     ACCEPTED_URLS,
+    EVENTS_KEPT,
     StateStore,
     StoreError,
     blob_prefix_range,
@@ -44,6 +45,9 @@ CREATE TABLE IF NOT EXISTS checkpoint_parts (
     job_id TEXT NOT NULL, step INTEGER NOT NULL, stage INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (job_id, step, stage));
 CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    scope TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (scope, seq)) WITHOUT ROWID;
 """
 
 
@@ -147,6 +151,7 @@ class SQLiteStore(StateStore):
         with self._transaction(write=True) as db:
             for table in ("jobs", "plans", "metrics", "checkpoints", "checkpoint_parts"):
                 db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM events WHERE scope = ?", (job_id,))
             db.execute("DELETE FROM blobs WHERE key >= ? AND key < ?", (lo, hi))
 
     def put_plan(self, job_id: str, plan: dict[str, Any]) -> None:
@@ -215,6 +220,34 @@ class SQLiteStore(StateStore):
                 **({"replica": replica} if replica else {}),
             }
             for step, stage, replica, body in rows
+        ]
+
+    # events
+
+    def put_event(self, scope: str, record: dict[str, Any]) -> int:
+        check_id("scope", scope)
+        body = encode_record("event", record)
+        with self._transaction(write=True) as db:
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE scope = ?", (scope,)
+            ).fetchone()
+            seq = int(last) + 1
+            db.execute("INSERT INTO events VALUES (?, ?, ?)", (scope, seq, body.decode()))
+            db.execute(
+                "DELETE FROM events WHERE scope = ? AND seq <= ?", (scope, seq - EVENTS_KEPT)
+            )
+        return seq
+
+    def events(self, scope: str, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        check_count("after_seq", after_seq, 0)
+        check_count("limit", limit, 1)
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT seq, body FROM events WHERE scope = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (scope, after_seq, limit),
+            ).fetchall()
+        return [
+            {**decode_record(f"events[{scope!r}, {seq}]", body), "seq": seq} for seq, body in rows
         ]
 
     # checkpoints

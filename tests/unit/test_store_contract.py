@@ -505,3 +505,56 @@ def test_discard_checkpoints_after_drops_later_steps_complete_or_not(store: Stat
     assert store.put_checkpoint_part("j1", 30, 0, 2, b"new0") is False
     assert store.put_checkpoint_part("j1", 30, 1, 2, b"new1") is True
     assert store.checkpoint_parts("j1", 30) == [b"new0", b"new1"]
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+def test_events_are_numbered_per_scope_and_come_back_in_order(store: StateStore) -> None:
+    assert [store.put_event("j1", {"kind": "planned", "n": i}) for i in range(3)] == [1, 2, 3]
+    assert store.put_event("cluster", {"kind": "joined"}) == 1
+    events = store.events("j1")
+    assert [(e["seq"], e["n"], e["kind"]) for e in events] == [
+        (1, 0, "planned"),
+        (2, 1, "planned"),
+        (3, 2, "planned"),
+    ]
+    assert [e["seq"] for e in store.events("j1", after_seq=1)] == [2, 3]
+    assert [e["seq"] for e in store.events("j1", after_seq=0, limit=2)] == [1, 2]
+    assert store.events("j1", after_seq=3) == []
+    assert store.events("nobody") == []
+    assert [e["kind"] for e in store.events("cluster")] == ["joined"]
+
+
+def test_events_survive_a_reopen_and_go_with_their_job(store: StateStore) -> None:
+    store.put_job({"job_id": "j1", "created_at": 1.0})
+    store.put_event("j1", {"kind": "submitted"})
+    store.put_event("cluster", {"kind": "joined"})
+    again = reopen(store)
+    try:
+        assert [e["kind"] for e in again.events("j1")] == ["submitted"]
+        again.delete_job("j1")
+        assert again.events("j1") == []
+        assert [e["kind"] for e in again.events("cluster")] == ["joined"]
+    finally:
+        again.close()
+
+
+def test_only_the_newest_events_of_a_scope_are_kept(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(f"{type(store).__module__}.EVENTS_KEPT", 4)
+    for i in range(10):
+        store.put_event("j1", {"n": i})
+    assert [e["n"] for e in store.events("j1")] == [6, 7, 8, 9]
+    assert store.put_event("j1", {"n": 10}) == 11
+
+
+def test_a_bad_event_is_refused_and_nothing_is_written(store: StateStore) -> None:
+    with pytest.raises(ValueError, match="scope"):
+        store.put_event("", {"kind": "x"})
+    with pytest.raises(ValueError, match="event"):
+        store.put_event("j1", {"bad": object()})
+    with pytest.raises(ValueError, match="limit"):
+        store.events("j1", limit=0)
+    assert store.events("j1") == []
