@@ -290,6 +290,18 @@ class CheckpointSpec:
     every: Steps = 50
 
 
+# Held-out batches at most per checkpoint: each is a full batch's forward pass.
+MAX_VALIDATION_BATCHES = 64
+
+
+@spec_dataclass("validation")
+class ValidationSpec:
+    """How many held-out batches the coordinator evaluates every complete checkpoint on,
+    for the job's validation loss (0: none)."""
+
+    batches: Annotated[int, PlainValidator(int_in_range(0, MAX_VALIDATION_BATCHES))] = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressionSpec:
     """What crosses the cut links: everything exactly (`none`), the top-k entries at a
@@ -368,6 +380,7 @@ class JobSpec:
     steps: Steps
     parallel: ParallelSpec = ParallelSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    validation: ValidationSpec = ValidationSpec()
     seed: Seed = 0  # model init seed
     compression: Annotated[InstanceOf[CompressionSpec], BeforeValidator(_compression)] = (
         CompressionSpec()
@@ -422,6 +435,7 @@ class JobSpec:
                 "replicas": "auto" if self.parallel.replicas is None else self.parallel.replicas,
             },
             "checkpoint": {"every": self.checkpoint.every},
+            "validation": {"batches": self.validation.batches},
             "seed": self.seed,
             "compression": self.compression.to_plain(),
             "sync": self.sync.to_plain(),

@@ -526,6 +526,7 @@ FIELDS = [
     "parallel.stages",
     "parallel.replicas",
     "checkpoint.every",
+    "validation.batches",
     "seed",
     "compression",
     "sync",
