@@ -33,6 +33,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from coordinator.events import EventKind
 from coordinator.job_record import Job
 from coordinator.planning.planner import PlanRequest, make_plan
 from coordinator.registry import WorkerSlot, WorkerState
@@ -110,6 +111,16 @@ class ElasticReplicas:
             sorted({p.replica for p in dropped}),
         )
         job.speaker, job.alone = keep, True
+        await self.life.events.record(
+            job.job_id,
+            EventKind.SHRUNK,
+            f"worker {lost.name} was lost: replica {keep} goes on alone to the next step "
+            f"boundary (replicas {sorted({p.replica for p in dropped})} stopped), then the "
+            "job is planned again",
+            epoch=job.epoch,
+            worker_id=lost.worker_id,
+            worker_name=lost.name,
+        )
         await self._promote_losses(job, keep)
         job.draining_until = time.monotonic() + self.drain_timeout_s
         stops = []
@@ -239,6 +250,15 @@ class ElasticReplicas:
             )
             job.draining_until = (
                 time.monotonic() + self.drain_timeout_s + boundary_wait_s(job, boundary)
+            )
+            await life.events.record(
+                job.job_id,
+                EventKind.GROWN,
+                f"{len(free)} free worker(s) would take a step from {now_s:.3f} s to "
+                f"{candidate.predicted_step_s:.3f} s ({candidate.num_stages} stages x "
+                f"{candidate.replicas} replicas): draining at step {boundary} to take them in",
+                epoch=job.epoch,
+                step=boundary,
             )
             await asyncio.gather(
                 *(

@@ -26,6 +26,7 @@ import torch
 from coordinator.calibration import ComputeCalibration
 from coordinator.checkpoints import Checkpoints
 from coordinator.elastic import ElasticReplicas
+from coordinator.events import CLUSTER, EventKind, EventLog
 from coordinator.handover import StageHandover
 from coordinator.job_record import Job
 from coordinator.job_table import JobTable
@@ -62,6 +63,7 @@ class JobLifecycle:
         checkpoints: Checkpoints,
         calibration: ComputeCalibration,
         links: LinkProber | None,
+        events: EventLog,
         drain_timeout_s: float = 120.0,
     ) -> None:
         self.store = store
@@ -71,6 +73,7 @@ class JobLifecycle:
         self.checkpoints = checkpoints
         self.calibration = calibration
         self.links = links
+        self.events = events
         self._tasks: set[asyncio.Task[Any]] = set()
         self.elastic = ElasticReplicas(self, drain_timeout_s=drain_timeout_s)
 
@@ -135,16 +138,33 @@ class JobLifecycle:
         if lost:
             await self.save_workers(lost)
         for w in lost:
-            log.warning(
-                "worker %s (%s) %s",
-                w.name,
-                w.worker_id,
-                "left" if w.state == WorkerStatus.LEFT else "stopped heart-beating: lost",
+            went = "left" if w.state == WorkerStatus.LEFT else "stopped heart-beating: lost"
+            log.warning("worker %s (%s) %s", w.name, w.worker_id, went)
+            await self.events.record(
+                CLUSTER,
+                EventKind.LEFT if w.state == WorkerStatus.LEFT else EventKind.LOST,
+                f"worker {w.name} {went}",
+                worker_id=w.worker_id,
+                worker_name=w.name,
             )
             job = self.table.jobs.get(w.job_id)
             if job is not None and not job.terminal and job.epoch == w.epoch:
                 if w.state == WorkerStatus.LEFT and job.draining_until:
                     continue  # it drained and went; the drain finishes without it
+                if w.state == WorkerStatus.LOST:
+                    runs = [
+                        f"stage {p.stage} of replica {p.replica}"
+                        for p in (job.plan.placements if job.plan else ())
+                        if p.worker_id == w.worker_id
+                    ]
+                    await self.events.record(
+                        job.job_id,
+                        EventKind.WORKER_LOST,
+                        f"worker {w.name} ({', '.join(runs) or 'no stage'}) stopped heart-beating",
+                        epoch=job.epoch,
+                        worker_id=w.worker_id,
+                        worker_name=w.name,
+                    )
                 # A job of replicas goes on with an intact one; others are re-planned.
                 self.spawn(self.elastic.lose(job, w))
         now = time.monotonic()
@@ -228,15 +248,34 @@ class JobLifecycle:
             await self.checkpoints.discard_after(job.job_id, start_step)
             await self.save_workers([self.registry.workers[w] for w in plan.worker_ids])
             await self.table.notify(job)
+            on = ", ".join(p.worker_name for p in plan.placements)
             log.info(
                 "job %s epoch %d: %d stages x %d replicas on %s, from step %d",
                 job.job_id,
                 plan.epoch,
                 plan.num_stages,
                 plan.replicas,
-                ", ".join(p.worker_name for p in plan.placements),
+                on,
                 start_step,
             )
+            await self.events.record(
+                job.job_id,
+                EventKind.PLANNED,
+                f"epoch {plan.epoch}: {plan.num_stages} stages x {plan.replicas} replicas on "
+                f"{on} ({plan.planner}, {plan.predicted_step_s:.3f} s/step predicted)",
+                epoch=plan.epoch,
+                step=start_step,
+                planner=plan.planner,
+                predicted_step_s=plan.predicted_step_s,
+            )
+            if start_step:
+                await self.events.record(
+                    job.job_id,
+                    EventKind.RESUMED,
+                    f"resumed from the checkpoint of step {start_step}",
+                    epoch=plan.epoch,
+                    step=start_step,
+                )
             try:
                 state = await self.checkpoints.resume_state(job.job_id, model, start_step)
                 await self._hand_out(job, plan, cut, state)
@@ -253,6 +292,9 @@ class JobLifecycle:
                 await self._stop_plan(job)
                 job.state, job.error = JobState.FAILED, str(e)
                 await self.table.save(job)
+                await self.events.record(
+                    job.job_id, EventKind.FAILED, f"failed: {e}", epoch=plan.epoch, reason=str(e)
+                )
                 return
             job.state = JobState.RUNNING
             job.running_since = time.monotonic()
@@ -337,6 +379,20 @@ class JobLifecycle:
         else:
             job.state = JobState.RECOVERING
         await self.table.save(job)
+        if job.state == JobState.FAILED:
+            await self.events.record(
+                job.job_id, EventKind.FAILED, f"failed: {job.error}", reason=job.error
+            )
+        else:
+            await self.events.record(
+                job.job_id,
+                EventKind.REPLANNING,
+                f"epoch {job.epoch} broke: {reason}; planning again from the checkpoint of "
+                f"step {job.last_checkpoint}",
+                epoch=job.epoch,
+                step=job.last_checkpoint,
+                reason=reason,
+            )
 
     async def recover(self, job: Job, reason: str) -> None:
         """The current plan is broken: stop it; the scheduler plans the job again and it
@@ -366,6 +422,7 @@ class JobLifecycle:
             job.state = JobState.CANCELLED
             await self.table.save(job)
         log.info("job %s cancelled", job.job_id)
+        await self.events.record(job.job_id, EventKind.CANCELLED, "cancelled by its user")
 
     async def complete(self, job: Job) -> None:
         """Every stage finished the last step: the job is done and its workers free."""
@@ -376,11 +433,13 @@ class JobLifecycle:
             self.elastic.forget(job.job_id)
             await self._release(job)
             await self.table.save(job)
-        log.info(
-            "job %s completed: %d steps, last loss %s",
+        last = f"{job.loss:.4f}" if job.loss is not None else "-"
+        log.info("job %s completed: %d steps, last loss %s", job.job_id, job.spec.steps, last)
+        await self.events.record(
             job.job_id,
-            job.spec.steps,
-            f"{job.loss:.4f}" if job.loss is not None else "-",
+            EventKind.COMPLETED,
+            f"completed: {job.spec.steps} steps, last loss {last}",
+            step=job.spec.steps,
         )
 
     async def end_drain(self, job: Job) -> None:
@@ -392,3 +451,10 @@ class JobLifecycle:
             job.recoveries += 1
             await self.table.save(job)
         log.info("job %s drained at step %d; planning it again", job.job_id, job.last_checkpoint)
+        await self.events.record(
+            job.job_id,
+            EventKind.DRAINED,
+            f"drained at step {job.last_checkpoint}; planning again",
+            epoch=job.epoch,
+            step=job.last_checkpoint,
+        )

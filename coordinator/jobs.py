@@ -21,6 +21,7 @@ import torch
 
 from coordinator.calibration import ComputeCalibration
 from coordinator.checkpoints import Checkpoints
+from coordinator.events import CLUSTER, EventKind, EventLog
 from coordinator.job_lifecycle import JobLifecycle
 from coordinator.job_record import Job, JobError, PlanReport, Progress, StaleReport
 from coordinator.job_table import JobTable
@@ -31,6 +32,7 @@ from coordinator.replica_metrics import WINDOW_STEPS
 from coordinator.states import STAGE_ACTIVE, STAGE_BROKEN, JobState, WorkerStatus
 from coordinator.step_metrics import StepMetrics
 from coordinator.store import StateStore
+from coordinator.validation import CheckpointValidation
 from coordinator.worker_client import WorkerClient
 from opdag.capture import capture
 from opdag.data import build_source
@@ -62,6 +64,9 @@ class JobManager:
         self.table = JobTable(store)
         self.checkpoints = Checkpoints(store)
         self.step_metrics = StepMetrics(store)
+        # The timelines of every job and of the cluster, and the checkpoints' held-out loss.
+        self.events = EventLog(store)
+        self.validation = CheckpointValidation(self.checkpoints, self.events)
         # The compute model plans are made with, refit from every profiled stage.
         self.calibration = ComputeCalibration(store, registry, links)
         self.lifecycle = JobLifecycle(
@@ -72,6 +77,7 @@ class JobManager:
             checkpoints=self.checkpoints,
             calibration=self.calibration,
             links=links,
+            events=self.events,
             drain_timeout_s=drain_timeout_s,
         )
 
@@ -137,6 +143,12 @@ class JobManager:
             ) from None
         job.fingerprint = fingerprint
         await self.table.add(job, model)
+        await self.events.record(
+            job.job_id,
+            EventKind.SUBMITTED,
+            f"submitted: {spec.model.zoo}, {spec.steps} steps",
+            steps=spec.steps,
+        )
         log.info(
             "job %s (%s) submitted: %s, %d steps", job.job_id, spec.name, spec.model.zoo, spec.steps
         )
@@ -238,6 +250,10 @@ class JobManager:
             await self.checkpoints.prune(job_id)
             await self.table.save(job)
             log.info("job %s: checkpoint at step %d", job_id, step)
+            await self.events.record(
+                job_id, EventKind.CHECKPOINT, f"checkpoint at step {step}", step=step
+            )
+            self.lifecycle.spawn(self.validation.evaluate(job, model, step))
 
     def on_heartbeat(self, w: WorkerState) -> list[str]:
         """Jobs this worker should drop; and notice a plan that broke without a word."""
@@ -265,9 +281,24 @@ class JobManager:
             if w.alive and not w.job_id:
                 w.state = WorkerStatus.LEFT
             await self.save_workers([w])
+            await self.events.record(
+                CLUSTER, EventKind.LEFT, f"worker {w.name} left", worker_id=w.worker_id
+            )
             return
         await self.save_workers([w])
         log.info("worker %s leaves: draining job %s", w.name, job.job_id)
+        await self.events.record(
+            CLUSTER, EventKind.LEAVING, f"worker {w.name} leaves", worker_id=w.worker_id
+        )
+        await self.events.record(
+            job.job_id,
+            EventKind.REPLANNING,
+            f"worker {w.name} leaves: draining at the next step boundary, then planning again",
+            epoch=job.epoch,
+            worker_id=w.worker_id,
+            worker_name=w.name,
+            reason="a worker leaves",
+        )
         job.draining_until = time.monotonic() + self.drain_timeout_s
         head = job.plan.placements[0]
         await self.workers.stop(head.address, job.job_id, job.epoch, drain=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from coordinator.events import CLUSTER, EventKind
 from coordinator.registry import Registry, WorkerState
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 
@@ -66,6 +67,7 @@ class WorkerAdmission:
     async def admit(self, r: Registration) -> WorkerState:
         """The registered worker; ValueError or PermissionError as `check_registration`."""
         check_registration(r, self.networks)
+        known = self.registry.get(r.worker_id[:64]) if r.worker_id else None
         w = self.registry.register(
             name=r.name,
             address=r.address,
@@ -78,5 +80,13 @@ class WorkerAdmission:
         await self.manager.save_workers([w])
         log.info(
             "worker %s (%s) at %s joined: %.1f GFLOP/s", w.name, w.worker_id, w.address, w.gflops
+        )
+        await self.manager.events.record(
+            CLUSTER,
+            EventKind.JOINED,
+            f"worker {w.name} {'came back' if known else 'joined'} at {w.address}: "
+            f"{w.gflops:.1f} GFLOP/s, {w.memory_bytes / 2**30:.1f} GiB",
+            worker_id=w.worker_id,
+            worker_name=w.name,
         )
         return w
