@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,8 @@ class Registry:
     def __init__(self, *, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerState] = {}
+        # Told the seconds since a worker's previous heart-beat at each one (the metrics').
+        self.on_heartbeat_gap: Callable[[float], None] | None = None
 
     def load(self, records: list[dict[str, Any]]) -> None:
         """Take over the workers a previous coordinator knew; each gets a grace period to
@@ -129,7 +132,10 @@ class Registry:
         w = self.workers.get(worker_id)
         if w is None or not w.alive:
             return None
-        w.last_seen = time.monotonic()
+        now = time.monotonic()
+        if self.on_heartbeat_gap is not None and now >= w.last_seen:  # not in a take-over's grace
+            self.on_heartbeat_gap(now - w.last_seen)
+        w.last_seen = now
         w.reported = reported
         return w
 
