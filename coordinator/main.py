@@ -16,12 +16,14 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.dashboard.prometheus import CoordinatorMetrics
 from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
 from coordinator.serde import add_coordinator_servicer
 from coordinator.service import CoordinatorService
 from coordinator.store import open_store
+from coordinator.store.timed import TimedStore
 from coordinator.worker_client import WorkerClient
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 
@@ -56,11 +58,15 @@ async def serve(cfg: CoordinatorConfig) -> int:
         raise ValueError("--link-probes must be 0 or more")
     if cfg.store.startswith("sqlite:///") and cfg.store != "sqlite:///:memory:":
         Path(cfg.store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = await asyncio.to_thread(open_store, cfg.store)
+    # Every call of the store is timed for the metrics (told where once they exist, below).
+    store = TimedStore(await asyncio.to_thread(open_store, cfg.store))
     registry = Registry(timeout_s=cfg.worker_timeout_s)
     workers = WorkerClient(token=cfg.token, tls=cfg.tls)
     links = LinkProber(registry, workers, store, cfg.probes)
     manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links)
+    metrics = CoordinatorMetrics(manager, registry, links)
+    store.observe = metrics.observe_store
+    registry.on_heartbeat_gap = metrics.observe_heartbeat
     await manager.restore()
     await links.load()
 
