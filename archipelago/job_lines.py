@@ -24,6 +24,8 @@ def job_line(j: JobView) -> str:
         f"{j.job_id}  {j.name:<20} {j.state:<10} {j.steps_done:>6}/{j.steps:<6} loss {loss:>7}  "
         f"{j.samples_per_s:6.1f} samples/s  ETA {eta(j.eta_s)}"
     )
+    if j.val_loss is not None:
+        line += f"  val {j.val_loss:.4f} @{j.val_step}"
     return line + (f"  {j.replicas} replicas" if j.replicas > 1 else "")
 
 

@@ -74,6 +74,8 @@ def job_view(pb: coordinator_pb2.JobInfo) -> JobView:
         batch_size=pb.batch_size,
         recoveries=pb.recoveries,
         created_at=pb.created_at,
+        val_loss=pb.val_loss if pb.HasField("val_loss") else None,
+        val_step=pb.val_step,
         stages=tuple(
             StageView(
                 s.stage,

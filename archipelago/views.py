@@ -77,6 +77,9 @@ class JobView:
     # Only when asked for with the metrics.
     replica_metrics: tuple[ReplicaView, ...] = ()
     group_metrics: tuple[GroupView, ...] = ()
+    # The held-out loss of the newest checkpoint evaluated (None: none yet), and its step.
+    val_loss: float | None = None
+    val_step: int = 0
 
     @property
     def terminal(self) -> bool:

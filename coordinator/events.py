@@ -66,9 +66,7 @@ class EventLog:
         except (StoreError, ValueError) as e:
             log.warning("event %s of %s not stored: %s", kind.value, scope, e)
 
-    async def since(
-        self, scope: str, after_seq: int = 0, limit: int = 500
-    ) -> list[dict[str, Any]]:
+    async def since(self, scope: str, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """The events of `scope` after `after_seq`, oldest first (at most `limit`)."""
         return await asyncio.to_thread(self.store.events, scope, after_seq, limit)
 

@@ -47,6 +47,9 @@ class Job:
     fruitless: int = 0
     progress_mark: int = 0
     loss: float | None = None
+    # The held-out loss of the newest checkpoint evaluated (`coordinator.validation`).
+    val_loss: float | None = None
+    val_step: int = 0
     step_seconds: float = 0.0
     bytes_per_step: int = 0
     fingerprint: str = ""
@@ -102,6 +105,8 @@ class Job:
             "fruitless": self.fruitless,
             "progress_mark": self.progress_mark,
             "loss": self.loss,
+            "val_loss": self.val_loss,
+            "val_step": self.val_step,
             "step_seconds": self.step_seconds,
             "bytes_per_step": self.bytes_per_step,
             "fingerprint": self.fingerprint,
@@ -128,6 +133,8 @@ class Job:
             fruitless=r.get("fruitless", 0),
             progress_mark=r.get("progress_mark", 0),
             loss=r["loss"],
+            val_loss=r.get("val_loss"),
+            val_step=r.get("val_step", 0),
             step_seconds=r["step_seconds"],
             bytes_per_step=r["bytes_per_step"],
             fingerprint=r["fingerprint"],

@@ -253,7 +253,14 @@ class JobManager:
             await self.events.record(
                 job_id, EventKind.CHECKPOINT, f"checkpoint at step {step}", step=step
             )
-            self.lifecycle.spawn(self.validation.evaluate(job, model, step))
+            self.lifecycle.spawn(self._validate(job, model, step))
+
+    async def _validate(self, job: Job, model: CapturedModel, step: int) -> None:
+        """Evaluate a complete checkpoint on held-out batches; the job shows the newest."""
+        for at, loss in await self.validation.evaluate(job, model, step):
+            if at >= job.val_step:
+                job.val_loss, job.val_step = loss, at
+                await self.table.save(job)
 
     def on_heartbeat(self, w: WorkerState) -> list[str]:
         """Jobs this worker should drop; and notice a plan that broke without a word."""

@@ -326,6 +326,8 @@ def job_info_pb(
         steps=spec.steps,
         steps_done=job.steps_done,
         loss=job.loss if job.loss is not None else float("nan"),
+        val_loss=job.val_loss,
+        val_step=job.val_step,
         samples_per_s=samples_per_s,
         eta_s=remaining * job.step_seconds if job.state == "running" else 0.0,
         epoch=job.epoch,

@@ -5,8 +5,8 @@ the job's model is built from the zoo (as it was at submission), given the check
 parameters and buffers, and its mean loss over `validation.batches` fixed held-out batches
 of the job's corpus becomes a `validation` event of the job (`coordinator.events`), which
 `status`, the dashboard and the metrics show. It runs in a thread, one checkpoint of a job
-at a time: a checkpoint that completes while the last one is still being evaluated is
-skipped, so a slow evaluation never queues up work.
+at a time: of the checkpoints that complete while one is being evaluated, only the newest
+is evaluated next, so a slow evaluation never queues up work.
 """
 
 from __future__ import annotations
@@ -56,27 +56,50 @@ class CheckpointValidation:
         self.checkpoints = checkpoints
         self.events = events
         self._running: set[str] = set()
+        # The newest checkpoint of a job that completed while another was being evaluated.
+        self._next: dict[str, int] = {}
 
     def busy(self, job_id: str) -> bool:
         """Whether a checkpoint of the job is being evaluated now."""
         return job_id in self._running
 
-    async def evaluate(self, job: Job, model: CapturedModel, step: int) -> float | None:
-        """Evaluate the checkpoint of `step` and record its loss (None: skipped, because
-        validation is off for the job or another of its checkpoints is being evaluated,
-        or failed, which is logged)."""
+    async def evaluate(
+        self, job: Job, model: CapturedModel, step: int
+    ) -> list[tuple[int, float]]:
+        """Evaluate the checkpoint of `step` and record its loss; returns the (step, loss)
+        pairs recorded. While another checkpoint of the job is being evaluated, `step` is
+        only noted: that evaluation goes on with the newest checkpoint noted (the ones in
+        between are skipped) and this call returns nothing. Nothing when validation is off
+        for the job; a checkpoint that cannot be evaluated is logged and skipped."""
         batches = job.spec.validation.batches
-        if batches == 0 or job.job_id in self._running:
-            return None
+        if batches == 0:
+            return []
+        if job.job_id in self._running:
+            self._next[job.job_id] = max(step, self._next.get(job.job_id, step))
+            return []
         self._running.add(job.job_id)
+        done: list[tuple[int, float]] = []
+        try:
+            at: int | None = step
+            while at is not None:
+                loss = await self._evaluate_one(job, model, at, batches)
+                if loss is not None:
+                    done.append((at, loss))
+                at = self._next.pop(job.job_id, None)
+        finally:
+            self._running.discard(job.job_id)
+            self._next.pop(job.job_id, None)
+        return done
+
+    async def _evaluate_one(
+        self, job: Job, model: CapturedModel, step: int, batches: int
+    ) -> float | None:
         try:
             state = await self.checkpoints.resume_state(job.job_id, model, step)
             loss = await asyncio.to_thread(validation_loss, job.spec, state, batches)
         except Exception as e:  # a checkpoint that cannot be evaluated must not hurt the job
             log.warning("job %s: the checkpoint of step %d not validated: %s", job.job_id, step, e)
             return None
-        finally:
-            self._running.discard(job.job_id)
         shown = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
         await self.events.record(
             job.job_id,

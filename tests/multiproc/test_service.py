@@ -34,7 +34,8 @@ checkpoint: {{every: {every}}}
 
 
 @functools.cache
-def reference_losses(steps: int) -> list[float]:
+def reference_run(steps: int) -> tuple[list[float], float]:
+    """Plain PyTorch: each step's loss, and the held-out loss after the last step."""
     spec = parse_job_spec(SPEC.format(steps=steps, stages=1, every=steps))
     trainer = ReferenceTrainer(
         model=spec.model.zoo,
@@ -43,7 +44,12 @@ def reference_losses(steps: int) -> list[float]:
         optimizer=spec.optimizer,
         seed=spec.seed,
     )
-    return [trainer.train_step(step) for step in range(steps)]
+    losses = [trainer.train_step(step) for step in range(steps)]
+    return losses, trainer.evaluate(spec.validation.batches)
+
+
+def reference_losses(steps: int) -> list[float]:
+    return reference_run(steps)[0]
 
 
 def assert_losses_match_reference(cluster: Cluster, job_id: str, steps: int) -> None:
@@ -73,6 +79,10 @@ def test_three_workers_train_three_stages_exactly_like_one_process(cluster: Clus
     assert job.last_checkpoint == 20
     assert job.bytes_per_step > 0
     assert_losses_match_reference(cluster, job_id, 20)
+    # The coordinator evaluates every complete checkpoint on held-out batches: the last
+    # one's loss is plain PyTorch's after the same 20 steps.
+    job = cluster.wait_job(job_id, lambda j: j.val_step == 20, "the last checkpoint's validation")
+    assert job.val_loss == pytest.approx(reference_run(20)[1], abs=1e-4)
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster: Cluster) -> None:

@@ -110,8 +110,8 @@ def test_each_checkpoint_validated_becomes_an_event(tmp_path: Path) -> None:
             log = EventLog(store)
             checking = CheckpointValidation(Checkpoints(store), log)
             job = Job(job_id="j1", name="tiny", spec=spec)
-            loss = await checking.evaluate(job, captured, 0)  # step 0: the model's own state
-            assert loss is not None and math.isfinite(loss)
+            ((at, loss),) = await checking.evaluate(job, captured, 0)  # the model's own state
+            assert at == 0 and math.isfinite(loss)
             reference = validation_loss(spec, dict(captured.state), 2)
             assert loss == pytest.approx(reference, rel=1e-6)
             (event,) = await log.since("j1")
@@ -120,7 +120,7 @@ def test_each_checkpoint_validated_becomes_an_event(tmp_path: Path) -> None:
             # Off for a job that asks for no validation batches.
             off_spec = JobSpec.from_dict({**spec.to_dict(), "validation": {"batches": 0}})
             off = Job(job_id="j2", name="off", spec=off_spec)
-            assert await checking.evaluate(off, captured, 0) is None
+            assert await checking.evaluate(off, captured, 0) == []
             assert await log.since("j2") == []
 
     asyncio.run(run())
