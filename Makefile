@@ -10,7 +10,7 @@ GENERATED := $(PROTOS:.proto=_pb2.py)
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: setup proto redis demo test lint bench clean
+.PHONY: setup proto test-deps demo test lint bench clean
 
 setup: $(STAMP) $(GENERATED)
 
@@ -30,18 +30,27 @@ proto: $(GENERATED)
 demo: setup
 	$(BIN)/archipelago demo
 
-test: setup redis lint
+test: setup test-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The store tests run against a real Redis server; as root on Debian it is installed here.
-redis:
-	@command -v redis-server >/dev/null || { \
+# What the test tiers run against, from Debian's packages (as root they are installed here,
+# in one apt run): a real Redis for the store tests, Chromium for the dashboard's browser
+# tests, a Docker engine and debootstrap (the locally built base image) for the container
+# tests. Without root, a missing Redis stops the run; the browser and Docker tiers skip
+# and say why.
+TEST_PACKAGES := redis-server:redis-server chromium:chromium dockerd:docker.io debootstrap:debootstrap
+test-deps:
+	@missing=""; for pair in $(TEST_PACKAGES); do \
+	  command -v "$${pair%%:*}" >/dev/null || [ -x "/usr/sbin/$${pair%%:*}" ] || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing redis-server (Debian package) for the tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    echo "installing for the tests (Debian packages):$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "the tests need redis-server: install it (e.g. apt-get install redis-server)"; exit 1; \
-	  fi; }
+	    echo "the tests need:$$missing (e.g. apt-get install$$missing)"; \
+	    command -v redis-server >/dev/null || exit 1; \
+	  fi; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .
