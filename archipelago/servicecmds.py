@@ -1,4 +1,5 @@
-"""The service subcommands: `coordinator`, `worker`, `submit`, `status`, `watch`, `cancel`."""
+"""The service subcommands: `coordinator`, `worker`, `submit`, `status`, `watch`, `cancel`,
+`metrics`."""
 
 from __future__ import annotations
 
@@ -119,12 +120,30 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     _tls_args(p, server=False)
     p.set_defaults(func=cmd_watch)
 
+    p = sub.add_parser("events", help="a job's timeline, or the cluster's (joins, losses)")
+    p.add_argument("job", nargs="?", default="", help="a job id (none: the cluster's events)")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.set_defaults(func=cmd_events)
+
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job")
     _coordinator_arg(p)
     _token_arg(p)
     _tls_args(p, server=False)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("metrics", help="export a job's step metrics as CSV or for TensorBoard")
+    p.add_argument("job")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--csv", type=Path, metavar="FILE", help="one row per metric record")
+    to.add_argument("--tensorboard", type=Path, metavar="DIR", help="a TensorBoard run")
+    _coordinator_arg(p)
+    _token_arg(p)
+    _tls_args(p, server=False)
+    p.set_defaults(func=cmd_metrics)
 
 
 def _coordinator_arg(p: argparse.ArgumentParser) -> None:
@@ -389,6 +408,22 @@ def _follow(client: CoordinatorClient, job_id: str) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     return _follow(_client(args), args.job)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from archipelago.metrics_export import export_job
+
+    print(export_job(_client(args), args.job, csv_path=args.csv, tensorboard_dir=args.tensorboard))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from archipelago.event_lines import print_events
+
+    try:
+        return print_events(_client(args), args.job, follow=args.follow)
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
