@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from archipelago import serde
-from archipelago.views import JobView, LinkView, PlanView, WorkerView
+from archipelago.views import EventView, JobView, LinkView, PlanView, WorkerView
 from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
 
 Reply = TypeVar("Reply")
@@ -88,6 +88,12 @@ class CoordinatorClient:
     def plan(self, job_id: str) -> PlanView:
         request = serde.job_request(job_id)
         return serde.plan_view(self._call(self._stub.GetPlan, request))
+
+    def events(self, job_id: str = "", *, after_seq: int = 0, limit: int = 0) -> list[EventView]:
+        """A job's events (job_id "": the cluster's) numbered above `after_seq`, oldest first;
+        at most `limit` (0: as many as the coordinator gives in one answer)."""
+        request = serde.events_request(job_id, after_seq, limit)
+        return serde.event_views(self._call(self._stub.ListEvents, request))
 
     def close(self) -> None:
         self._channel.close()

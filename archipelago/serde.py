@@ -12,6 +12,7 @@ import math
 import grpc
 
 from archipelago.views import (
+    EventView,
     GroupView,
     JobView,
     LinkView,
@@ -32,6 +33,10 @@ def coordinator_stub(channel: grpc.Channel) -> CoordinatorStub:
 
 
 # -- requests --------------------------------------------------------------------------------
+
+
+def events_request(job_id: str, after_seq: int, limit: int) -> coordinator_pb2.EventsRequest:
+    return coordinator_pb2.EventsRequest(job_id=job_id, after_seq=after_seq, limit=limit)
 
 
 def submit_request(spec_yaml: str) -> coordinator_pb2.SubmitJobRequest:
@@ -167,3 +172,21 @@ def plan_view(p: coordinator_pb2.PlanInfo) -> PlanView:
         p.measured_step_s,
         p.calibrated_step_s,
     )
+
+
+def event_views(pb: coordinator_pb2.EventList) -> list[EventView]:
+    return [
+        EventView(
+            e.seq,
+            e.at,
+            e.kind,
+            e.text,
+            e.epoch,
+            e.step,
+            e.worker_id,
+            e.worker_name,
+            e.reason,
+            e.loss if e.HasField("loss") else None,
+        )
+        for e in pb.events
+    ]

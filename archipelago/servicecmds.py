@@ -231,6 +231,16 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
         raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
     try:
+    dashboard = DEFAULT_ADDRESS if args.dashboard is None else args.dashboard
+    if dashboard == "off":
+        dashboard = ""
+    try:
+        if dashboard:
+            parse_address(dashboard)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.dashboard_token and len(args.dashboard_token) < 8:
+        raise UsageError("the dashboard token must be at least 8 characters")
         return asyncio.run(serve(cfg))
     except (OSError, TlsError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -433,3 +443,5 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     print(f"job {job.job_id} {job.state}")
     return 0
+    except ClientError as e:
+        raise UsageError(str(e)) from None

@@ -128,3 +128,19 @@ class PlanView:
     predicted_step_s: float
     measured_step_s: float
     calibrated_step_s: float
+
+
+@dataclass(frozen=True)
+class EventView:
+    """One event of a job's timeline or of the cluster's."""
+
+    seq: int
+    at: float  # wall clock
+    kind: str
+    text: str
+    epoch: int = 0
+    step: int = 0
+    worker_id: str = ""
+    worker_name: str = ""
+    reason: str = ""
+    loss: float | None = None  # validation events

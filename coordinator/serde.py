@@ -175,6 +175,8 @@ WorkerList = coordinator_pb2.WorkerList
 ListLinksRequest = coordinator_pb2.ListLinksRequest
 LinkList = coordinator_pb2.LinkList
 PlanInfo = coordinator_pb2.PlanInfo
+EventsRequest = coordinator_pb2.EventsRequest
+EventList = coordinator_pb2.EventList
 
 
 def add_coordinator_servicer(server: grpc.aio.Server, servicer: CoordinatorServicerBase) -> None:
@@ -423,3 +425,44 @@ def plan_info_pb(job: Job, report: PlanReport) -> coordinator_pb2.PlanInfo:
         measured_step_s=report.measured_step_s,
         calibrated_step_s=report.calibrated_step_s,
     )
+
+
+@dataclass(frozen=True)
+class EventsQuery:
+    """Whose events a user asks for (job_id "": the cluster's), after which, how many."""
+
+    job_id: str
+    after_seq: int
+    limit: int
+
+
+def events_query_from_pb(r: EventsRequest, *, max_limit: int) -> EventsQuery:
+    limit = min(r.limit, max_limit) if r.limit else max_limit
+    return EventsQuery(r.job_id, min(r.after_seq, 2**62), limit)
+
+
+def _event_uint(value: object) -> int:
+    """A stored event's count as a message's uint32 (0 when it has none)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return value
+    return 0
+
+
+def event_list_pb(events: Sequence[Mapping[str, Any]]) -> EventList:
+    out = EventList()
+    for e in events:
+        pb = out.events.add(
+            seq=_event_uint(e.get("seq")),
+            at=float(e.get("at", 0.0)),
+            kind=str(e.get("kind", "")),
+            text=str(e.get("text", "")),
+            epoch=_event_uint(e.get("epoch")),
+            step=_event_uint(e.get("step")),
+            worker_id=str(e.get("worker_id", "")),
+            worker_name=str(e.get("worker_name", "")),
+            reason=str(e.get("reason", "")),
+        )
+        loss = e.get("loss")
+        if isinstance(loss, int | float) and not isinstance(loss, bool):
+            pb.loss = float(loss)
+    return out

@@ -16,6 +16,7 @@ import grpc
 
 from coordinator import serde
 from coordinator.checkpoint_upload import receive_checkpoint
+from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.jobs import JobManager
 from coordinator.registry import Registry
@@ -27,6 +28,8 @@ from proto.rpc import Network, abort, require_token
 log = logging.getLogger("archipelago.coordinator")
 
 MAX_SPEC_BYTES = 64 << 10
+# Events one ListEvents answer holds at most (a client pages on with after_seq).
+MAX_EVENTS_PER_CALL = 500
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -189,3 +192,14 @@ class CoordinatorService(serde.CoordinatorServicerBase):
                 context, grpc.StatusCode.FAILED_PRECONDITION, f"job {job.job_id} has no plan yet"
             )
         return serde.plan_info_pb(job, await self.manager.plan_report(job))
+
+    async def ListEvents(
+        self, request: serde.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> serde.EventList:
+        await self._guard(context)
+        query = serde.events_query_from_pb(request, max_limit=MAX_EVENTS_PER_CALL)
+        scope = CLUSTER
+        if query.job_id:
+            scope = (await self._job(query.job_id, context)).job_id
+        events = await self.manager.events.since(scope, query.after_seq, query.limit)
+        return serde.event_list_pb(events)

@@ -427,6 +427,7 @@ def coordinator_methods() -> list[Method]:
         "ListWorkers": coordinator_pb2.ListWorkersRequest(),
         "ListLinks": coordinator_pb2.ListLinksRequest(),
         "GetPlan": job,
+        "ListEvents": coordinator_pb2.EventsRequest(job_id="0123456789", after_seq=1, limit=10),
     }
     methods = [Method("Coordinator", name, "unary", (m,)) for name, m in unary.items()]
     methods.append(Method("Coordinator", "UploadCheckpoint", "client-stream", tuple(checkpoint)))

@@ -109,6 +109,39 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster:
     assert_losses_match_reference(cluster, job_id, steps)
     epochs = {m.step: m.epoch for m in cluster.job(job_id, with_metrics=True).metrics}
     assert epochs[steps - 1] == job.epoch and epochs[0] == 1
+    # The job's timeline tells the story in order: planned, the worker lost, re-planned and
+    # why, planned again and resumed from a checkpoint, completed.
+    events = cluster.client().events(job_id)
+    kinds = [e.kind for e in events]
+    # (The last checkpoint's validation may come after the end.)
+    assert kinds[:2] == ["submitted", "planned"]
+    assert [k for k in kinds if k != "validation"][-1] == "completed"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    lost = kinds.index("worker_lost")
+    assert events[lost].worker_name == victim and events[lost].epoch == 1
+    replan = kinds.index("replanning", lost)
+    assert victim in events[replan].reason
+    resumed = events[kinds.index("resumed", replan)]
+    assert resumed.epoch == 2 and resumed.step > 0 and resumed.step % 10 == 0
+    assert kinds.index("planned", replan) < kinds.index("resumed", replan)
+    assert {e.step for e in events if e.kind == "checkpoint"} >= {10, steps}
+    # And the cluster's: four joined, the victim lost.
+    cluster_events = cluster.client().events()
+    assert sorted(e.worker_name for e in cluster_events if e.kind == "joined") == sorted(workers)
+    assert [e.worker_name for e in cluster_events if e.kind == "lost"] == [victim]
+    # `archipelago events JOB` prints the same timeline, a line an event.
+    command = ["events", job_id, "--coordinator", cluster.address, "--token", TOKEN]
+    out = subprocess.run(
+        [sys.executable, "-m", "archipelago.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    # (Fetched later: a validation may have landed since.)
+    assert [line.split()[1] for line in lines][: len(kinds)] == kinds
+    assert any(victim in line and "stopped heart-beating" in line for line in lines)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
