@@ -1,0 +1,419 @@
+"""What the dashboard's pages show, as plain JSON-able dicts built from the coordinator's
+own objects: the job manager, the worker registry and the link prober.
+
+Snapshots are built on the event loop, so they read memory and keep store reads small:
+each job's step metrics are read incrementally (only the steps after the last one seen),
+event logs likewise, and anything slow (the plan report, the DAG layout) is cached. A
+snapshot carries wall-clock times ("at", "measured_at", "last_seen_at"); the page works out
+ages against the server's "now" sent beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.dashboard.dag_layout import layout_dag
+from coordinator.events import CLUSTER
+from coordinator.job_record import Job, JobError
+from coordinator.jobs import JobManager
+from coordinator.link_survey import LinkProber
+from coordinator.planning.islands import find_islands
+from coordinator.planning.links import BandwidthMatrix
+from coordinator.registry import Registry
+
+# Points a curve is thinned to (every k-th, and always the last).
+MAX_POINTS = 2000
+# Events shown on a timeline (the newest).
+TIMELINE = 200
+# Workers drawn in the link heatmap (those with the most measured links).
+MAX_MATRIX = 64
+# How often a job's metrics or an event log is read again, at most.
+REFRESH_S = 0.5
+# How long a plan report (it reads every step of the plan) is reused.
+REPORT_S = 5.0
+# Jobs whose full metrics are held for their page (the least recently viewed go first).
+DETAILED_JOBS = 8
+
+
+@dataclass
+class _EventFeed:
+    """The newest events of one scope, read incrementally."""
+
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TIMELINE))
+    last_seq: int = 0
+    checked: float = 0.0
+
+
+@dataclass
+class _JobRecords:
+    """A job's stored step metrics by (step, stage, replica), read incrementally; reset
+    when the job is planned again (a resumed plan rewrites the steps after its checkpoint)."""
+
+    epoch: int = -1
+    records: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+    next_step: int = 0
+    checked: float = 0.0
+
+
+class Snapshots:
+    """The dashboard's views of the cluster and its jobs."""
+
+    def __init__(
+        self,
+        *,
+        manager: JobManager,
+        registry: Registry,
+        links: LinkProber | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.links = links
+        self.clock = clock
+        self._feeds: dict[str, _EventFeed] = {}
+        self._recent: dict[str, _JobRecords] = {}  # last few steps, for the workers page
+        self._detailed: OrderedDict[str, _JobRecords] = OrderedDict()
+        self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
+        self._dags: dict[tuple[str, int], dict[str, Any]] = {}
+        self._islands_key: tuple[Any, ...] = ()
+        self._islands: dict[str, int] = {}
+        self._reading: dict[str, asyncio.Lock] = {}
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def workers(self) -> dict[str, Any]:
+        """Every worker: state, island, speed, memory, last heart-beat, its place in a
+        job's plan and the bytes it sent in its last step; and the cluster's events."""
+        now_wall, now_mono = self.clock(), time.monotonic()
+        islands = self.islands()
+        places: dict[str, tuple[Job, int, int]] = {}
+        for job in self.manager.jobs.values():
+            if job.plan is not None and not job.terminal:
+                for p in job.plan.placements:
+                    places[p.worker_id] = (job, p.stage, p.replica)
+        sent = await self._bytes_sent({job.job_id: job for job, _, _ in places.values()})
+        rows = []
+        for w in self.registry.workers.values():
+            place = places.get(w.worker_id) if w.alive else None
+            row: dict[str, Any] = {
+                "id": w.worker_id,
+                "name": w.name,
+                "address": w.address,
+                "state": w.state.value,
+                "leaving": w.leaving,
+                "island": islands.get(w.worker_id, 0),
+                "gflops": round(w.gflops, 2),
+                "memory_bytes": w.memory_bytes,
+                "device": w.device,
+                "last_seen_at": round(now_wall - (now_mono - w.last_seen), 1),
+                "step": w.reported[2] if w.reported[0] else None,
+            }
+            if place is not None:
+                job, stage, replica = place
+                row.update(
+                    job_id=job.job_id,
+                    job_name=job.name,
+                    stage=stage,
+                    replica=replica,
+                    bytes_sent=sent.get((job.job_id, stage, replica)),
+                )
+            rows.append(row)
+        return {"workers": rows, "events": await self._events(CLUSTER)}
+
+    def islands(self) -> dict[str, int]:
+        """Island number (1, 2, ...) of every live worker with a measured link; recomputed
+        only when the workers or the measurements change (it is quadratic in them)."""
+        if self.links is None:
+            return {}
+        measured: dict[tuple[str, str], tuple[float, float]] = {}
+        newest = 0.0
+        for (src, dst), rec in self.links.links.items():
+            if rec.error or rec.bandwidth <= 0 or self.links.current(src, dst) is None:
+                continue
+            a, b = self.registry.workers[src], self.registry.workers[dst]
+            if a.alive and b.alive:
+                measured[(src, dst)] = (rec.bandwidth, rec.rtt_s)
+                newest = max(newest, rec.measured_at)
+        ids = sorted({w for pair in measured for w in pair}, key=self._registration_order)
+        key = (tuple(ids), len(measured), newest)
+        if key != self._islands_key:
+            groups = find_islands(ids, BandwidthMatrix.of(measured)) if ids else ()
+            self._islands = {w: i + 1 for i, group in enumerate(groups) for w in group}
+            self._islands_key = key
+        return self._islands
+
+    def _registration_order(self, worker_id: str) -> tuple[float, str]:
+        w = self.registry.workers[worker_id]
+        return (w.registered_at, worker_id)
+
+    async def _bytes_sent(self, jobs: dict[str, Job]) -> dict[tuple[str, int, int], int]:
+        """Bytes each (job, stage, replica) sent in its newest stored step."""
+        out: dict[tuple[str, int, int], int] = {}
+        for job in jobs.values():
+            recent = self._recent.setdefault(job.job_id, _JobRecords())
+            # Only the last few steps matter here: start near the job's progress.
+            await self._read(job, recent, from_step=job.steps_done - 2)
+            for (_step, stage, replica), r in sorted(recent.records.items()):
+                out[(job.job_id, stage, replica)] = int(r.get("bytes", 0))
+            # Keep the newest two steps only.
+            steps = sorted({k[0] for k in recent.records})[-2:]
+            recent.records = {k: v for k, v in recent.records.items() if k[0] in steps}
+        for job_id in set(self._recent) - set(jobs):
+            del self._recent[job_id]
+        return out
+
+    # -- links -----------------------------------------------------------------------------
+
+    def link_matrix(self) -> dict[str, Any]:
+        """The measured links between live workers, the workers grouped by island: cells of
+        (source index, destination index, bytes/s, round trip s, measured at, error)."""
+        if self.links is None:
+            return {"workers": [], "cells": [], "note": "link measurement is off"}
+        islands = self.islands()
+        counts: dict[str, int] = {}
+        rows = self.links.links.items()
+        for (src, dst), _rec in rows:
+            for w in (src, dst):
+                counts[w] = counts.get(w, 0) + 1
+        live = [w for w in self.registry.workers.values() if w.alive and w.worker_id in counts]
+        shown = sorted(live, key=lambda w: -counts[w.worker_id])[:MAX_MATRIX]
+        shown.sort(key=lambda w: (islands.get(w.worker_id, 1 << 30), w.registered_at, w.name))
+        index = {w.worker_id: i for i, w in enumerate(shown)}
+        cells = []
+        for (src, dst), rec in rows:
+            if src in index and dst in index and self.links.current(src, dst) is not None:
+                cells.append(
+                    [
+                        index[src],
+                        index[dst],
+                        round(rec.bandwidth, 1),
+                        round(rec.rtt_s, 6),
+                        round(rec.measured_at, 1),
+                        rec.error,
+                    ]
+                )
+        note = ""
+        if len(live) > len(shown):
+            note = f"{len(shown)} of {len(live)} measured workers shown (the most measured)"
+        return {
+            "workers": [
+                {"id": w.worker_id, "name": w.name, "island": islands.get(w.worker_id, 0)}
+                for w in shown
+            ],
+            "cells": cells,
+            "note": note,
+        }
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def jobs(self) -> dict[str, Any]:
+        """Every job, newest first: state, progress and pace."""
+        jobs = sorted(self.manager.jobs.values(), key=lambda j: (-j.created_at, j.job_id))
+        return {"jobs": [self._job_row(j) for j in jobs]}
+
+    @staticmethod
+    def _job_row(job: Job) -> dict[str, Any]:
+        steps = job.spec.steps
+        running = job.state.value == "running" and job.step_seconds > 0
+        plan = job.plan
+        return {
+            "id": job.job_id,
+            "name": job.name,
+            "model": job.spec.model.zoo,
+            "state": job.state.value,
+            "steps_done": job.steps_done,
+            "steps": steps,
+            "progress": min(1.0, job.steps_done / steps) if steps else 0.0,
+            "loss": job.loss,
+            "samples_per_s": job.spec.data.batch_size / job.step_seconds if running else None,
+            "step_seconds": job.step_seconds or None,
+            "epoch": job.epoch,
+            "stages": plan.num_stages if plan is not None else None,
+            "replicas": plan.replicas if plan is not None else None,
+            "recoveries": job.recoveries,
+            "last_checkpoint": job.last_checkpoint,
+            "created_at": job.created_at,
+            "error": job.error,
+        }
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """One job in full: its row, plan, curves, per-stage figures, the plan's predicted
+        against measured step time, and its timeline. JobError when there is no such job."""
+        job = self.manager.get(job_id)
+        records = self._detailed.pop(job_id, None) or _JobRecords()
+        self._detailed[job_id] = records
+        while len(self._detailed) > DETAILED_JOBS:
+            self._detailed.popitem(last=False)
+        await self._read(job, records)
+        events = await self._events(job_id)
+        out: dict[str, Any] = {
+            "job": self._job_row(job),
+            "curves": self._curves(job, records, events),
+            "events": events,
+            "plan": None,
+        }
+        plan = job.plan
+        if plan is not None:
+            out["plan"] = {
+                "epoch": plan.epoch,
+                "planner": plan.planner,
+                "start_step": plan.start_step,
+                "predicted_step_s": plan.predicted_step_s,
+                "placements": [
+                    {
+                        "stage": p.stage,
+                        "replica": p.replica,
+                        "worker_id": p.worker_id,
+                        "worker": p.worker_name,
+                        "nodes": p.nodes,
+                        "params": p.params,
+                        "flops": p.flops,
+                    }
+                    for p in sorted(plan.placements, key=lambda p: (p.replica, p.stage))
+                ],
+                "links": self._link_figures(job, records),
+                "report": await self._report(job),
+            }
+        return out
+
+    def _curves(
+        self, job: Job, records: _JobRecords, events: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Training loss by step, validation loss by step, samples/s by wall time: each as
+        [xs, ys], thinned to MAX_POINTS."""
+        batch = job.spec.data.batch_size
+        loss: list[tuple[float, float]] = []
+        pace: list[tuple[float, float]] = []
+        for (step, _stage, _replica), r in sorted(records.records.items()):
+            if "loss" not in r:
+                continue  # only the speaker's last stage carries the job's loss
+            loss.append((step, float(r["loss"])))
+            if r.get("step_seconds", 0) > 0 and "at" in r:
+                pace.append((float(r["at"]), batch / float(r["step_seconds"])))
+        pace.sort()
+        validation = sorted(
+            (float(e["step"]), float(e["loss"]))
+            for e in events
+            if e.get("kind") == "validation" and "step" in e and "loss" in e
+        )
+        return {
+            "loss": _columns(loss),
+            "validation": _columns(validation),
+            "samples_per_s": _columns(pace),
+        }
+
+    def _link_figures(self, job: Job, records: _JobRecords) -> list[dict[str, Any]]:
+        """Each cut link of the plan: its codec and the planner's bytes per micro-batch,
+        beside the bytes its source stage measured sending per step (replica 0's, the mean
+        over the last 20 steps stored)."""
+        plan = job.plan
+        assert plan is not None
+        sent: dict[int, list[int]] = {}
+        for (step, stage, replica), r in sorted(records.records.items()):
+            if replica == 0 and r.get("epoch") == plan.epoch and step >= plan.start_step:
+                sent.setdefault(stage, []).append(int(r.get("bytes", 0)))
+        out = []
+        for c in plan.codecs:
+            last = sent.get(c.src_stage, [])[-20:]
+            out.append(
+                {
+                    "src_stage": c.src_stage,
+                    "dst_stage": c.dst_stage,
+                    "codec": c.codec,
+                    "kept": c.ratio,
+                    "values": c.values,
+                    "dense_bytes": c.dense_bytes,
+                    "wire_bytes": c.wire_bytes,
+                    "compression": c.dense_bytes / c.wire_bytes if c.wire_bytes else None,
+                    "seconds": c.seconds,
+                    "measured_bytes_per_step": sum(last) / len(last) if last else None,
+                }
+            )
+        return out
+
+    async def _report(self, job: Job) -> dict[str, Any]:
+        """The plan's prediction against its measured steps (cached for REPORT_S)."""
+        assert job.plan is not None
+        key = (job.job_id, job.plan.epoch)
+        cached = self._reports.get(key)
+        if cached is not None and time.monotonic() - cached[0] < REPORT_S:
+            return cached[1]
+        report = await self.manager.plan_report(job)
+        out = {
+            "predicted_step_s": job.plan.predicted_step_s,
+            "calibrated_step_s": report.calibrated_step_s,
+            "measured_step_s": report.measured_step_s,
+            "steps_measured": report.steps_measured,
+        }
+        self._reports = {k: v for k, v in self._reports.items() if k[0] != job.job_id}
+        self._reports[key] = (time.monotonic(), out)
+        return out
+
+    async def dag(self, job_id: str) -> dict[str, Any]:
+        """The job's plan drawn as a DAG (cached per plan); JobError without a plan."""
+        job = self.manager.get(job_id)
+        plan = job.plan
+        if plan is None:
+            raise JobError(f"job {job_id} has no plan yet")
+        key = (job_id, plan.epoch)
+        layout = self._dags.get(key)
+        if layout is None:
+            model = await self.manager.model_of(job)
+            workers = {p.stage: p.worker_name for p in plan.placements if p.replica == 0}
+            layout = await asyncio.to_thread(
+                layout_dag, model.graph, plan.assignment, codecs=plan.codecs, workers=workers
+            )
+            layout["epoch"] = plan.epoch
+            self._dags = {k: v for k, v in self._dags.items() if k[0] in self.manager.jobs}
+            self._dags[key] = layout
+        return layout
+
+    # -- reading the store -----------------------------------------------------------------
+
+    async def _read(self, job: Job, held: _JobRecords, from_step: int = 0) -> None:
+        """Bring `held` up to date with the store (at most every REFRESH_S), reading no step
+        before `from_step`."""
+        now = time.monotonic()
+        if held.epoch == job.epoch and now - held.checked < REFRESH_S:
+            return
+        lock = self._reading.setdefault(job.job_id, asyncio.Lock())
+        async with lock:
+            if held.epoch != job.epoch:
+                held.records, held.next_step, held.epoch = {}, 0, job.epoch
+            held.next_step = max(held.next_step, from_step)
+            rows = await self.manager.metrics(job.job_id, held.next_step)
+            for r in rows:
+                held.records[(int(r["step"]), int(r["stage"]), int(r.get("replica", 0)))] = r
+            if rows:
+                # The newest step may still lack some stages' records: read it again.
+                held.next_step = max(int(r["step"]) for r in rows)
+            held.checked = time.monotonic()
+
+    async def _events(self, scope: str) -> list[dict[str, Any]]:
+        """The newest events of `scope`, oldest first."""
+        feed = self._feeds.setdefault(scope, _EventFeed())
+        log = getattr(self.manager, "events", None)
+        if log is None or time.monotonic() - feed.checked < REFRESH_S:
+            return list(feed.events)
+        while True:
+            batch = await log.since(scope, feed.last_seq, 500)
+            feed.events.extend(batch)
+            if batch:
+                feed.last_seq = int(batch[-1]["seq"])
+            if len(batch) < 500:
+                break
+        feed.checked = time.monotonic()
+        return list(feed.events)
+
+
+def _columns(points: list[tuple[float, float]]) -> list[list[float]]:
+    """[xs, ys] of `points`, every k-th kept so at most MAX_POINTS remain (the last too)."""
+    if len(points) > MAX_POINTS:
+        k = -(-len(points) // MAX_POINTS)
+        points = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
+    return [[p[0] for p in points], [p[1] for p in points]]
