@@ -10,6 +10,7 @@ testbed's shaped ones."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,9 @@ class Cluster:
     procs: list[Proc] = field(default_factory=list)
     port: int = 0
     coordinator: Proc | None = None
+    # Serve the coordinator's web dashboard on a free loopback port (`dashboard_url`); off
+    # by default, so clusters started side by side do not contend for one address.
+    dashboard: bool = False
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,8 @@ class Cluster:
             # elsewhere, so nothing it calls can be off this machine.
             "--worker-networks",
             self.probe_networks,
+            "--dashboard",
+            "127.0.0.1:0" if self.dashboard else "off",
             *self.extra_coordinator_args,
         ]
 
@@ -172,9 +178,19 @@ class Cluster:
         proc = self._spawn(name, self._coordinator_args())
         self.coordinator = proc
         wait_for(f"{name} to listen", lambda: not proc.alive or "listening on" in proc.tail(), 60)
+        if self.dashboard:
+            wait_for(f"{name}'s dashboard", lambda: not proc.alive or self.dashboard_url, 30)
         if not proc.alive:
             raise RuntimeError(f"{name} exited:\n{proc.tail()}")
         return proc
+
+    @property
+    def dashboard_url(self) -> str:
+        """The coordinator's dashboard, http://127.0.0.1:PORT/ ("" until it is up)."""
+        if self.coordinator is None:
+            return ""
+        found = re.findall(r"dashboard on (http://\S+)", self.coordinator.tail(400))
+        return found[-1] if found else ""
 
     def start_worker(self, name: str, *, wait: bool = True, token: str | None = None) -> Proc:
         proc = self._spawn(name, self._worker_args(name, token))

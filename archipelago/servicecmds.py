@@ -56,6 +56,19 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="links measured at once between idle workers (0: never measure)",
     )
+    p.add_argument(
+        "--dashboard",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the web dashboard here (default 127.0.0.1:7080, given up with a warning "
+        "if taken; off: no dashboard)",
+    )
+    p.add_argument(
+        "--dashboard-token",
+        default=os.environ.get("ARCHIPELAGO_DASHBOARD_TOKEN", ""),
+        help="a read-only token that opens the dashboard and nothing else (default: "
+        "$ARCHIPELAGO_DASHBOARD_TOKEN; the join token opens it too)",
+    )
     _log_arg(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -213,24 +226,11 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.dashboard.server import DEFAULT_ADDRESS, parse_address
     from coordinator.link_survey import ProbeConfig
     from coordinator.main import DEFAULT_STORE, CoordinatorConfig, serve
 
     _logging(args)
-    cfg = CoordinatorConfig(
-        token=_token(args),
-        port=args.port,
-        host=args.host,
-        store=args.store or DEFAULT_STORE,
-        tls=_tls(args),
-        heartbeat_s=args.heartbeat_interval,
-        worker_timeout_s=args.worker_timeout,
-        worker_networks=tuple(n for n in args.worker_networks.split(",") if n.strip()),
-        probes=ProbeConfig(concurrency=args.link_probes),
-    )
-    if cfg.worker_timeout_s <= cfg.heartbeat_s:
-        raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
-    try:
     dashboard = DEFAULT_ADDRESS if args.dashboard is None else args.dashboard
     if dashboard == "off":
         dashboard = ""
@@ -241,6 +241,23 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.dashboard_token and len(args.dashboard_token) < 8:
         raise UsageError("the dashboard token must be at least 8 characters")
+    cfg = CoordinatorConfig(
+        token=_token(args),
+        port=args.port,
+        host=args.host,
+        store=args.store or DEFAULT_STORE,
+        tls=_tls(args),
+        heartbeat_s=args.heartbeat_interval,
+        worker_timeout_s=args.worker_timeout,
+        worker_networks=tuple(n for n in args.worker_networks.split(",") if n.strip()),
+        probes=ProbeConfig(concurrency=args.link_probes),
+        dashboard=dashboard,
+        dashboard_required=args.dashboard is not None,
+        dashboard_token=args.dashboard_token,
+    )
+    if cfg.worker_timeout_s <= cfg.heartbeat_s:
+        raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
+    try:
         return asyncio.run(serve(cfg))
     except (OSError, TlsError, ValueError) as e:
         raise UsageError(str(e)) from None

@@ -17,6 +17,12 @@ from pathlib import Path
 import grpc
 
 from coordinator.dashboard.prometheus import CoordinatorMetrics
+from coordinator.dashboard.server import (
+    DEFAULT_ADDRESS,
+    DashboardConfig,
+    open_dashboard,
+    parse_address,
+)
 from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
@@ -50,6 +56,11 @@ class CoordinatorConfig:
     # CIDR blocks worker addresses must lie in (empty: any): the coordinator calls every
     # worker that registers, so this bounds where it may ever send anything.
     worker_networks: tuple[str, ...] = ()
+    # The web dashboard's HOST:PORT ("" for none); one given on the command line must be
+    # bound, the default one is given up with a warning when another process holds it.
+    dashboard: str = DEFAULT_ADDRESS
+    dashboard_required: bool = False
+    dashboard_token: str = ""  # a read-only token for the dashboard only
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
@@ -96,6 +107,28 @@ async def serve(cfg: CoordinatorConfig) -> int:
     log.info(
         "%d jobs and %d workers taken over from the store", len(manager.jobs), len(registry.workers)
     )
+    dashboard = None
+    if cfg.dashboard:
+        host, dashboard_port = parse_address(cfg.dashboard)
+        try:
+            dashboard = await open_dashboard(
+                manager=manager,
+                registry=registry,
+                links=links,
+                config=DashboardConfig(
+                    token=cfg.token,
+                    read_only_token=cfg.dashboard_token,
+                    host=host,
+                    port=dashboard_port,
+                ),
+                required=cfg.dashboard_required,
+                metrics=metrics.exposition,
+            )
+        except OSError:
+            await server.stop(grace=0)
+            raise
+    if dashboard is not None:
+        print(f"dashboard on {dashboard.url}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,6 +151,8 @@ async def serve(cfg: CoordinatorConfig) -> int:
         log.info("coordinator stopping; jobs stay in the store")
     finally:
         ticker.cancel()
+        if dashboard is not None:
+            await dashboard.stop()
         await links.close()
         await manager.close()
         await server.stop(grace=2)
