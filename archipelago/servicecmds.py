@@ -460,5 +460,3 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     print(f"job {job.job_id} {job.state}")
     return 0
-    except ClientError as e:
-        raise UsageError(str(e)) from None
