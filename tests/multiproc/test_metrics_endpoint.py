@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 import signal
 import subprocess
 import sys
@@ -41,17 +40,9 @@ checkpoint: {{every: {STEPS}}}
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster")
+    c = Cluster(tmp_path / "cluster", dashboard=True)
     yield c
     c.close()
-
-
-def dashboard_url(cluster: Cluster) -> str:
-    """The dashboard's address, from the line the coordinator prints when it serves it."""
-    assert cluster.coordinator is not None
-    found = re.search(r"dashboard on (http://[\w.:\[\]]+)/", cluster.coordinator.tail(200))
-    assert found, f"the coordinator printed no 'dashboard on' line:\n{cluster.logs()}"
-    return found.group(1)
 
 
 def scrape(url: str, token: str = TOKEN) -> dict[str, list[Sample]]:
@@ -87,7 +78,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_metrics_during_a_job_and_the_export_after_it(cluster: Cluster, tmp_path: Path) -> None:
     cluster.start_coordinator()
     workers = {name: cluster.start_worker(name) for name in ("w0", "w1")}
-    url = dashboard_url(cluster)
+    url = cluster.dashboard_url.rstrip("/")
+    assert url.startswith("http://127.0.0.1:"), cluster.logs()
     client = cluster.client()
     try:
         wait_for("both links to be measured", lambda: len(client.links()) == 2, 60)
