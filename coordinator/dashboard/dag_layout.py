@@ -202,5 +202,5 @@ def _order_in_layers(layers: list[int], edges: Iterable[tuple[int, int]]) -> lis
 def _label(box: _Box) -> str:
     """The box's text: its first operator, and how many more it stands for."""
     first = box.names[0]
-    short = first if len(first) <= 22 else first[:20] + ".."
+    short = first if len(first) <= 18 else first[:16] + ".."
     return short if len(box.names) == 1 else f"{short} +{len(box.names) - 1}"

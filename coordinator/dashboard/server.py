@@ -221,7 +221,9 @@ class Dashboard:
             return response
         self.limiter.failed(client)
         log.warning("dashboard: a failed login from %s", client)
-        return _login_response("That token is not accepted.", 401)
+        # The form again, as a page (200, as form logins answer): the browser shows it
+        # without logging a failed resource.
+        return _login_response("That token is not accepted.", 200)
 
     async def _logout(self, request: web.Request) -> web.Response:
         self.sessions.close(request.cookies.get(COOKIE))

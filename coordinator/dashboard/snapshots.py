@@ -24,6 +24,7 @@ from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber
 from coordinator.planning.islands import find_islands
 from coordinator.planning.links import BandwidthMatrix
+from coordinator.planning.plan import LinkCodec
 from coordinator.registry import Registry
 
 # Points a curve is thinned to (every k-th, and always the last).
@@ -80,6 +81,7 @@ class Snapshots:
         self._detailed: OrderedDict[str, _JobRecords] = OrderedDict()
         self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._dags: dict[tuple[str, int], dict[str, Any]] = {}
+        self._dense: dict[tuple[str, int], tuple[LinkCodec, ...]] = {}
         self._islands_key: tuple[Any, ...] = ()
         self._islands: dict[str, int] = {}
         self._reading: dict[str, asyncio.Lock] = {}
@@ -276,7 +278,9 @@ class Snapshots:
                     }
                     for p in sorted(plan.placements, key=lambda p: (p.replica, p.stage))
                 ],
-                "links": self._link_figures(job, records),
+                "links": self._link_figures(
+                    job, records, plan.codecs or await self._dense_links(job)
+                ),
                 "report": await self._report(job),
             }
         return out
@@ -307,7 +311,9 @@ class Snapshots:
             "samples_per_s": _columns(pace),
         }
 
-    def _link_figures(self, job: Job, records: _JobRecords) -> list[dict[str, Any]]:
+    def _link_figures(
+        self, job: Job, records: _JobRecords, codecs: tuple[LinkCodec, ...]
+    ) -> list[dict[str, Any]]:
         """Each cut link of the plan: its codec and the planner's bytes per micro-batch,
         beside the bytes its source stage measured sending per step (replica 0's, the mean
         over the last 20 steps stored)."""
@@ -318,7 +324,7 @@ class Snapshots:
             if replica == 0 and r.get("epoch") == plan.epoch and step >= plan.start_step:
                 sent.setdefault(stage, []).append(int(r.get("bytes", 0)))
         out = []
-        for c in plan.codecs:
+        for c in codecs:
             last = sent.get(c.src_stage, [])[-20:]
             out.append(
                 {
@@ -335,6 +341,35 @@ class Snapshots:
                 }
             )
         return out
+
+    async def _dense_links(self, job: Job) -> tuple[LinkCodec, ...]:
+        """The cut links of a plan that compresses nothing (it lists no codecs): every pair
+        of stages a value crosses between, with the bytes of those values per micro-batch
+        (the captured graph's shapes are a micro-batch's); cached per plan."""
+        plan = job.plan
+        assert plan is not None
+        key = (job.job_id, plan.epoch)
+        if key not in self._dense:
+            try:
+                model = await self.manager.model_of(job)
+            except JobError:
+                return ()  # its model is missing from the store: no figures to show
+            graph, where = model.graph, plan.assignment
+            crossing: dict[tuple[int, int], dict[str, int]] = {}
+            for node in graph.nodes:
+                dst = where.get(node.name)
+                for ref in set(node.refs()):
+                    src = where.get(ref)
+                    if src is None or dst is None or src == dst:
+                        continue
+                    meta = graph.node(ref).meta
+                    crossing.setdefault((src, dst), {})[ref] = meta.nbytes if meta else 0
+            self._dense = {k: v for k, v in self._dense.items() if k[0] != job.job_id}
+            self._dense[key] = tuple(
+                LinkCodec(a, b, "none", 1.0, "fp32", sum(v.values()), sum(v.values()), 0.0)
+                for (a, b), v in sorted(crossing.items())
+            )
+        return self._dense[key]
 
     async def _report(self, job: Job) -> dict[str, Any]:
         """The plan's prediction against its measured steps (cached for REPORT_S)."""

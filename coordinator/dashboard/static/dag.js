@@ -3,9 +3,9 @@
 import { el, stageColour } from "/static/live.js";
 
 const SVG = "http://www.w3.org/2000/svg";
-const BOX_W = 128;
+const BOX_W = 140;
 const BOX_H = 22;
-const COL = 148;
+const COL = 158;
 const ROW = 46;
 const PAD = 12;
 
@@ -34,6 +34,7 @@ export function drawDag(layout) {
   const workerOf = new Map(layout.stages.map((s) => [s.stage, s.worker]));
   const edges = svg("g");
   const labels = svg("g");
+  const labelled = new Set();
   for (const e of layout.edges) {
     const a = at.get(e.src);
     const b = at.get(e.dst);
@@ -46,8 +47,12 @@ export function drawDag(layout) {
       class: e.cut ? "edge cut" : "edge",
       d: `M${x1},${y1} C${x1},${y1 + bend} ${x2},${y2 - bend} ${x2},${y2}`,
     }));
-    if (e.cut) {
-      const label = svg("text", { class: "codec", x: (x1 + x2) / 2 + 4, y: (y1 + y2) / 2 });
+    // One label per source box and codec, just below the box: edges leaving one box
+    // start together, and a label there never lands on another box.
+    const key = `${e.src}:${e.codec}`;
+    if (e.cut && !labelled.has(key)) {
+      labelled.add(key);
+      const label = svg("text", { class: "codec", x: x1 + 5, y: y1 + 13 });
       label.textContent = e.codec;
       labels.append(label);
     }

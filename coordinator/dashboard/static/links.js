@@ -52,7 +52,14 @@ function matrix(data) {
   rows.push(el("tr", {}, ...islandHeader));
   rows.push(el("tr", {}, el("th", {}), el("th", {}, "from \\ to"), ...workers.map((w) => el("th", {}, w.name))));
   workers.forEach((src, s) => {
-    const cells = [el("td", { class: "island" }, islandOf(src)), el("th", {}, src.name)];
+    const cells = [];
+    // The island's name once, spanning its rows.
+    if (s === 0 || islandOf(workers[s - 1]) !== islandOf(src)) {
+      let span = 1;
+      while (s + span < workers.length && islandOf(workers[s + span]) === islandOf(src)) span += 1;
+      cells.push(el("td", { class: "island", rowspan: span }, islandOf(src)));
+    }
+    cells.push(el("th", {}, src.name));
     workers.forEach((_dst, d) => {
       cells.push(s === d ? el("td", { class: "cell self" }, "") : cell(byPair.get(`${s}:${d}`)));
     });

@@ -15,7 +15,6 @@ function summary(workers) {
 
 function row(w) {
   const job = w.job_id ? el("a", { href: `/jobs/${encodeURIComponent(w.job_id)}` }, w.job_name || w.job_id) : "";
-  const alive = w.state === "idle" || w.state === "busy";
   return el(
     "tr",
     { dataset: { worker: w.name, state: w.state } },
@@ -25,7 +24,7 @@ function row(w) {
     td(formatNumber(w.gflops), true),
     td(formatBytes(w.memory_bytes), true),
     td(w.device),
-    alive ? ageCell(w.last_seen_at) : td("", true),
+    ageCell(w.last_seen_at),
     el("td", {}, job),
     td(w.stage ?? "", true),
     td(w.replica ?? "", true),
