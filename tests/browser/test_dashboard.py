@@ -73,9 +73,9 @@ def test_operator_watches_a_job_lose_a_worker_and_replan(
     def watch(page: Page) -> Page:
         page.on(
             "console",
-            lambda m: console.append(f"{m.type}: {m.text}")
-            if m.type in ("error", "warning")
-            else None,
+            lambda m: (
+                console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None
+            ),
         )
         page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         return page
@@ -129,7 +129,7 @@ def test_operator_watches_a_job_lose_a_worker_and_replan(
             page.wait_for_selector("svg.dag rect[data-stage='1']")
             fills = page.eval_on_selector_all(
                 "svg.dag rect:not([data-stage='none'])",
-                "rects => [...new Set(rects.map(r => r.dataset.stage + '=' + r.getAttribute('fill')))]",
+                "rs => [...new Set(rs.map(r => r.dataset.stage + '=' + r.getAttribute('fill')))]",
             )
             stage_fills = dict(f.split("=") for f in fills)
             assert set(stage_fills) == {"0", "1"} and len(set(stage_fills.values())) == 2
