@@ -12,7 +12,7 @@ from typing import TypeVar
 import grpc
 
 from archipelago import serde
-from archipelago.views import EventView, JobView, LinkView, PlanView, WorkerView
+from archipelago.views import EventView, JobView, LinkView, PlanView, RecordView, WorkerView
 from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
 
 Reply = TypeVar("Reply")
@@ -94,6 +94,23 @@ class CoordinatorClient:
         at most `limit` (0: as many as the coordinator gives in one answer)."""
         request = serde.events_request(job_id, after_seq, limit)
         return serde.event_views(self._call(self._stub.ListEvents, request))
+
+    def records(self, job_id: str, *, since_step: int = 0) -> list[RecordView]:
+        """Every stored step record of the job from `since_step` on (one per step, stage
+        and replica), ordered by step, stage, replica."""
+        out: list[RecordView] = []
+        try:
+            # A long job's records take a while to stream: a deadline of several calls.
+            stream = self._stub.JobRecords(
+                serde.records_request(job_id, since_step),
+                metadata=self._metadata,
+                timeout=10 * self.timeout_s,
+            )
+            for page in stream:
+                out.extend(serde.record_views(page))
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        return out
 
     def close(self) -> None:
         self._channel.close()

@@ -6,9 +6,7 @@ A CSV holds one row per record, its columns `COLUMNS`, sorted by (step, stage, r
 TensorBoard run holds the job's series as the speaking replica sets them (loss,
 samples_per_s, step_seconds, bytes_per_step, one point a step) and each replica's own under
 `replica/R/`. Both are made from `MetricRow`s: from stored records (`rows_from_records`), or
-from what the coordinator's API returns of a job (`rows_from_job`), which today is the
-speaker's loss-bearing records with their step, epoch, loss, step time and bytes only: the
-other columns of those rows are left empty.
+from the records the coordinator's API streams (`rows_from_views`), every field of each.
 """
 
 from __future__ import annotations
@@ -17,13 +15,13 @@ import csv
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from archipelago.client import ClientError, CoordinatorClient
 from archipelago.errors import UsageError
-from archipelago.views import JobView
+from archipelago.views import RecordView
 
 
 @dataclass(frozen=True)
@@ -77,16 +75,9 @@ def rows_from_records(records: Iterable[Mapping[str, Any]]) -> list[MetricRow]:
     return sorted(rows, key=_sort_key)
 
 
-def rows_from_job(job: JobView) -> list[MetricRow]:
-    """Rows of what the coordinator's API returns with a job's metrics: the speaker's
-    records that carry a loss, with their step, epoch, loss, step time and bytes."""
-    rows = [
-        MetricRow(
-            step=m.step, epoch=m.epoch, loss=m.loss, step_seconds=m.step_seconds, bytes=m.bytes
-        )
-        for m in job.metrics
-    ]
-    return sorted(rows, key=_sort_key)
+def rows_from_views(records: Iterable[RecordView]) -> list[MetricRow]:
+    """Rows of the records the coordinator's API streams (`CoordinatorClient.records`)."""
+    return rows_from_records(asdict(r) for r in records)
 
 
 def write_csv(rows: Sequence[MetricRow], path: Path) -> None:
@@ -204,10 +195,10 @@ def export_job(
     if tensorboard_dir is not None:
         _check_dir(tensorboard_dir)
     try:
-        job = client.job(job_id, with_metrics=True)
+        job = client.job(job_id)
+        rows = rows_from_views(client.records(job_id))
     except ClientError as e:
         raise UsageError(str(e)) from None
-    rows = rows_from_job(job)
     try:
         if csv_path is not None:
             write_csv(rows, csv_path)

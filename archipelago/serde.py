@@ -17,6 +17,7 @@ from archipelago.views import (
     JobView,
     LinkView,
     PlanView,
+    RecordView,
     ReplicaView,
     StageView,
     StepView,
@@ -37,6 +38,10 @@ def coordinator_stub(channel: grpc.Channel) -> CoordinatorStub:
 
 def events_request(job_id: str, after_seq: int, limit: int) -> coordinator_pb2.EventsRequest:
     return coordinator_pb2.EventsRequest(job_id=job_id, after_seq=after_seq, limit=limit)
+
+
+def records_request(job_id: str, since_step: int = 0) -> coordinator_pb2.RecordsRequest:
+    return coordinator_pb2.RecordsRequest(job_id=job_id, since_step=since_step)
 
 
 def submit_request(spec_yaml: str) -> coordinator_pb2.SubmitJobRequest:
@@ -189,4 +194,28 @@ def event_views(pb: coordinator_pb2.EventList) -> list[EventView]:
             e.loss if e.HasField("loss") else None,
         )
         for e in pb.events
+    ]
+
+
+def record_views(page: coordinator_pb2.RecordPage) -> list[RecordView]:
+    return [
+        RecordView(
+            r.step,
+            r.stage,
+            r.replica,
+            r.epoch,
+            r.loss if r.HasField("loss") else None,
+            r.replica_loss if r.HasField("replica_loss") else None,
+            r.step_seconds,
+            r.compute_seconds,
+            r.samples,
+            r.bytes,
+            r.sync_bytes,
+            r.sync_seconds,
+            r.staleness,
+            r.shares,
+            r.at,
+            r.speaker,
+        )
+        for r in page.records
     ]

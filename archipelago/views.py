@@ -144,3 +144,25 @@ class EventView:
     worker_name: str = ""
     reason: str = ""
     loss: float | None = None  # validation events
+
+
+@dataclass(frozen=True)
+class RecordView:
+    """One stored step record: one stage of one replica at one step (None: not recorded)."""
+
+    step: int
+    stage: int
+    replica: int
+    epoch: int
+    loss: float | None  # the speaker's last stage
+    replica_loss: float | None  # another replica's last stage
+    step_seconds: float
+    compute_seconds: float
+    samples: float  # the replica's share of the batch
+    bytes: int  # sent to the other stages of its pipeline
+    sync_bytes: int  # sent to its sync group
+    sync_seconds: float
+    staleness: int
+    shares: int
+    at: float  # wall clock when the coordinator stored it
+    speaker: bool

@@ -9,7 +9,7 @@ builds what it sends a worker and reads the answers here.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +177,8 @@ LinkList = coordinator_pb2.LinkList
 PlanInfo = coordinator_pb2.PlanInfo
 EventsRequest = coordinator_pb2.EventsRequest
 EventList = coordinator_pb2.EventList
+RecordsRequest = coordinator_pb2.RecordsRequest
+RecordPage = coordinator_pb2.RecordPage
 
 
 def add_coordinator_servicer(server: grpc.aio.Server, servicer: CoordinatorServicerBase) -> None:
@@ -441,11 +443,16 @@ def events_query_from_pb(r: EventsRequest, *, max_limit: int) -> EventsQuery:
     return EventsQuery(r.job_id, min(r.after_seq, 2**62), limit)
 
 
-def _event_uint(value: object) -> int:
-    """A stored event's count as a message's uint32 (0 when it has none)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
-        return value
+def _event_uint(value: object, limit: int = 2**32) -> int:
+    """A stored count as a message's unsigned field (0 when it has none or it does not fit)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < limit:
+        return int(value)
     return 0
+
+
+def _real(value: object) -> float:
+    """A stored figure as a message's double (0 when it has none)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def event_list_pb(events: Sequence[Mapping[str, Any]]) -> EventList:
@@ -466,3 +473,36 @@ def event_list_pb(events: Sequence[Mapping[str, Any]]) -> EventList:
         if isinstance(loss, int | float) and not isinstance(loss, bool):
             pb.loss = float(loss)
     return out
+
+
+def records_query_from_pb(r: RecordsRequest) -> tuple[str, int]:
+    """The job and first step a JobRecords call asks for."""
+    return r.job_id, r.since_step
+
+
+def record_pages(records: Sequence[Mapping[str, Any]], per_page: int) -> Iterator[RecordPage]:
+    """Stored step records as pages of `per_page` messages."""
+    for start in range(0, len(records), per_page):
+        page = RecordPage()
+        for r in records[start : start + per_page]:
+            pb = page.records.add(
+                step=_event_uint(r.get("step")),
+                stage=_event_uint(r.get("stage")),
+                replica=_event_uint(r.get("replica", 0)),
+                epoch=_event_uint(r.get("epoch")),
+                step_seconds=_real(r.get("step_seconds")),
+                compute_seconds=_real(r.get("compute_seconds")),
+                samples=_real(r.get("samples")),
+                bytes=_event_uint(r.get("bytes"), 2**64),
+                sync_bytes=_event_uint(r.get("sync_bytes"), 2**64),
+                sync_seconds=_real(r.get("sync_seconds")),
+                staleness=_event_uint(r.get("staleness")),
+                shares=_event_uint(r.get("shares")),
+                at=_real(r.get("at")),
+                speaker=bool(r.get("speaker", False)),
+            )
+            for name in ("loss", "replica_loss"):
+                value = r.get(name)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    setattr(pb, name, float(value))
+        yield page

@@ -30,6 +30,8 @@ log = logging.getLogger("archipelago.coordinator")
 MAX_SPEC_BYTES = 64 << 10
 # Events one ListEvents answer holds at most (a client pages on with after_seq).
 MAX_EVENTS_PER_CALL = 500
+# Step records per page of a JobRecords stream (each page stays far below a message's limit).
+RECORDS_PER_PAGE = 2000
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -203,3 +205,13 @@ class CoordinatorService(serde.CoordinatorServicerBase):
             scope = (await self._job(query.job_id, context)).job_id
         events = await self.manager.events.since(scope, query.after_seq, query.limit)
         return serde.event_list_pb(events)
+
+    async def JobRecords(
+        self, request: serde.RecordsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[serde.RecordPage]:
+        await self._guard(context)
+        job_id, since_step = serde.records_query_from_pb(request)
+        job = await self._job(job_id, context)
+        records = await self.manager.metrics(job.job_id, since_step)
+        for page in serde.record_pages(records, RECORDS_PER_PAGE):
+            yield page

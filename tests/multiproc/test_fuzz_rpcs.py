@@ -432,6 +432,8 @@ def coordinator_methods() -> list[Method]:
     methods = [Method("Coordinator", name, "unary", (m,)) for name, m in unary.items()]
     methods.append(Method("Coordinator", "UploadCheckpoint", "client-stream", tuple(checkpoint)))
     methods.append(Method("Coordinator", "WatchJob", "server-stream", (job,)))
+    records = coordinator_pb2.RecordsRequest(job_id="0123456789", since_step=3)
+    methods.append(Method("Coordinator", "JobRecords", "server-stream", (records,)))
     return methods
 
 

@@ -173,15 +173,23 @@ def check_export(job_id: str, job: JobView, address: str, tmp_path: Path) -> Non
 
     out = cli("metrics", job_id, "--csv", str(tmp_path / "m.csv"), *common)
     assert out.returncode == 0, out.stderr
+    # Every stored record: each stage's, each step.
     assert out.stdout.strip() == (
-        f"job {job_id} (scraped): {STEPS} records written to {tmp_path / 'm.csv'}"
+        f"job {job_id} (scraped): {2 * STEPS} records written to {tmp_path / 'm.csv'}"
     )
     with (tmp_path / "m.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == list(range(STEPS))
+    assert [(int(r["step"]), int(r["stage"])) for r in rows] == [
+        (step, stage) for step in range(STEPS) for stage in (0, 1)
+    ]
     for r in rows:
-        assert float(r["loss"]) == losses[int(r["step"])]
-        assert float(r["step_seconds"]) > 0 and int(r["bytes"]) >= 0
+        # The loss is the last stage's; both stages send (activations, gradients).
+        if r["stage"] == "1":
+            assert float(r["loss"]) == losses[int(r["step"])]
+        else:
+            assert r["loss"] == ""
+        assert float(r["step_seconds"]) > 0 and float(r["compute_seconds"]) > 0
+        assert int(r["bytes"]) > 0 and r["replica"] == "0" and r["epoch"] == "1"
 
     out = cli("metrics", job_id, "--tensorboard", str(tmp_path / "tb"), *common)
     assert out.returncode == 0, out.stderr
@@ -194,6 +202,8 @@ def check_export(job_id: str, job: JobView, address: str, tmp_path: Path) -> Non
     for tag in ("samples_per_s", "step_seconds", "bytes_per_step"):
         points = events.Scalars(tag)
         assert len(points) == STEPS and all(math.isfinite(p.value) for p in points), tag
+    # A step's bytes are both stages' together, as the job's own figure.
+    assert events.Scalars("bytes_per_step")[-1].value == job.bytes_per_step
 
     out = cli("metrics", "no-such-job", "--csv", str(tmp_path / "x.csv"), *common)
     assert out.returncode == 2

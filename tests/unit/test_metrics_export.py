@@ -19,12 +19,12 @@ from archipelago.cli import main
 from archipelago.metrics_export import (
     COLUMNS,
     MetricRow,
-    rows_from_job,
     rows_from_records,
+    rows_from_views,
     write_csv,
     write_tensorboard,
 )
-from archipelago.views import JobView, StepView
+from archipelago.views import RecordView
 from coordinator.job_record import Job, Progress
 from coordinator.planning.jobspec import parse_job_spec
 from coordinator.planning.plan import WorkerSlot
@@ -180,46 +180,61 @@ def test_tensorboard_run_holds_the_speakers_series_and_each_replicas(
     assert first.wall_time == pytest.approx(at)
 
 
-def job_view(metrics: tuple[StepView, ...]) -> JobView:
-    return JobView(
-        job_id="j1",
-        name="api",
-        state="running",
-        steps=10,
-        steps_done=len(metrics),
-        loss=None,
-        samples_per_s=0.0,
-        eta_s=0.0,
+def record_view(step: int, stage: int, loss: float | None, seconds: float, sent: int) -> RecordView:
+    return RecordView(
+        step=step,
+        stage=stage,
+        replica=0,
         epoch=1,
-        last_checkpoint=0,
-        error="",
-        bytes_per_step=0,
-        batch_size=16,
-        recoveries=0,
-        created_at=0.0,
-        metrics=metrics,
+        loss=loss,
+        replica_loss=None,
+        step_seconds=seconds,
+        compute_seconds=seconds / 2,
+        samples=16.0,
+        bytes=sent,
+        sync_bytes=0,
+        sync_seconds=0.0,
+        staleness=0,
+        shares=0,
+        at=100.0 + step,
+        speaker=True,
     )
 
 
-def test_rows_from_the_api_carry_what_it_returns_and_leave_the_rest_empty(
-    tmp_path: Path,
-) -> None:
-    job = job_view((StepView(1, 2.0, 0.5, 700, 1), StepView(0, float("nan"), 0.4, 600, 1)))
-    rows = rows_from_job(job)
-    assert rows == [
-        MetricRow(step=0, epoch=1, loss=rows[0].loss, step_seconds=0.4, bytes=600),
-        MetricRow(step=1, epoch=1, loss=2.0, step_seconds=0.5, bytes=700),
+def test_rows_from_the_api_carry_every_field_of_each_record(tmp_path: Path) -> None:
+    records = [
+        record_view(1, 1, 2.0, 0.5, 700),
+        record_view(0, 1, float("nan"), 0.4, 600),
+        record_view(0, 0, None, 0.4, 900),
     ]
-    assert rows[0].loss is not None and math.isnan(rows[0].loss)  # NaN stays NaN
+    rows = rows_from_views(records)
+    assert [(r.step, r.stage) for r in rows] == [(0, 0), (0, 1), (1, 1)]
+    assert rows[0] == MetricRow(
+        step=0,
+        stage=0,
+        replica=0,
+        epoch=1,
+        step_seconds=0.4,
+        compute_seconds=0.2,
+        samples=16.0,
+        bytes=900,
+        sync_bytes=0,
+        sync_seconds=0.0,
+        staleness=0,
+        shares=0,
+        at=100.0,
+    )
+    assert rows[1].loss is not None and math.isnan(rows[1].loss)  # NaN stays NaN
     path = tmp_path / "api.csv"
     write_csv(rows, path)
     lines = path.read_text().splitlines()
-    assert lines[1] == "0,,,1,nan,,0.4,,,600,,,,,"
+    assert lines[1] == "0,0,0,1,,,0.4,0.2,16.0,900,0,0.0,0,0,100.0"
     assert write_tensorboard(rows, tmp_path / "tb", batch_size=16) == 2
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [e.value for e in events.Scalars("samples_per_s")] == pytest.approx([40.0, 32.0])
-    assert not any(t.startswith("replica/") for t in events.Tags()["scalars"])
+    # A step's bytes are its stages' together.
+    assert [e.value for e in events.Scalars("bytes_per_step")] == [1500.0, 700.0]
 
 
 def test_a_record_without_replica_or_sync_figures_reads_as_replica_0() -> None:
