@@ -287,7 +287,8 @@ class Dashboard:
 
     # -- live pages ------------------------------------------------------------------------
 
-    async def _snapshot(self, view: str, job_id: str) -> dict[str, Any]:
+    async def snapshot(self, view: str, job_id: str = "") -> dict[str, Any]:
+        """What the live feed of `view` sends now (`job_id`: the job of the "job" view)."""
         if view == "workers":
             return await self.snapshots.workers()
         if view == "links":
@@ -320,7 +321,7 @@ class Dashboard:
                 if not self.sessions.valid(session):
                     await response.write(b"event: logout\ndata: {}\n\n")
                     break
-                body = json.dumps(await self._snapshot(view, job_id), separators=(",", ":"))
+                body = json.dumps(await self.snapshot(view, job_id), separators=(",", ":"))
                 if body != last_body:
                     message = f'{{"now":{time.time():.3f},"data":{body}}}'
                     await response.write(f"event: snapshot\ndata: {message}\n\n".encode())

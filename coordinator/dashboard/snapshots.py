@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.dashboard.dag_layout import layout_dag
+from coordinator.dashboard.feeds import JobRecords, StoreFeeds
 from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError
 from coordinator.jobs import JobManager
@@ -29,36 +29,12 @@ from coordinator.registry import Registry
 
 # Points a curve is thinned to (every k-th, and always the last).
 MAX_POINTS = 2000
-# Events shown on a timeline (the newest).
-TIMELINE = 200
 # Workers drawn in the link heatmap (those with the most measured links).
 MAX_MATRIX = 64
-# How often a job's metrics or an event log is read again, at most.
-REFRESH_S = 0.5
 # How long a plan report (it reads every step of the plan) is reused.
 REPORT_S = 5.0
 # Jobs whose full metrics are held for their page (the least recently viewed go first).
 DETAILED_JOBS = 8
-
-
-@dataclass
-class _EventFeed:
-    """The newest events of one scope, read incrementally."""
-
-    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=TIMELINE))
-    last_seq: int = 0
-    checked: float = 0.0
-
-
-@dataclass
-class _JobRecords:
-    """A job's stored step metrics by (step, stage, replica), read incrementally; reset
-    when the job is planned again (a resumed plan rewrites the steps after its checkpoint)."""
-
-    epoch: int = -1
-    records: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
-    next_step: int = 0
-    checked: float = 0.0
 
 
 class Snapshots:
@@ -76,15 +52,14 @@ class Snapshots:
         self.registry = registry
         self.links = links
         self.clock = clock
-        self._feeds: dict[str, _EventFeed] = {}
-        self._recent: dict[str, _JobRecords] = {}  # last few steps, for the workers page
-        self._detailed: OrderedDict[str, _JobRecords] = OrderedDict()
+        self.feeds = StoreFeeds(manager)
+        self._recent: dict[str, JobRecords] = {}  # last few steps, for the workers page
+        self._detailed: OrderedDict[str, JobRecords] = OrderedDict()
         self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._dags: dict[tuple[str, int], dict[str, Any]] = {}
         self._dense: dict[tuple[str, int], tuple[LinkCodec, ...]] = {}
         self._islands_key: tuple[Any, ...] = ()
         self._islands: dict[str, int] = {}
-        self._reading: dict[str, asyncio.Lock] = {}
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -125,7 +100,7 @@ class Snapshots:
                     bytes_sent=sent.get((job.job_id, stage, replica)),
                 )
             rows.append(row)
-        return {"workers": rows, "events": await self._events(CLUSTER)}
+        return {"workers": rows, "events": await self.feeds.events(CLUSTER)}
 
     def islands(self) -> dict[str, int]:
         """Island number (1, 2, ...) of every live worker with a measured link; recomputed
@@ -157,9 +132,9 @@ class Snapshots:
         """Bytes each (job, stage, replica) sent in its newest stored step."""
         out: dict[tuple[str, int, int], int] = {}
         for job in jobs.values():
-            recent = self._recent.setdefault(job.job_id, _JobRecords())
+            recent = self._recent.setdefault(job.job_id, JobRecords())
             # Only the last few steps matter here: start near the job's progress.
-            await self._read(job, recent, from_step=job.steps_done - 2)
+            await self.feeds.read(job, recent, from_step=job.steps_done - 2)
             for (_step, stage, replica), r in sorted(recent.records.items()):
                 out[(job.job_id, stage, replica)] = int(r.get("bytes", 0))
             # Keep the newest two steps only.
@@ -247,12 +222,12 @@ class Snapshots:
         """One job in full: its row, plan, curves, per-stage figures, the plan's predicted
         against measured step time, and its timeline. JobError when there is no such job."""
         job = self.manager.get(job_id)
-        records = self._detailed.pop(job_id, None) or _JobRecords()
+        records = self._detailed.pop(job_id, None) or JobRecords()
         self._detailed[job_id] = records
         while len(self._detailed) > DETAILED_JOBS:
             self._detailed.popitem(last=False)
-        await self._read(job, records)
-        events = await self._events(job_id)
+        await self.feeds.read(job, records)
+        events = await self.feeds.events(job_id)
         out: dict[str, Any] = {
             "job": self._job_row(job),
             "curves": self._curves(job, records, events),
@@ -286,7 +261,7 @@ class Snapshots:
         return out
 
     def _curves(
-        self, job: Job, records: _JobRecords, events: list[dict[str, Any]]
+        self, job: Job, records: JobRecords, events: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """Training loss by step, validation loss by step, samples/s by wall time: each as
         [xs, ys], thinned to MAX_POINTS."""
@@ -312,7 +287,7 @@ class Snapshots:
         }
 
     def _link_figures(
-        self, job: Job, records: _JobRecords, codecs: tuple[LinkCodec, ...]
+        self, job: Job, records: JobRecords, codecs: tuple[LinkCodec, ...]
     ) -> list[dict[str, Any]]:
         """Each cut link of the plan: its codec and the planner's bytes per micro-batch,
         beside the bytes its source stage measured sending per step (replica 0's, the mean
@@ -407,43 +382,6 @@ class Snapshots:
             self._dags = {k: v for k, v in self._dags.items() if k[0] in self.manager.jobs}
             self._dags[key] = layout
         return layout
-
-    # -- reading the store -----------------------------------------------------------------
-
-    async def _read(self, job: Job, held: _JobRecords, from_step: int = 0) -> None:
-        """Bring `held` up to date with the store (at most every REFRESH_S), reading no step
-        before `from_step`."""
-        now = time.monotonic()
-        if held.epoch == job.epoch and now - held.checked < REFRESH_S:
-            return
-        lock = self._reading.setdefault(job.job_id, asyncio.Lock())
-        async with lock:
-            if held.epoch != job.epoch:
-                held.records, held.next_step, held.epoch = {}, 0, job.epoch
-            held.next_step = max(held.next_step, from_step)
-            rows = await self.manager.metrics(job.job_id, held.next_step)
-            for r in rows:
-                held.records[(int(r["step"]), int(r["stage"]), int(r.get("replica", 0)))] = r
-            if rows:
-                # The newest step may still lack some stages' records: read it again.
-                held.next_step = max(int(r["step"]) for r in rows)
-            held.checked = time.monotonic()
-
-    async def _events(self, scope: str) -> list[dict[str, Any]]:
-        """The newest events of `scope`, oldest first."""
-        feed = self._feeds.setdefault(scope, _EventFeed())
-        log = getattr(self.manager, "events", None)
-        if log is None or time.monotonic() - feed.checked < REFRESH_S:
-            return list(feed.events)
-        while True:
-            batch = await log.since(scope, feed.last_seq, 500)
-            feed.events.extend(batch)
-            if batch:
-                feed.last_seq = int(batch[-1]["seq"])
-            if len(batch) < 500:
-                break
-        feed.checked = time.monotonic()
-        return list(feed.events)
 
 
 def _columns(points: list[tuple[float, float]]) -> list[list[float]]:

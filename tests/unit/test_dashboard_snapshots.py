@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import coordinator.dashboard.snapshots as snapshots_module
+import coordinator.dashboard.feeds as feeds_module
 from coordinator.dashboard.dag_layout import layout_dag
 from coordinator.dashboard.snapshots import Snapshots
 from coordinator.events import CLUSTER, EventKind
@@ -164,7 +164,7 @@ def test_jobs_view_gives_progress_and_samples_per_second() -> None:
 def test_job_view_has_curves_links_report_and_timeline_and_the_loss_curve_grows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(snapshots_module, "REFRESH_S", 0.0)
+    monkeypatch.setattr(feeds_module, "REFRESH_S", 0.0)
 
     async def run() -> None:
         c = await small_cluster(steps=10)
