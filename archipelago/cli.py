@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deploy.wan.cli import add_testbed_commands
 
     add_testbed_commands(sub)
+    from archipelago.clustercmd import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

@@ -1,0 +1,177 @@
+"""The `archipelago cluster` subcommands: `up`, `down` and `status` of a cluster in
+containers (Redis, a coordinator, N workers) on the local Docker engine.
+
+`up` builds the image first (the engine's layer cache makes a rebuild take seconds; the
+first build takes minutes, with each step printed as it starts), then starts the
+containers and waits until every worker has registered. The work lives in `deploy`
+(`deploy.cluster`, `deploy.image`, `deploy.base_image`), imported only when a cluster
+subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from typing import TYPE_CHECKING
+
+from archipelago.errors import UsageError
+
+if TYPE_CHECKING:
+    from deploy.cluster import ClusterView
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="a cluster in containers on the local Docker engine")
+    csub = p.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+
+    q = csub.add_parser("up", help="build the image, start Redis, a coordinator and workers")
+    q.add_argument("--workers", type=int, required=True, metavar="N")
+    _name_arg(q)
+    q.add_argument(
+        "--token",
+        default=os.environ.get("ARCHIPELAGO_TOKEN"),
+        help="the join token (default: $ARCHIPELAGO_TOKEN, else a new one, printed)",
+    )
+    q.add_argument(
+        "--port", type=int, default=7070, help="host port of the coordinator on 127.0.0.1 (0: any)"
+    )
+    q.add_argument(
+        "--dashboard-port", type=int, default=7080, help="host port of the dashboard (0: any)"
+    )
+    q.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    q.add_argument(
+        "--gflops", type=float, default=0.0, help="declared worker speed (0: each measures)"
+    )
+    q.add_argument("--image", default=None, help="the image's tag (default archipelago:local)")
+    q.add_argument(
+        "--base",
+        default=None,
+        metavar="IMAGE",
+        help="base image to build on (default: a Debian bookworm base built here with "
+        "debootstrap, since no registry is reachable; elsewhere python:3.11-slim-bookworm)",
+    )
+    q.add_argument("--no-build", action="store_true", help="start from the image as it is")
+    _engine_arg(q)
+    q.set_defaults(func=cmd_up)
+
+    q = csub.add_parser("down", help="remove a cluster's containers and network")
+    _name_arg(q)
+    _engine_arg(q)
+    q.set_defaults(func=cmd_down)
+
+    q = csub.add_parser("status", help="the containers of a cluster (default: of every one)")
+    q.add_argument("--name", default=None, help="one cluster (default: every cluster)")
+    _engine_arg(q)
+    q.set_defaults(func=cmd_status)
+
+
+def _name_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="main", help="the cluster's name (default: main)")
+
+
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+        metavar="URL",
+        help="the Docker engine (default: $DOCKER_HOST or unix:///var/run/docker.sock)",
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def coordinator_has_dashboard() -> bool:
+    """Whether this version's coordinator takes --dashboard (the image is built from the
+    same sources, so its coordinator does too)."""
+    from archipelago.servicecmds import add_service_commands
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_service_commands(sub)
+    return "--dashboard" in sub.choices["coordinator"]._option_string_actions
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import docker.errors  # type: ignore[import-untyped]
+
+    from deploy.base_image import BaseImageError, ensure_base_image
+    from deploy.cluster import ClusterError, ClusterSpec, connect, up
+    from deploy.image import IMAGE, ImageBuild, ImageError, build_image
+
+    token = args.token or secrets.token_urlsafe(18)
+    try:
+        spec = ClusterSpec(
+            name=args.name,
+            workers=args.workers,
+            token=token,
+            image=args.image or IMAGE,
+            coordinator_port=args.port,
+            dashboard_port=args.dashboard_port,
+            dashboard=coordinator_has_dashboard(),
+            threads=args.threads,
+            gflops=args.gflops,
+        )
+        client = connect(args.engine)
+        if not args.no_build:
+            # The local base carries redis-server and the wheels travel in the context:
+            # that build needs no network at all.
+            base = args.base or ensure_base_image(client, progress=_say)
+            build_image(client, ImageBuild(tag=spec.image, base=base, offline=not args.base), _say)
+        view = up(client, spec, progress=_say)
+    except (ClusterError, ImageError, BaseImageError, docker.errors.DockerException) as e:
+        raise UsageError(str(e)) from None
+    _print_up(view, spec.workers)
+    if not args.token:
+        _say(f"  a new join token: {token}")
+    _say(f"  export ARCHIPELAGO_COORDINATOR={view.coordinator} ARCHIPELAGO_TOKEN=...")
+    return 0
+
+
+def _print_up(view: ClusterView, workers: int) -> None:
+    _say(
+        f"cluster {view.name} is up on network {view.network}: "
+        f"redis, a coordinator and {workers} worker(s)"
+    )
+    _say(f"  coordinator  {view.coordinator}")
+    if view.dashboard:
+        _say(f"  dashboard    http://{view.dashboard}/")
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import docker.errors
+
+    from deploy.cluster import ClusterError, connect, down
+
+    try:
+        containers, networks = down(connect(args.engine), args.name, progress=_say)
+    except (ClusterError, docker.errors.DockerException) as e:
+        raise UsageError(str(e)) from None
+    if not containers and not networks:
+        _say(f"no cluster named {args.name!r} on this engine")
+    else:
+        _say(f"cluster {args.name} removed: {containers} container(s), {networks} network(s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import docker.errors
+
+    from deploy.cluster import ClusterError, cluster_names, connect, describe
+
+    try:
+        client = connect(args.engine)
+        names = [args.name] if args.name else cluster_names(client)
+        views = [describe(client, name) for name in names]
+    except (ClusterError, docker.errors.DockerException) as e:
+        raise UsageError(str(e)) from None
+    if not any(v.containers for v in views):
+        _say("no cluster is up" if not args.name else f"cluster {args.name} is not up")
+        return 0 if not args.name else 1
+    for view in views:
+        _say(f"cluster {view.name} (network {view.network}), coordinator {view.coordinator or '-'}")
+        for row in view.containers:
+            ports = f"  on {row.ports}" if row.ports else ""
+            _say(f"  {row.name:<36} {row.role:<12} {row.state}{ports}")
+    return 0
