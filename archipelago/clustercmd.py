@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from archipelago.errors import UsageError
 
 if TYPE_CHECKING:
+    from docker import DockerClient  # type: ignore[import-untyped]
+
     from deploy.cluster import ClusterView
 
 
@@ -39,21 +41,20 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--dashboard-port", type=int, default=7080, help="host port of the dashboard (0: any)"
     )
+    q.add_argument("--no-dashboard", action="store_true", help="the coordinator serves none")
     q.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
     q.add_argument(
         "--gflops", type=float, default=0.0, help="declared worker speed (0: each measures)"
     )
-    q.add_argument("--image", default=None, help="the image's tag (default archipelago:local)")
-    q.add_argument(
-        "--base",
-        default=None,
-        metavar="IMAGE",
-        help="base image to build on (default: a Debian bookworm base built here with "
-        "debootstrap, since no registry is reachable; elsewhere python:3.11-slim-bookworm)",
-    )
+    _image_args(q)
     q.add_argument("--no-build", action="store_true", help="start from the image as it is")
     _engine_arg(q)
     q.set_defaults(func=cmd_up)
+
+    q = csub.add_parser("build", help="build the image only (for compose or docker run)")
+    _image_args(q)
+    _engine_arg(q)
+    q.set_defaults(func=cmd_build)
 
     q = csub.add_parser("down", help="remove a cluster's containers and network")
     _name_arg(q)
@@ -64,6 +65,17 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--name", default=None, help="one cluster (default: every cluster)")
     _engine_arg(q)
     q.set_defaults(func=cmd_status)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default=None, help="the image's tag (default archipelago:local)")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="IMAGE",
+        help="base image to build on (default: a Debian bookworm base built here with "
+        "debootstrap, since no registry is reachable; elsewhere python:3.11-slim-bookworm)",
+    )
 
 
 def _name_arg(p: argparse.ArgumentParser) -> None:
@@ -83,22 +95,12 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def coordinator_has_dashboard() -> bool:
-    """Whether this version's coordinator takes --dashboard (the image is built from the
-    same sources, so its coordinator does too)."""
-    from archipelago.servicecmds import add_service_commands
-
-    sub = argparse.ArgumentParser().add_subparsers()
-    add_service_commands(sub)
-    return "--dashboard" in sub.choices["coordinator"]._option_string_actions
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     import docker.errors  # type: ignore[import-untyped]
 
-    from deploy.base_image import BaseImageError, ensure_base_image
+    from deploy.base_image import BaseImageError
     from deploy.cluster import ClusterError, ClusterSpec, connect, up
-    from deploy.image import IMAGE, ImageBuild, ImageError, build_image
+    from deploy.image import IMAGE, ImageError
 
     token = args.token or secrets.token_urlsafe(18)
     try:
@@ -109,16 +111,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             image=args.image or IMAGE,
             coordinator_port=args.port,
             dashboard_port=args.dashboard_port,
-            dashboard=coordinator_has_dashboard(),
+            dashboard=not args.no_dashboard,
             threads=args.threads,
             gflops=args.gflops,
         )
         client = connect(args.engine)
         if not args.no_build:
-            # The local base carries redis-server and the wheels travel in the context:
-            # that build needs no network at all.
-            base = args.base or ensure_base_image(client, progress=_say)
-            build_image(client, ImageBuild(tag=spec.image, base=base, offline=not args.base), _say)
+            _build(client, spec.image, args.base)
         view = up(client, spec, progress=_say)
     except (ClusterError, ImageError, BaseImageError, docker.errors.DockerException) as e:
         raise UsageError(str(e)) from None
@@ -126,6 +125,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.token:
         _say(f"  a new join token: {token}")
     _say(f"  export ARCHIPELAGO_COORDINATOR={view.coordinator} ARCHIPELAGO_TOKEN=...")
+    return 0
+
+
+def _build(client: DockerClient, image: str, base: str | None) -> None:
+    from deploy.base_image import REPOSITORY, ensure_base_image
+    from deploy.image import ImageBuild, build_image, describe
+
+    # The local base carries redis-server and the wheels travel in the context: that
+    # build needs no network at all; another base may need apt for redis-server.
+    base = base or ensure_base_image(client, progress=_say)
+    offline = base.startswith(f"{REPOSITORY}:")
+    build_image(client, ImageBuild(tag=image, base=base, offline=offline), _say)
+    _say(f"image {describe(client, image)}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import docker.errors
+
+    from deploy.base_image import BaseImageError
+    from deploy.cluster import ClusterError, connect
+    from deploy.image import IMAGE, ImageError
+
+    try:
+        _build(connect(args.engine), args.image or IMAGE, args.base)
+    except (ClusterError, ImageError, BaseImageError, docker.errors.DockerException) as e:
+        raise UsageError(str(e)) from None
     return 0
 
 

@@ -112,8 +112,7 @@ def coordinator_command(spec: ClusterSpec) -> list[str]:
     redis = container_name(spec.name, "redis")
     command = ["archipelago", "coordinator", "--host", "0.0.0.0"]
     command += ["--port", str(COORDINATOR_PORT), "--store", f"redis://{redis}:{REDIS_PORT}/0"]
-    if spec.dashboard:
-        command += ["--dashboard", f"0.0.0.0:{DASHBOARD_PORT}"]
+    command += ["--dashboard", f"0.0.0.0:{DASHBOARD_PORT}" if spec.dashboard else "off"]
     return command
 
 
