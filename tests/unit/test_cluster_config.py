@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archipelago.cli import build_parser
+from archipelago.cli import build_parser, main
 from deploy.base_image import BaseImageSpec
 from deploy.cluster import (
     LABEL_CLUSTER,
@@ -239,3 +239,12 @@ def test_compose_starts_the_same_services_the_same_way() -> None:
     assert all(p.startswith("127.0.0.1:") for p in services["coordinator"]["ports"])
     assert "ports" not in services["worker"] and "ports" not in services["redis"]
     assert "ARCHIPELAGO_TOKEN" in services["coordinator"]["environment"]
+
+
+def test_no_engine_is_one_line_naming_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"unix://{tmp_path}/docker.sock"
+    assert main(["cluster", "status", "--engine", url]) == 2
+    error = capsys.readouterr().err
+    assert error == f"archipelago: error: no Docker engine at {url}: start dockerd\n"
