@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import random
 import statistics
@@ -153,6 +154,7 @@ async def _run(requests: int) -> None:
         f"{ISLANDS} islands), {JOBS} jobs of {STAGES} stages x {REPLICAS} replicas, "
         f"{STEPS} steps of metrics each (built in {time.perf_counter() - began:.1f} s)"
     )
+    gc.freeze()  # as the coordinator does once it has started (coordinator/main.py)
     metrics = CoordinatorMetrics(manager, registry, links)
     dashboard = Dashboard(
         manager=manager,

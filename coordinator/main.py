@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -129,6 +130,10 @@ async def serve(cfg: CoordinatorConfig) -> int:
             raise
     if dashboard is not None:
         print(f"dashboard on {dashboard.url}", flush=True)
+    # What exists now (the imports, the state taken over) lives as long as the process:
+    # frozen, the collector's full passes skip it and stay short (a full pass over torch's
+    # objects took ~150 ms, past what a dashboard answer may take: bench/dashboard.py).
+    gc.freeze()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

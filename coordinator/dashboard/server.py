@@ -136,6 +136,7 @@ class Dashboard:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.snapshots.close()
 
     # -- the app ---------------------------------------------------------------------------
 

@@ -11,21 +11,24 @@ ages against the server's "now" sent beside it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from coordinator.dashboard.dag_layout import layout_dag
-from coordinator.dashboard.feeds import JobRecords, StoreFeeds
+from coordinator.dashboard.feeds import SENT_STEPS, JobRecords, StoreFeeds
 from coordinator.events import CLUSTER
-from coordinator.job_record import Job, JobError
+from coordinator.job_record import Job, JobError, PlanReport
 from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber
 from coordinator.planning.islands import find_islands
 from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.plan import LinkCodec
 from coordinator.registry import Registry
+
+log = logging.getLogger("archipelago.coordinator")
 
 # Points a curve is thinned to (every k-th, and always the last).
 MAX_POINTS = 2000
@@ -34,7 +37,7 @@ MAX_MATRIX = 64
 # How long a plan report (it reads every step of the plan) is reused.
 REPORT_S = 5.0
 # Jobs whose full metrics are held for their page (the least recently viewed go first).
-DETAILED_JOBS = 8
+DETAILED_JOBS = 32
 
 
 class Snapshots:
@@ -58,8 +61,10 @@ class Snapshots:
         self._reports: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
         self._dags: dict[tuple[str, int], dict[str, Any]] = {}
         self._dense: dict[tuple[str, int], tuple[LinkCodec, ...]] = {}
+        self._reporting: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._islands_key: tuple[Any, ...] = ()
         self._islands: dict[str, int] = {}
+        self._matrix: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -102,26 +107,34 @@ class Snapshots:
             rows.append(row)
         return {"workers": rows, "events": await self.feeds.events(CLUSTER)}
 
+    def _links_key(self) -> tuple[Any, ...]:
+        """What the islands and the link matrix depend on, cheap to compare: the link
+        figures (how many, the newest) and each worker's liveness and address."""
+        assert self.links is not None
+        records = self.links.links
+        newest = max((r.measured_at for r in records.values()), default=0.0)
+        workers = tuple((w.worker_id, w.alive, w.address) for w in self.registry.workers.values())
+        return (len(records), newest, workers)
+
     def islands(self) -> dict[str, int]:
         """Island number (1, 2, ...) of every live worker with a measured link; recomputed
         only when the workers or the measurements change (it is quadratic in them)."""
         if self.links is None:
             return {}
+        key = self._links_key()
+        if key == self._islands_key:
+            return self._islands
         measured: dict[tuple[str, str], tuple[float, float]] = {}
-        newest = 0.0
         for (src, dst), rec in self.links.links.items():
             if rec.error or rec.bandwidth <= 0 or self.links.current(src, dst) is None:
                 continue
             a, b = self.registry.workers[src], self.registry.workers[dst]
             if a.alive and b.alive:
                 measured[(src, dst)] = (rec.bandwidth, rec.rtt_s)
-                newest = max(newest, rec.measured_at)
         ids = sorted({w for pair in measured for w in pair}, key=self._registration_order)
-        key = (tuple(ids), len(measured), newest)
-        if key != self._islands_key:
-            groups = find_islands(ids, BandwidthMatrix.of(measured)) if ids else ()
-            self._islands = {w: i + 1 for i, group in enumerate(groups) for w in group}
-            self._islands_key = key
+        groups = find_islands(ids, BandwidthMatrix.of(measured)) if ids else ()
+        self._islands = {w: i + 1 for i, group in enumerate(groups) for w in group}
+        self._islands_key = key
         return self._islands
 
     def _registration_order(self, worker_id: str) -> tuple[float, str]:
@@ -135,11 +148,8 @@ class Snapshots:
             recent = self._recent.setdefault(job.job_id, JobRecords())
             # Only the last few steps matter here: start near the job's progress.
             await self.feeds.read(job, recent, from_step=job.steps_done - 2)
-            for (_step, stage, replica), r in sorted(recent.records.items()):
-                out[(job.job_id, stage, replica)] = int(r.get("bytes", 0))
-            # Keep the newest two steps only.
-            steps = sorted({k[0] for k in recent.records})[-2:]
-            recent.records = {k: v for k, v in recent.records.items() if k[0] in steps}
+            for (stage, replica), (_step, sent) in recent.newest.items():
+                out[(job.job_id, stage, replica)] = sent
         for job_id in set(self._recent) - set(jobs):
             del self._recent[job_id]
         return out
@@ -152,6 +162,8 @@ class Snapshots:
         if self.links is None:
             return {"workers": [], "cells": [], "note": "link measurement is off"}
         islands = self.islands()
+        if self._matrix is not None and self._matrix[0] == self._islands_key:
+            return self._matrix[1]
         counts: dict[str, int] = {}
         rows = self.links.links.items()
         for (src, dst), _rec in rows:
@@ -177,7 +189,7 @@ class Snapshots:
         note = ""
         if len(live) > len(shown):
             note = f"{len(shown)} of {len(live)} measured workers shown (the most measured)"
-        return {
+        matrix = {
             "workers": [
                 {"id": w.worker_id, "name": w.name, "island": islands.get(w.worker_id, 0)}
                 for w in shown
@@ -185,6 +197,8 @@ class Snapshots:
             "cells": cells,
             "note": note,
         }
+        self._matrix = (self._islands_key, matrix)
+        return matrix
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -256,7 +270,7 @@ class Snapshots:
                 "links": self._link_figures(
                     job, records, plan.codecs or await self._dense_links(job)
                 ),
-                "report": await self._report(job),
+                "report": self._report(job),
             }
         return out
 
@@ -268,12 +282,10 @@ class Snapshots:
         batch = job.spec.data.batch_size
         loss: list[tuple[float, float]] = []
         pace: list[tuple[float, float]] = []
-        for (step, _stage, _replica), r in sorted(records.records.items()):
-            if "loss" not in r:
-                continue  # only the speaker's last stage carries the job's loss
-            loss.append((step, float(r["loss"])))
-            if r.get("step_seconds", 0) > 0 and "at" in r:
-                pace.append((float(r["at"]), batch / float(r["step_seconds"])))
+        for step, (value, at, seconds) in records.losses.items():
+            loss.append((step, value))
+            if seconds > 0 and at > 0:
+                pace.append((at, batch / seconds))
         pace.sort()
         validation = sorted(
             (float(e["step"]), float(e["loss"]))
@@ -294,13 +306,9 @@ class Snapshots:
         over the last 20 steps stored)."""
         plan = job.plan
         assert plan is not None
-        sent: dict[int, list[int]] = {}
-        for (step, stage, replica), r in sorted(records.records.items()):
-            if replica == 0 and r.get("epoch") == plan.epoch and step >= plan.start_step:
-                sent.setdefault(stage, []).append(int(r.get("bytes", 0)))
         out = []
         for c in codecs:
-            last = sent.get(c.src_stage, [])[-20:]
+            last = list(records.sent.get(c.src_stage, {}).values())[-SENT_STEPS:]
             out.append(
                 {
                     "src_stage": c.src_stage,
@@ -346,23 +354,44 @@ class Snapshots:
             )
         return self._dense[key]
 
-    async def _report(self, job: Job) -> dict[str, Any]:
-        """The plan's prediction against its measured steps (cached for REPORT_S)."""
+    def _report(self, job: Job) -> dict[str, Any] | None:
+        """The plan's prediction against its measured steps, as last worked out: reading
+        every step of the plan takes a while, so it is redone in the background, at most
+        every REPORT_S (None until the first is done)."""
         assert job.plan is not None
         key = (job.job_id, job.plan.epoch)
         cached = self._reports.get(key)
-        if cached is not None and time.monotonic() - cached[0] < REPORT_S:
-            return cached[1]
-        report = await self.manager.plan_report(job)
-        out = {
-            "predicted_step_s": job.plan.predicted_step_s,
-            "calibrated_step_s": report.calibrated_step_s,
-            "measured_step_s": report.measured_step_s,
-            "steps_measured": report.steps_measured,
-        }
+        stale = cached is None or time.monotonic() - cached[0] >= REPORT_S
+        if stale and key not in self._reporting:
+            task = asyncio.create_task(self._make_report(job, key))
+            self._reporting[key] = task
+            task.add_done_callback(lambda _t: self._reporting.pop(key, None))
+        return cached[1] if cached is not None else None
+
+    async def _make_report(self, job: Job, key: tuple[str, int]) -> None:
+        assert job.plan is not None
+        try:
+            report = await self.manager.plan_report(job)
+        except Exception as e:  # a report is a view: its failure must not stop the page
+            log.warning("dashboard: no plan report for job %s: %s", job.job_id, e)
+            report = PlanReport(0.0, 0.0, 0)
         self._reports = {k: v for k, v in self._reports.items() if k[0] != job.job_id}
-        self._reports[key] = (time.monotonic(), out)
-        return out
+        self._reports[key] = (
+            time.monotonic(),
+            {
+                "predicted_step_s": job.plan.predicted_step_s,
+                "calibrated_step_s": report.calibrated_step_s,
+                "measured_step_s": report.measured_step_s,
+                "steps_measured": report.steps_measured,
+            },
+        )
+
+    async def close(self) -> None:
+        """Cancel the reports being worked out."""
+        tasks = list(self._reporting.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def dag(self, job_id: str) -> dict[str, Any]:
         """The job's plan drawn as a DAG (cached per plan); JobError without a plan."""

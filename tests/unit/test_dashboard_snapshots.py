@@ -179,7 +179,11 @@ def test_job_view_has_curves_links_report_and_timeline_and_the_loss_curve_grows(
         assert links[(0, 1)]["compression"] == pytest.approx(8.0)
         assert links[(0, 1)]["measured_bytes_per_step"] == 1000
         assert links[(1, 2)]["measured_bytes_per_step"] == 2000
-        report = view["plan"]["report"]
+        # The plan report is worked out in the background: none at first, then there.
+        for _ in range(100):
+            if (report := (await views.job(c.job.job_id))["plan"]["report"]) is not None:
+                break
+            await asyncio.sleep(0.02)
         assert report["predicted_step_s"] == 0.09 and report["steps_measured"] > 0
         assert report["measured_step_s"] == pytest.approx(0.1, rel=1e-3)
         assert [e["kind"] for e in view["events"]] == ["submitted", "planned", "validation"]
