@@ -31,7 +31,7 @@ function summary(j) {
     figure("last checkpoint", j.last_checkpoint ? `step ${j.last_checkpoint}` : "none"),
     figure("re-plans", j.recoveries),
   ];
-  if (j.error) items.push(figure("error", j.error));
+  if (j.error) items.push(figure(j.state === "failed" ? "error" : "last trouble (recovered)", j.error));
   return items;
 }
 
