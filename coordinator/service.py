@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator import serde
+from coordinator import history_serde, serde
 from coordinator.checkpoint_upload import receive_checkpoint
 from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError, StaleReport
@@ -196,22 +196,22 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         return serde.plan_info_pb(job, await self.manager.plan_report(job))
 
     async def ListEvents(
-        self, request: serde.EventsRequest, context: grpc.aio.ServicerContext
-    ) -> serde.EventList:
+        self, request: history_serde.EventsRequest, context: grpc.aio.ServicerContext
+    ) -> history_serde.EventList:
         await self._guard(context)
-        query = serde.events_query_from_pb(request, max_limit=MAX_EVENTS_PER_CALL)
+        query = history_serde.events_query_from_pb(request, max_limit=MAX_EVENTS_PER_CALL)
         scope = CLUSTER
         if query.job_id:
             scope = (await self._job(query.job_id, context)).job_id
         events = await self.manager.events.since(scope, query.after_seq, query.limit)
-        return serde.event_list_pb(events)
+        return history_serde.event_list_pb(events)
 
     async def JobRecords(
-        self, request: serde.RecordsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[serde.RecordPage]:
+        self, request: history_serde.RecordsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[history_serde.RecordPage]:
         await self._guard(context)
-        job_id, since_step = serde.records_query_from_pb(request)
+        job_id, since_step = history_serde.records_query_from_pb(request)
         job = await self._job(job_id, context)
         records = await self.manager.metrics(job.job_id, since_step)
-        for page in serde.record_pages(records, RECORDS_PER_PAGE):
+        for page in history_serde.record_pages(records, RECORDS_PER_PAGE):
             yield page

@@ -45,6 +45,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 SERDE_MODULES = (
     "opdag.graph_serde",
     "coordinator.serde",
+    "coordinator.history_serde",
     "worker.serde",
     "worker.coordinator_serde",
     "archipelago.serde",
