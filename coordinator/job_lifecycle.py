@@ -50,6 +50,11 @@ MAX_FRUITLESS_RECOVERIES = 5
 LINK_WAIT_S = 30.0
 
 
+def plural(n: int, noun: str) -> str:
+    """"1 stage", "2 stages"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class JobLifecycle:
     """The scheduler: plans waiting jobs on free workers, and re-plans broken ones."""
 
@@ -261,8 +266,9 @@ class JobLifecycle:
             await self.events.record(
                 job.job_id,
                 EventKind.PLANNED,
-                f"epoch {plan.epoch}: {plan.num_stages} stages x {plan.replicas} replicas on "
-                f"{on} ({plan.planner}, {plan.predicted_step_s:.3f} s/step predicted)",
+                f"epoch {plan.epoch}: {plural(plan.num_stages, 'stage')} x "
+                f"{plural(plan.replicas, 'replica')} on {on} ({plan.planner}, "
+                f"{plan.predicted_step_s:.3f} s/step predicted)",
                 epoch=plan.epoch,
                 step=start_step,
                 planner=plan.planner,

@@ -85,7 +85,7 @@ class WorkerAdmission:
             CLUSTER,
             EventKind.JOINED,
             f"worker {w.name} {'came back' if known else 'joined'} at {w.address}: "
-            f"{w.gflops:.1f} GFLOP/s, {w.memory_bytes / 2**30:.1f} GiB",
+            f"{w.gflops:.1f} GFLOP/s, {w.memory_bytes / 1e9:.1f} GB of memory",
             worker_id=w.worker_id,
             worker_name=w.name,
         )

@@ -93,6 +93,11 @@ subscribe("job", { job: jobId }, (data) => {
   validationCurve(data.curves.validation);
   paceCurve(data.curves.samples_per_s);
   fill(document.getElementById("events"), [...data.events].reverse().map(eventItem));
+  // Checkpoints and their validation come every few steps; shown on request, they would
+  // otherwise push the re-plans out of sight.
+  const routine = document.getElementById("routine");
+  routine.onchange = () =>
+    document.getElementById("events").classList.toggle("hide-routine", !routine.checked);
   showEmpty("no-events", data.events.length === 0);
   const plan = data.plan;
   if (!plan) {
