@@ -34,7 +34,8 @@ TORCH_WHEEL = Path("/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_
 # packages.find) and the two files the package's metadata reads.
 PACKAGES = ("archipelago", "compressors", "coordinator", "deploy", "opdag", "proto", "worker")
 TOP_FILES = ("pyproject.toml", "README.md")
-WHEELS_DIR = "deploy/wheels"
+WHEELS_DIR = "deploy/wheels"  # its README only; the context's wheels go to CONTEXT_WHEELS
+CONTEXT_WHEELS = "wheels"
 LS_FILES_ARGS = ("--cached", "--others", "--exclude-standard")
 # Where the wheelhouse is downloaded, inside its throwaway container.
 WHEELHOUSE_SCRIPT = (
@@ -101,16 +102,16 @@ def write_context(
     out: Path, *, root: Path, files: Iterable[str], torch_wheel: Path, wheelhouse: Path | None
 ) -> None:
     """The build context as a tar file: `files` of `root`, the torch wheel as
-    deploy/wheels/<its name> and the wheelhouse's wheels under deploy/wheels/deps/."""
+    wheels/<its name> and the wheelhouse's wheels under wheels/deps/."""
     with tarfile.open(out, "w") as tar:
         for name in files:
             source = root / name
             if source.is_file():  # a tracked file deleted in the work tree is left out
                 _add(tar, name, source)
-        _add(tar, f"{WHEELS_DIR}/{torch_wheel.name}", torch_wheel)
+        _add(tar, f"{CONTEXT_WHEELS}/{torch_wheel.name}", torch_wheel)
         if wheelhouse is not None:
             for wheel in sorted(wheelhouse.glob("*.whl")):
-                _add(tar, f"{WHEELS_DIR}/deps/{wheel.name}", wheel)
+                _add(tar, f"{CONTEXT_WHEELS}/deps/{wheel.name}", wheel)
 
 
 def wheelhouse_key(requirements: list[str], torch_wheel: Path, base: str) -> str:

@@ -29,6 +29,7 @@ from deploy.cluster import (
 from deploy.image import (
     DOCKERFILE,
     LABEL_ROLE,
+    PACKAGES,
     context_files,
     listed_files,
     source_root,
@@ -111,8 +112,8 @@ def test_context_tar_is_the_same_bytes_for_the_same_files(tmp_path: Path) -> Non
     assert _tar_entries(first.read_bytes()) == [
         ("archipelago/cli.py", 0, 0),
         ("pyproject.toml", 0, 0),
-        (f"deploy/wheels/{torch.name}", 0, 0),
-        ("deploy/wheels/deps/numpy-2.0-cp311-cp311-manylinux_2_17_x86_64.whl", 0, 0),
+        (f"wheels/{torch.name}", 0, 0),
+        ("wheels/deps/numpy-2.0-cp311-cp311-manylinux_2_17_x86_64.whl", 0, 0),
     ]
 
 
@@ -138,11 +139,14 @@ def test_dockerfile_takes_a_normal_base_and_installs_torch_before_the_sources() 
     # The legacy builder of Docker 20.10 has no RUN --mount.
     assert not [line for line in text.splitlines() if line.startswith("RUN --mount")]
     torch, deps, sources = (
-        text.index("deploy/wheels/torch-*.whl"),
-        text.index("COPY pyproject.toml"),
-        text.index("COPY . /src"),
+        text.index("wheels/torch-*.whl"),
+        text.index("COPY pyproject.toml deploy/image_requirements.py"),
+        text.index("FROM environment AS project"),
     )
     assert torch < deps < sources
+    # The project stage copies every package the image is built from, one by one.
+    for package in PACKAGES:
+        assert f"COPY {package}/ {package}/" in text[sources:]
 
 
 # -- the base image ---------------------------------------------------------------------
