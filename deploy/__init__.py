@@ -1,1 +1,2 @@
-"""Deployment: the one-machine WAN testbed (`deploy.wan`) and, later, images and compose files."""
+"""Deployment: the one-machine WAN testbed (`deploy.wan`) and containers: the image, its
+local base, and a cluster started and removed through the Docker engine (`deploy.cluster`)."""
