@@ -449,6 +449,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     try:
         return print_events(_client(args), args.job, follow=args.follow)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         return 130
 
