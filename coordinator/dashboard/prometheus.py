@@ -194,6 +194,15 @@ class ClusterCollector:
                 ),
                 lambda j: float(j.last_checkpoint),
             ),
+            (
+                _gauge(
+                    "job_validation_loss",
+                    "The held-out loss of the job's newest checkpoint evaluated (NaN: none "
+                    "yet).",
+                    JOB_LABELS,
+                ),
+                lambda j: NAN if j.val_loss is None else float(j.val_loss),
+            ),
         ]
         for job in jobs:
             labels = [job.job_id, job.name]

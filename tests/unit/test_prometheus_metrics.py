@@ -111,6 +111,7 @@ def running_job(worker_ids: list[str]) -> Job:
     job = Job(job_id="job-a", name="tiny", spec=spec, state=JobState.RUNNING, epoch=2, plan=plan)
     job.steps_done, job.loss, job.step_seconds, job.bytes_per_step = 7, 2.5, 0.5, 12_345
     job.recoveries, job.last_checkpoint = 1, 5
+    job.val_loss, job.val_step = 2.75, 5
     return job
 
 
@@ -160,9 +161,11 @@ def test_jobs_by_state_and_each_jobs_progress_loss_pace_and_plan(coord: Coordina
     assert value(m, "archipelago_job_plan_epoch", **a) == 2
     assert value(m, "archipelago_job_recoveries", **a) == 1
     assert value(m, "archipelago_job_last_checkpoint_step", **a) == 5
+    assert value(m, "archipelago_job_validation_loss", **a) == 2.75
     # A job with no step yet: no loss (NaN stays NaN), no pace, no plan.
     b = {"job_id": "job-b"}
     assert math.isnan(value(m, "archipelago_job_loss", **b))
+    assert math.isnan(value(m, "archipelago_job_validation_loss", **b))
     assert math.isnan(value(m, "archipelago_job_step_seconds", **b))
     assert math.isnan(value(m, "archipelago_job_predicted_step_seconds", **b))
     assert value(m, "archipelago_job_samples_per_second", **b) == 0
