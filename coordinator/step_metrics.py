@@ -18,6 +18,24 @@ from coordinator.job_record import Job, PlanReport, Progress
 from coordinator.planning.plan import Plan
 from coordinator.store import StateStore
 
+# Steps back from the newest loss to look for one that every stage has reported.
+BYTES_LOOKBACK_STEPS = 3
+
+
+def bytes_per_step(
+    records: list[dict[str, Any]], *, epoch: int, replica: int, stages: int, fallback: int
+) -> int:
+    """The bytes the stages of one pipeline (the speaker's, as with a single one) sent each
+    other in the newest step all `stages` of them have reported. The last stage reports a
+    step first (its loss), the first stage last (after its backward), so the step of the
+    newest loss is rarely complete yet; without a complete step, `fallback`."""
+    by_step: dict[int, list[int]] = {}
+    for m in records:
+        if m.get("epoch") == epoch and m.get("replica", 0) == replica:
+            by_step.setdefault(int(m["step"]), []).append(int(m.get("bytes", 0)))
+    complete = [step for step, sent in by_step.items() if len(sent) >= stages]
+    return sum(by_step[max(complete)]) if complete else fallback
+
 
 class StepMetrics:
     """The stored step metrics of every job."""
@@ -68,12 +86,12 @@ class StepMetrics:
         )
         if not moves_job:
             return False
-        metrics = await self.since(job.job_id, p.step)
-        # Bytes between the stages of one pipeline, the speaker's, as with a single one.
-        job.bytes_per_step = sum(
-            int(m.get("bytes", 0))
-            for m in metrics
-            if m["step"] == p.step and m.get("epoch") == p.epoch and m.get("replica", 0) == replica
+        job.bytes_per_step = bytes_per_step(
+            await self.since(job.job_id, max(0, p.step - BYTES_LOOKBACK_STEPS)),
+            epoch=p.epoch,
+            replica=replica,
+            stages=job.plan.num_stages if job.plan is not None else 1,
+            fallback=job.bytes_per_step,
         )
         return True
 

@@ -18,7 +18,7 @@ from coordinator.planning.jobspec import parse_job_spec
 from coordinator.planning.plan import Placement, Plan
 from coordinator.replica_metrics import summarise_replicas
 from coordinator.serde import job_info_pb
-from coordinator.step_metrics import StepMetrics
+from coordinator.step_metrics import StepMetrics, bytes_per_step
 from coordinator.store import SQLiteStore, StateStore, open_store
 
 pytestmark = pytest.mark.unit
@@ -244,3 +244,18 @@ def test_the_job_view_carries_replica_and_group_figures_and_the_speakers_losses(
         (1, [0, 1], 2),
     ]
     assert len(job_info_pb(job).replica_metrics) == 0  # no records asked for, none made
+
+
+def test_bytes_per_step_come_from_the_newest_step_every_stage_reported() -> None:
+    records: list[dict[str, Any]] = [
+        {"step": 4, "stage": 0, "epoch": 2, "bytes": 100},
+        {"step": 4, "stage": 1, "epoch": 2, "bytes": 20},
+        {"step": 5, "stage": 1, "epoch": 2, "bytes": 30},  # the newest loss: stage 0 to come
+        {"step": 5, "stage": 0, "epoch": 1, "bytes": 999},  # an older plan's
+        {"step": 5, "stage": 0, "epoch": 2, "replica": 1, "bytes": 999},  # another replica's
+    ]
+    assert bytes_per_step(records, epoch=2, replica=0, stages=2, fallback=7) == 120
+    records.append({"step": 5, "stage": 0, "epoch": 2, "bytes": 110})
+    assert bytes_per_step(records, epoch=2, replica=0, stages=2, fallback=7) == 140
+    # No step with every stage yet (a new plan's first): what the job had.
+    assert bytes_per_step(records[2:3], epoch=2, replica=0, stages=2, fallback=7) == 7
