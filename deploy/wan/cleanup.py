@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from deploy.wan import iproute
+from deploy.wan import firewall, iproute
 from deploy.wan.errors import TestbedError
 from deploy.wan.layout import LINK_PREFIX, NAMESPACE_PREFIX, bridge_name, owner_of_namespace
 from deploy.wan.state import STATE_DIR, read_state, recorded_names, remove_records, state_path
@@ -96,6 +96,7 @@ def remove_testbed(name: str, directory: Path = STATE_DIR) -> list[str]:
             if stop_process(pid):
                 removed.append(f"process {pid} in {ns}")
     bridge = bridge_name(name)
+    removed += firewall.close_forwarding(name, bridge)
     # Veths before the bridge; deleting an outer end takes its peer in the namespace along.
     for link in sorted(_links_of(name), key=lambda link: link == bridge):
         if iproute.run(["ip", "link", "del", "dev", link], check=False).returncode == 0:

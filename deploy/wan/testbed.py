@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from deploy.wan import cleanup, iproute
+from deploy.wan import cleanup, firewall, iproute
 from deploy.wan.delay import DelayConfig, TunnelConfig
 from deploy.wan.errors import TestbedError
 from deploy.wan.layout import INNER_VETH, TUNNEL, HostLayout, TestbedLayout, plan_layout
@@ -213,6 +213,7 @@ class Testbed:
         iproute.run(["ip", "link", "set", "dev", bridge, "addrgenmode", "none"])
         iproute.run(["ip", "addr", "add", self.layout.interface_cidr, "dev", bridge])
         iproute.run(["ip", "link", "set", "dev", bridge, "up"])
+        firewall.open_forwarding(self.name, bridge)
 
     def _build_host(self, host: HostLayout) -> None:
         ns, prefix = host.namespace, self.spec.subnet.prefixlen
