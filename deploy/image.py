@@ -154,6 +154,9 @@ def ensure_wheelhouse(
                 build.base,
                 ["sh", "-c", WHEELHOUSE_SCRIPT.format(torch=build.torch_wheel.name)],
                 volumes=volumes,
+                # The host's own network: PyPI is reached as the host reaches it, also from
+                # an engine that does no NAT for its containers (dockerd --iptables=false).
+                network_mode="host",
                 labels={LABEL_ROLE: "wheelhouse"},
                 remove=True,
                 stdout=False,

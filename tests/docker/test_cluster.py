@@ -66,8 +66,17 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[docker.DockerCl
     if os.geteuid() != 0:
         pytest.skip("starting dockerd for the Docker tests needs root")
     log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+    # Without iptables: an engine that manages the firewall sets the FORWARD policy to DROP
+    # for the whole machine, which would cut the WAN testbed's hosts off from each other in
+    # the tiers that run after this one. The cluster needs no NAT: its ports are published
+    # by the engine's userland proxy and only the wheel download goes out, on the host's
+    # own network.
     with log.open("wb") as out:
-        daemon = subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT)
+        daemon = subprocess.Popen(
+            ["dockerd", "--iptables=false", "--ip-masq=false"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + ENGINE_START_S
         while (client := _engine()) is None:
