@@ -52,7 +52,7 @@ def event_list_pb(events: Sequence[Mapping[str, Any]]) -> EventList:
     for e in events:
         pb = out.events.add(
             seq=_event_uint(e.get("seq")),
-            at=float(e.get("at", 0.0)),
+            at=_real(e.get("at")),
             kind=str(e.get("kind", "")),
             text=str(e.get("text", "")),
             epoch=_event_uint(e.get("epoch")),
