@@ -113,6 +113,17 @@ def test_operator_watches_a_job_lose_a_worker_and_replan(
             page.goto(f"{url}/jobs")
             page.wait_for_selector(f'tr[data-job="{job_id}"][data-state="running"]')
             shot(page, "jobs")
+            # A snapshot updates the row in place: the link a click is about to land
+            # on stays the same element while the job's progress moves.
+            link = page.query_selector(f'tr[data-job="{job_id}"] a')
+            assert link is not None
+            steps = page.inner_text(f'tr[data-job="{job_id}"] td:nth-child(5)')
+            page.wait_for_function(
+                "([sel, was]) => { const c = document.querySelector(sel);"
+                " return c !== null && c.innerText !== was; }",
+                arg=[f'tr[data-job="{job_id}"] td:nth-child(5)', steps],
+            )
+            assert link.evaluate("a => a.isConnected")
             page.click(f'tr[data-job="{job_id}"] a')
             page.wait_for_url(f"{url}/jobs/{job_id}")
 

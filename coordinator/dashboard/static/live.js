@@ -55,9 +55,64 @@ export function td(value, numeric = false) {
   return el("td", { class: numeric ? "num" : undefined }, value ?? "");
 }
 
-/** Replace `parent`'s children. */
+/**
+ * Make `parent`'s children `children`, changing only what differs. A row that is
+ * still there keeps its elements, so a click that starts on a link just as a
+ * snapshot arrives still ends on it (replacing the rows would lose the click), and
+ * a selection or hover survives the refresh. Rows that name a job, a worker or an
+ * event (`data-job`, `data-worker`, `data-seq`) are matched by that name, others by
+ * position.
+ */
 export function fill(parent, children) {
-  parent.replaceChildren(...children);
+  const wanted = children.map((c) => (c instanceof Node ? c : document.createTextNode(String(c))));
+  const current = [...parent.childNodes];
+  const byKey = new Map();
+  for (const node of current) {
+    const key = keyOf(node);
+    if (key !== null && !byKey.has(key)) byKey.set(key, node);
+  }
+  const used = new Set();
+  const result = wanted.map((node, i) => {
+    const key = keyOf(node);
+    let match = key !== null ? byKey.get(key) : current[i];
+    if (match && key === null && keyOf(match) !== null) match = undefined;
+    if (!match || used.has(match) || !sameKind(match, node)) return node;
+    used.add(match);
+    morph(match, node);
+    return match;
+  });
+  result.forEach((node, i) => {
+    if (parent.childNodes[i] !== node) parent.insertBefore(node, parent.childNodes[i] ?? null);
+  });
+  while (parent.childNodes.length > result.length) parent.lastChild.remove();
+}
+
+function keyOf(node) {
+  if (node.nodeType !== Node.ELEMENT_NODE || !node.dataset) return null;
+  const { job, worker, seq } = node.dataset;
+  if (seq !== undefined) return `seq:${seq}`;
+  if (job !== undefined) return `job:${job}`;
+  if (worker !== undefined) return `worker:${worker}`;
+  return null;
+}
+
+function sameKind(a, b) {
+  return a.nodeType === b.nodeType && a.nodeName === b.nodeName && a.namespaceURI === b.namespaceURI;
+}
+
+/** Turn `node` into a copy of `model` in place. */
+function morph(node, model) {
+  if (node.nodeType !== Node.ELEMENT_NODE) {
+    if (node.nodeValue !== model.nodeValue) node.nodeValue = model.nodeValue;
+    return;
+  }
+  for (const { name } of [...node.attributes]) {
+    if (!model.hasAttribute(name)) node.removeAttribute(name);
+  }
+  for (const { name, value } of [...model.attributes]) {
+    if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+  }
+  fill(node, [...model.childNodes]);
 }
 
 /** Show `empty` (an element) when there is nothing to show. */
