@@ -46,6 +46,8 @@ class EventKind(StrEnum):
     LEAVING = "leaving"
     LEFT = "left"
     LOST = "lost"
+    EXCLUDED = "excluded"  # left out of planning for a back-off time; the reason says why
+    QUARANTINED = "quarantined"  # left out of planning for good
 
 
 Field = str | int | float | bool

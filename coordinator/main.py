@@ -24,6 +24,7 @@ from coordinator.dashboard.server import (
     open_dashboard,
     parse_address,
 )
+from coordinator.exclusions import DEFAULT_BACKOFF_S, DEFAULT_MAX_BACKOFF_S, Exclusions
 from coordinator.jobs import JobManager
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
@@ -62,6 +63,10 @@ class CoordinatorConfig:
     dashboard: str = DEFAULT_ADDRESS
     dashboard_required: bool = False
     dashboard_token: str = ""  # a read-only token for the dashboard only
+    # A worker that cannot be reached or makes no progress is left out of planning this
+    # long, doubled for each repeat offence up to the cap.
+    exclusion_backoff_s: float = DEFAULT_BACKOFF_S
+    exclusion_max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
@@ -79,6 +84,16 @@ async def serve(cfg: CoordinatorConfig) -> int:
     metrics = CoordinatorMetrics(manager, registry, links)
     store.observe = metrics.observe_store
     registry.on_heartbeat_gap = metrics.observe_heartbeat
+    # Loaded before the jobs are restored: a restored job's re-plan must already leave the
+    # excluded workers out.
+    exclusions = Exclusions(
+        store,
+        manager.events,
+        backoff_s=cfg.exclusion_backoff_s,
+        max_backoff_s=cfg.exclusion_max_backoff_s,
+    )
+    await exclusions.load()
+    registry.exclusions = exclusions
     await manager.restore()
     await links.load()
 

@@ -11,10 +11,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.planning.plan import WorkerSlot
 from coordinator.states import WORKER_ALIVE, StageState, WorkerStatus
+
+if TYPE_CHECKING:
+    from coordinator.exclusions import Exclusions
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Registry:
         self.workers: dict[str, WorkerState] = {}
         # Told the seconds since a worker's previous heart-beat at each one (the metrics').
         self.on_heartbeat_gap: Callable[[float], None] | None = None
+        # Workers left out of planning (backed off or quarantined); None: nobody is.
+        self.exclusions: Exclusions | None = None
 
     def load(self, records: list[dict[str, Any]]) -> None:
         """Take over the workers a previous coordinator knew; each gets a grace period to
@@ -152,6 +157,8 @@ class Registry:
     def free(self) -> list[WorkerSlot]:
         """Live, idle workers that are not leaving, in registration order."""
         idle = [w for w in self.workers.values() if w.state == WorkerStatus.IDLE and not w.leaving]
+        if self.exclusions is not None:
+            idle = [w for w in idle if not self.exclusions.excluded(w.worker_id)]
         idle.sort(key=lambda w: (w.registered_at, w.worker_id))
         return [WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in idle]
 

@@ -85,6 +85,21 @@ class StateStore(abc.ABC):
     def delete_worker(self, worker_id: str) -> None:
         """Forget the worker (no error if unknown)."""
 
+    # -- exclusions ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_exclusion(self, exclusion: dict[str, Any]) -> None:
+        """Store why and until when a worker is left out of planning (it needs a
+        "worker_id"), replacing any earlier record of that worker."""
+
+    @abc.abstractmethod
+    def list_exclusions(self) -> list[dict[str, Any]]:
+        """Every exclusion record, ordered by worker_id."""
+
+    @abc.abstractmethod
+    def delete_exclusion(self, worker_id: str) -> None:
+        """Forget the worker's exclusion record (no error if there is none)."""
+
     # -- metrics ---------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -38,10 +38,11 @@ class RedisStore(StateStore):
     """The store in one Redis database, every key under `prefix` so other data is untouched.
 
     Layout (the id always comes last, so ids containing ':' cannot collide):
-    job:{id} / plan:{id} / worker:{id} JSON, listed by the sorted sets index:jobs (scored by
-    created_at) and index:workers; metrics:{job} hash of "step:stage" (replica 0) or
-    "step:stage:replica" -> JSON, ordered by metric-order:{job}; ckpt-manifest:{job} hash
-    step -> num_stages; ckpt-complete:{job} sorted set of complete steps;
+    job:{id} / plan:{id} / worker:{id} / exclusion:{id} JSON, listed by the sorted sets
+    index:jobs (scored by created_at), index:workers and index:exclusions; metrics:{job}
+    hash of "step:stage" (replica 0) or "step:stage:replica" -> JSON, ordered by
+    metric-order:{job}; ckpt-manifest:{job} hash step -> num_stages; ckpt-complete:{job}
+    sorted set of complete steps;
     ckpt-part:{step}:{stage}:{job} and blob:{key} raw bytes, blobs listed in index:blobs.
     """
 
@@ -215,6 +216,27 @@ class RedisStore(StateStore):
             pipe = self._client.pipeline(transaction=True)
             pipe.delete(self._key("worker", worker_id))
             pipe.zrem(self._key("index", "workers"), worker_id)
+            pipe.execute()
+
+    # exclusions
+
+    def put_exclusion(self, exclusion: dict[str, Any]) -> None:
+        worker_id = record_id(exclusion, "worker_id")
+        body = encode_record("exclusion", exclusion)
+        with self._errors():
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self._key("exclusion", worker_id), body)
+            pipe.zadd(self._key("index", "exclusions"), {worker_id: 0})
+            pipe.execute()
+
+    def list_exclusions(self) -> list[dict[str, Any]]:
+        return self._list_records(self._key("index", "exclusions"), "exclusion")
+
+    def delete_exclusion(self, worker_id: str) -> None:
+        with self._errors():
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(self._key("exclusion", worker_id))
+            pipe.zrem(self._key("index", "exclusions"), worker_id)
             pipe.execute()
 
     # metrics

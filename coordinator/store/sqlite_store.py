@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_creation ON jobs (created_at, job_id);
 CREATE TABLE IF NOT EXISTS plans (job_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS exclusions (worker_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     job_id TEXT NOT NULL, step INTEGER NOT NULL, stage INTEGER NOT NULL,
     replica INTEGER NOT NULL, body TEXT NOT NULL,
@@ -188,6 +189,23 @@ class SQLiteStore(StateStore):
     def delete_worker(self, worker_id: str) -> None:
         with self._transaction(write=True) as db:
             db.execute("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    # exclusions (the table is created by `_SCHEMA` in a file of any version: no migration)
+
+    def put_exclusion(self, exclusion: dict[str, Any]) -> None:
+        worker_id = record_id(exclusion, "worker_id")
+        body = encode_record("exclusion", exclusion)
+        with self._transaction(write=True) as db:
+            db.execute("REPLACE INTO exclusions VALUES (?, ?)", (worker_id, body.decode()))
+
+    def list_exclusions(self) -> list[dict[str, Any]]:
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT worker_id, body FROM exclusions ORDER BY worker_id")
+            return [decode_record(f"exclusions[{w!r}]", body) for w, body in rows.fetchall()]
+
+    def delete_exclusion(self, worker_id: str) -> None:
+        with self._transaction(write=True) as db:
+            db.execute("DELETE FROM exclusions WHERE worker_id = ?", (worker_id,))
 
     # metrics
 

@@ -83,6 +83,17 @@ class TimedStore(StateStore):
     def delete_worker(self, worker_id: str) -> None:
         self._timed("delete_worker", self.inner.delete_worker, worker_id)
 
+    # -- exclusions ------------------------------------------------------------------------
+
+    def put_exclusion(self, exclusion: dict[str, Any]) -> None:
+        self._timed("put_exclusion", self.inner.put_exclusion, exclusion)
+
+    def list_exclusions(self) -> list[dict[str, Any]]:
+        return self._timed("list_exclusions", self.inner.list_exclusions)
+
+    def delete_exclusion(self, worker_id: str) -> None:
+        self._timed("delete_exclusion", self.inner.delete_exclusion, worker_id)
+
     # -- metrics ---------------------------------------------------------------------------
 
     def put_metric(

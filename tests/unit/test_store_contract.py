@@ -188,6 +188,30 @@ def test_workers_replace_list_in_id_order_and_delete(store: StateStore) -> None:
     assert [w["worker_id"] for w in store.list_workers()] == ["w1", "w2"]
 
 
+# -- exclusions ----------------------------------------------------------------------------
+
+
+def test_exclusions_replace_list_in_id_order_delete_and_survive_a_reopen(
+    store: StateStore,
+) -> None:
+    for worker_id in ("w2", "w10", "w1"):
+        store.put_exclusion({"worker_id": worker_id, "reason": "unreachable", "until": 5.0})
+    store.put_exclusion({"worker_id": "w2", "reason": "NaN gradients", "until": None})
+    store.delete_exclusion("w10")
+    store.delete_exclusion("never-seen")
+    expected = [
+        {"worker_id": "w1", "reason": "unreachable", "until": 5.0},
+        {"worker_id": "w2", "reason": "NaN gradients", "until": None},
+    ]
+    assert store.list_exclusions() == expected
+    assert store.list_workers() == []  # an exclusion is not a worker record
+    with reopen(store) as again:
+        assert again.list_exclusions() == expected
+    with pytest.raises(ValueError, match="worker_id"):
+        store.put_exclusion({"reason": "no id"})
+    assert len(store.list_exclusions()) == 2
+
+
 # -- metrics -------------------------------------------------------------------------------
 
 
