@@ -155,7 +155,7 @@ class Registry:
         return lost
 
     def free(self) -> list[WorkerSlot]:
-        """Live, idle workers that are not leaving, in registration order."""
+        """Live, idle workers that are not leaving nor excluded, in registration order."""
         idle = [w for w in self.workers.values() if w.state == WorkerStatus.IDLE and not w.leaving]
         if self.exclusions is not None:
             idle = [w for w in idle if not self.exclusions.excluded(w.worker_id)]
