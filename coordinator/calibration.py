@@ -13,6 +13,7 @@ import json
 import logging
 import statistics
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from coordinator.job_record import Job, Progress
@@ -68,9 +69,15 @@ class ComputeCalibration:
             log.warning("stored compute model unreadable (%s); calibrating afresh", e)
 
     def save(self) -> Coroutine[Any, Any, None]:
-        """The store write of the model as it is now (for the caller to await or spawn)."""
+        """The store write of the model as it is now, and of the workers' measured speeds
+        (for the caller to await or spawn)."""
         blob = json.dumps(self.model.to_dict()).encode()
-        return asyncio.to_thread(self.store.put_blob, COMPUTE_MODEL_KEY, blob)
+        return self._save(blob)
+
+    async def _save(self, blob: bytes) -> None:
+        await asyncio.to_thread(self.store.put_blob, COMPUTE_MODEL_KEY, blob)
+        if self.registry.capacity is not None:
+            await self.registry.capacity.flush()
 
     def new_plan(self, job_id: str, epoch: int, cut: Partition) -> None:
         """A job was planned again: drop its earlier plans' profiles and note the FLOPs of
@@ -109,26 +116,34 @@ class ComputeCalibration:
         if n < PROFILE_STEPS or (n - PROFILE_STEPS) % 10:
             return False
         w = self.registry.get(placement.worker_id)
-        if w is None or w.gflops <= 0:
-            return False
         stage = self._stage_flops.get(key)
-        if stage is None:
+        if w is None or stage is None:
             return False
         fwd, bwd, nodes = stage
         # A replica runs its share of the step's micro-batches (reports come from replica 0).
         per_mb = statistics.median(seen) / (job.spec.data.micro_batches // plan.replicas)
+        if self.registry.capacity is not None and per_mb > 0:
+            # The profile is the worker's measurement: its stage's FLOPs over their seconds.
+            self.registry.capacity.note(w.worker_id, w.name, w.gflops, (fwd + bwd) / per_mb)
+        if self.registry.planning_gflops(w) <= 0:
+            return False
         share = fwd / (fwd + bwd) if fwd + bwd > 0 else 0.5
         self._timings[placement.worker_id] = StageTiming(
-            placement.worker_id, w.gflops, fwd, bwd, nodes, per_mb * share, per_mb * (1 - share)
+            placement.worker_id, 0.0, fwd, bwd, nodes, per_mb * share, per_mb * (1 - share)
         )
-        self.model = fit_compute_model(list(self._timings.values()), prior=self._prior_model)
+        # Every stage is fit against the speed believed for its worker now: efficiencies
+        # stay relative to the figure the planner multiplies them with.
+        timings = [replace(t, gflops=self._believed(t.worker_id)) for t in self._timings.values()]
+        timings = [t for t in timings if t.gflops > 0]
+        self.model = fit_compute_model(timings, prior=self._prior_model)
         return True
+
+    def _believed(self, worker_id: str) -> float:
+        w = self.registry.get(worker_id)
+        return self.registry.planning_gflops(w) if w is not None else 0.0
 
     async def predicted_step_s(self, plan: Plan, graph: Graph, spec: JobSpec) -> float:
         """The plan's step time predicted again with the model as calibrated now."""
-        speeds = {
-            pl.worker_id: (w.gflops if (w := self.registry.get(pl.worker_id)) else 0.0)
-            for pl in plan.placements
-        }
+        speeds = {pl.worker_id: self._believed(pl.worker_id) for pl in plan.placements}
         figures = self.links.figures(speeds) if self.links else {}
         return await asyncio.to_thread(predict, plan, graph, spec, speeds, figures, self.model)

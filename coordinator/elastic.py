@@ -181,7 +181,9 @@ class ElasticReplicas:
             return
         mine = [life.registry.get(w) for w in plan.worker_ids]
         current = [
-            WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in mine if w is not None
+            WorkerSlot(w.worker_id, w.name, w.address, life.registry.planning_gflops(w))
+            for w in mine
+            if w is not None
         ]
         ids = [w.worker_id for w in (*current, *free)]
         if life.links is not None and life.links.unmeasured(ids):

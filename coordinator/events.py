@@ -48,6 +48,7 @@ class EventKind(StrEnum):
     LOST = "lost"
     EXCLUDED = "excluded"  # left out of planning for a back-off time; the reason says why
     QUARANTINED = "quarantined"  # left out of planning for good
+    CAPACITY_DOUBTED = "capacity_doubted"  # a claimed speed far above the measured one
 
 
 Field = str | int | float | bool

@@ -38,6 +38,9 @@ class Exclusion:
     since: float  # wall clock
     until: float | None  # wall clock; None: for good (quarantine)
     offences: int = 1  # how many times it was excluded: the next back-off doubles with it
+    # Where it was (HOST:PORT; "" if not said): a worker that joins anew under another id
+    # at the same address is the same bad address, and is left out too.
+    address: str = ""
 
     def active(self, now: float) -> bool:
         return self.until is None or now < self.until
@@ -50,6 +53,7 @@ class Exclusion:
             "since": self.since,
             "until": self.until,
             "offences": self.offences,
+            "address": self.address,
         }
 
     @classmethod
@@ -62,6 +66,7 @@ class Exclusion:
             since=float(r.get("since", 0.0)),
             until=None if until is None else float(until),
             offences=max(1, int(r.get("offences", 1))),
+            address=str(r.get("address", "")),
         )
 
 
@@ -90,6 +95,7 @@ class Exclusions:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._by_worker: dict[str, Exclusion] = {}
+        self._by_address: dict[str, Exclusion] = {}
 
     async def load(self) -> None:
         """Take over the exclusions a previous coordinator stored (at coordinator start)."""
@@ -100,9 +106,23 @@ class Exclusions:
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("exclusion record %r skipped: %s", r, exc)
                 continue
-            self._by_worker[e.worker_id] = e
+            self._remember(e)
 
-    async def exclude(self, worker_id: str, name: str, *, reason: str, until: float | None) -> None:
+    def _remember(self, e: Exclusion) -> None:
+        self._by_worker[e.worker_id] = e
+        if e.address:
+            # The address keeps the exclusion in force the longest (a quarantine wins).
+            now = time.time()
+            old = self._by_address.get(e.address)
+            longer = e.until is None or (
+                old is not None and old.until is not None and e.until > old.until
+            )
+            if old is None or not old.active(now) or longer:
+                self._by_address[e.address] = e
+
+    async def exclude(
+        self, worker_id: str, name: str, *, reason: str, until: float | None, address: str = ""
+    ) -> None:
         """Leave the worker out of planning until `until` (wall clock), or for good if None.
 
         An exclusion never shortens one in force: a quarantined worker stays quarantined,
@@ -118,8 +138,8 @@ class Exclusions:
         ):
             return  # already kept out at least that long: nothing new to say
         offences = 1 if old is None else old.offences + 1
-        e = Exclusion(worker_id, name, reason, now, until, offences)
-        self._by_worker[worker_id] = e
+        e = Exclusion(worker_id, name, reason, now, until, offences, address)
+        self._remember(e)
         try:
             await asyncio.to_thread(self.store.put_exclusion, e.to_record())
         except (StoreError, ValueError) as exc:
@@ -143,6 +163,7 @@ class Exclusions:
                 kind,
                 text,
                 worker_id=worker_id,
+                worker_name=name,
                 reason=reason,
                 until=0.0 if until is None else until,
                 offences=offences,
@@ -155,15 +176,20 @@ class Exclusions:
         # min() before the power would overflow: 2**doublings grows without bound.
         return min(self.max_backoff_s, self.backoff_s * 2.0 ** min(doublings, 64))
 
-    async def back_off(self, worker_id: str, name: str, *, reason: str) -> float:
-        """Exclude the worker for its next back-off time; returns that time in seconds."""
+    async def back_off(self, worker_id: str, name: str, *, reason: str, address: str = "") -> float:
+        """Exclude the worker (and its address, if given) for its next back-off time;
+        returns that time in seconds."""
         seconds = self.next_backoff_s(worker_id)
-        await self.exclude(worker_id, name, reason=reason, until=time.time() + seconds)
+        await self.exclude(
+            worker_id, name, reason=reason, until=time.time() + seconds, address=address
+        )
         return seconds
 
     async def lift(self, worker_id: str) -> None:
         """Forget the worker's exclusion and its offences (an operator's pardon)."""
-        self._by_worker.pop(worker_id, None)
+        gone = self._by_worker.pop(worker_id, None)
+        if gone is not None and self._by_address.get(gone.address) is gone:
+            del self._by_address[gone.address]
         try:
             await asyncio.to_thread(self.store.delete_exclusion, worker_id)
         except StoreError as exc:
@@ -172,6 +198,11 @@ class Exclusions:
     def excluded(self, worker_id: str, now: float | None = None) -> bool:
         """Whether the planner must leave the worker out at `now` (default: this instant)."""
         e = self._by_worker.get(worker_id)
+        return e is not None and e.active(time.time() if now is None else now)
+
+    def excluded_address(self, address: str, now: float | None = None) -> bool:
+        """Whether an exclusion in force names this HOST:PORT."""
+        e = self._by_address.get(address) if address else None
         return e is not None and e.active(time.time() if now is None else now)
 
     def reason(self, worker_id: str) -> str | None:

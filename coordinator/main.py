@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.capacity import Capacity
 from coordinator.dashboard.prometheus import CoordinatorMetrics
 from coordinator.dashboard.server import (
     DEFAULT_ADDRESS,
@@ -94,6 +95,9 @@ async def serve(cfg: CoordinatorConfig) -> int:
     )
     await exclusions.load()
     registry.exclusions = exclusions
+    capacity = Capacity(store, manager.events)
+    await capacity.load()
+    registry.capacity = capacity
     await manager.restore()
     await links.load()
 

@@ -17,6 +17,7 @@ from coordinator.planning.plan import WorkerSlot
 from coordinator.states import WORKER_ALIVE, StageState, WorkerStatus
 
 if TYPE_CHECKING:
+    from coordinator.capacity import Capacity
     from coordinator.exclusions import Exclusions
 
 
@@ -94,6 +95,8 @@ class Registry:
         self.on_heartbeat_gap: Callable[[float], None] | None = None
         # Workers left out of planning (backed off or quarantined); None: nobody is.
         self.exclusions: Exclusions | None = None
+        # The speeds the planner believes (measured, or claims bounded); None: the claims.
+        self.capacity: Capacity | None = None
 
     def load(self, records: list[dict[str, Any]]) -> None:
         """Take over the workers a previous coordinator knew; each gets a grace period to
@@ -158,9 +161,18 @@ class Registry:
         """Live, idle workers that are not leaving nor excluded, in registration order."""
         idle = [w for w in self.workers.values() if w.state == WorkerStatus.IDLE and not w.leaving]
         if self.exclusions is not None:
-            idle = [w for w in idle if not self.exclusions.excluded(w.worker_id)]
+            out = self.exclusions
+            idle = [
+                w
+                for w in idle
+                if not out.excluded(w.worker_id) and not out.excluded_address(w.address)
+            ]
         idle.sort(key=lambda w: (w.registered_at, w.worker_id))
-        return [WorkerSlot(w.worker_id, w.name, w.address, w.gflops) for w in idle]
+        return [WorkerSlot(w.worker_id, w.name, w.address, self.planning_gflops(w)) for w in idle]
+
+    def planning_gflops(self, w: WorkerState) -> float:
+        """The speed the planner counts on for `w`: measured, or its claim bounded."""
+        return w.gflops if self.capacity is None else self.capacity.believed(w.worker_id, w.gflops)
 
     def assign(self, worker_ids: tuple[str, ...], job_id: str, epoch: int) -> None:
         for wid in worker_ids:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from coordinator.capacity import check_claim
 from coordinator.events import CLUSTER, EventKind
 from coordinator.registry import Registry, WorkerState
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
@@ -49,7 +50,8 @@ def check_registration(r: Registration, networks: Sequence[Network]) -> None:
             f"worker address {r.address[:80]!r} is outside the networks this "
             "coordinator accepts workers from (--worker-networks)"
         )
-    if not 0 <= r.gflops < 1e9 or len(r.device) > 32:
+    check_claim(r.gflops, r.memory_bytes, r.threads)
+    if len(r.device) > 32:
         raise ValueError("implausible worker resources")
 
 

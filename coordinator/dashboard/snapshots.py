@@ -94,7 +94,13 @@ class Snapshots:
                 "device": w.device,
                 "last_seen_at": round(now_wall - (now_mono - w.last_seen), 1),
                 "step": w.reported[2] if w.reported[0] else None,
+                # The speed the planner counts on (measured, or the claim bounded).
+                "planned_gflops": round(self.registry.planning_gflops(w), 2),
             }
+            exclusions = self.registry.exclusions
+            exclusion = exclusions.get(w.worker_id) if exclusions is not None else None
+            if exclusion is not None:
+                row.update(excluded=exclusion.reason, excluded_until=exclusion.until)
             if place is not None:
                 job, stage, replica = place
                 row.update(
