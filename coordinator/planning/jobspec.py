@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from coordinator.planning.job_size import check_job_size
 from coordinator.planning.spec_errors import (
     ROOT,
     Blame,
@@ -48,6 +49,7 @@ from coordinator.planning.spec_errors import (
     spec_dataclass,
     spec_error,
 )
+from coordinator.planning.spec_limits import SpecLimits
 from coordinator.planning.spec_yaml import read_spec_yaml
 from coordinator.planning.sync_spec import SyncSpec, sync_setting
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
@@ -460,9 +462,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def parse_job_spec(text: str) -> JobSpec:
-    """A job spec from YAML text; safe YAML only (no tags that build objects)."""
-    return JobSpec.from_dict(read_spec_yaml(text))
+def parse_job_spec(text: str, limits: SpecLimits | None = None) -> JobSpec:
+    """A job spec from YAML text; safe YAML only (no tags that build objects, no aliases).
+    With `limits` (a coordinator's), the job must also keep within them."""
+    spec = JobSpec.from_dict(read_spec_yaml(text, limits))
+    if limits is not None:
+        check_job_size(spec, limits)
+    return spec
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
