@@ -17,7 +17,9 @@ from tqdm import tqdm
 from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
 from archipelago.errors import UsageError
 from archipelago.job_lines import eta, job_line, replica_lines
+from coordinator.limits import add_coordinator_limit_flags, coordinator_limits_from_flags
 from opdag.report import human_bytes, human_count
+from proto.concurrency import WORKER_RPC_LIMITS, add_rpc_limit_flags, rpc_limits_from_flags
 from proto.rpc import TlsConfig, TlsError
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
@@ -69,6 +71,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="a read-only token that opens the dashboard and nothing else (default: "
         "$ARCHIPELAGO_DASHBOARD_TOKEN; the join token opens it too)",
     )
+    add_coordinator_limit_flags(p)
     _log_arg(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -95,6 +98,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         metavar="CIDR[,CIDR]",
         help="only measure links to workers inside these networks (default: any)",
     )
+    add_rpc_limit_flags(p, WORKER_RPC_LIMITS)
     _tls_args(p, server=True)
     _log_arg(p)
     p.set_defaults(func=cmd_worker)
@@ -254,6 +258,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         dashboard=dashboard,
         dashboard_required=args.dashboard is not None,
         dashboard_token=args.dashboard_token,
+        limits=coordinator_limits_from_flags(args),
     )
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
         raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
@@ -279,6 +284,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gflops=args.gflops,
         device=args.device,
         probe_networks=tuple(n for n in args.probe_networks.split(",") if n.strip()),
+        rpc_limits=rpc_limits_from_flags(args),
     )
     try:
         return asyncio.run(serve(cfg))

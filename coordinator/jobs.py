@@ -25,6 +25,7 @@ from coordinator.events import CLUSTER, EventKind, EventLog
 from coordinator.job_lifecycle import JobLifecycle
 from coordinator.job_record import Job, JobError, PlanReport, Progress, StaleReport
 from coordinator.job_table import JobTable
+from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.registry import Registry, WorkerState
@@ -128,9 +129,14 @@ class JobManager:
 
     # -- what users ask --------------------------------------------------------------------
 
+    # This coordinator's bounds (coordinator.main sets the configured ones; the job's are
+    # checked in `submit`, before its model is built).
+    limits: CoordinatorLimits = CoordinatorLimits()
+
     async def submit(self, spec_yaml: str) -> Job:
         """Validate a spec, capture its model, store the job; then it waits for workers."""
-        spec = parse_job_spec(spec_yaml)
+        # Parsed off the event loop: even a spec at the bounds never holds up heart-beats.
+        spec = await asyncio.to_thread(parse_job_spec, spec_yaml, self.limits.spec)
         job = Job(job_id=uuid.uuid4().hex[:10], name=spec.name, spec=spec)
         try:
             model, fingerprint = await asyncio.to_thread(self._prepare, spec)

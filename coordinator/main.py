@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from coordinator.capacity import Capacity
 from coordinator.dashboard.prometheus import CoordinatorMetrics
 from coordinator.dashboard.server import (
@@ -27,6 +25,7 @@ from coordinator.dashboard.server import (
 )
 from coordinator.exclusions import DEFAULT_BACKOFF_S, DEFAULT_MAX_BACKOFF_S, Exclusions
 from coordinator.jobs import JobManager
+from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.registry import Registry
 from coordinator.serde import add_coordinator_servicer
@@ -34,6 +33,7 @@ from coordinator.service import CoordinatorService
 from coordinator.store import open_store
 from coordinator.store.timed import TimedStore
 from coordinator.worker_client import WorkerClient
+from proto.concurrency import bounded_server
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 
 log = logging.getLogger("archipelago.coordinator")
@@ -68,6 +68,8 @@ class CoordinatorConfig:
     # long, doubled for each repeat offence up to the cap.
     exclusion_backoff_s: float = DEFAULT_BACKOFF_S
     exclusion_max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
+    # Every bound against cheap denial of service (coordinator.limits lists them).
+    limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
@@ -82,6 +84,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
     workers = WorkerClient(token=cfg.token, tls=cfg.tls)
     links = LinkProber(registry, workers, store, cfg.probes)
     manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links)
+    manager.limits = cfg.limits  # before the service, whose registrations it bounds too
     metrics = CoordinatorMetrics(manager, registry, links)
     store.observe = metrics.observe_store
     registry.on_heartbeat_gap = metrics.observe_heartbeat
@@ -101,7 +104,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
     await manager.restore()
     await links.load()
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = bounded_server(cfg.limits.rpc, options=SERVER_OPTIONS)
     add_coordinator_servicer(
         server,
         CoordinatorService(

@@ -15,9 +15,9 @@ import signal
 import socket
 from dataclasses import dataclass, replace
 
-import grpc
 import torch
 
+from proto.concurrency import WORKER_RPC_LIMITS, RpcLimits, bounded_server
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.node import WorkerNode
@@ -47,6 +47,8 @@ class WorkerConfig:
     # CIDR blocks this worker may send link probes to when the coordinator asks (empty:
     # any address the coordinator names).
     probe_networks: tuple[str, ...] = ()
+    # The calls this worker serves at once, in all and per peer address.
+    rpc_limits: RpcLimits = WORKER_RPC_LIMITS
 
 
 def _advertised(listen: str, port: int, advertise: str) -> str:
@@ -73,7 +75,7 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
     node = WorkerNode(
         token=cfg.token, tls=cfg.tls, reporter=link, device=torch.device(resources.device)
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = bounded_server(cfg.rpc_limits, options=SERVER_OPTIONS)
     add_worker_servicer(
         server,
         WorkerService(
