@@ -18,7 +18,8 @@ from typing import Any
 
 ACCEPTED_URLS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, sqlite://:memory:, "
-    "a bare file path, or redis://[:password@]host[:port][/db]"
+    "a bare file path, redis://[:password@]host[:port][/db], or the same over TLS: "
+    "rediss://[:password@]host[:port][/db][?ca=CA.pem][&cert=CLIENT.pem&key=CLIENT.key]"
 )
 
 

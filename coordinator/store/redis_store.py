@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from coordinator.store.interface import (
     ACCEPTED_URLS,
@@ -58,19 +60,33 @@ class RedisStore(StateStore):
             raise StoreError(f"{url!r} needs the 'redis' Python package: {exc}") from exc
         self._redis_error: type[Exception] = redis.RedisError
         self._prefix = prefix
-        host, port, db, username, password = _parse_redis_url(url)
-        self.url = f"redis://{host}:{port}/{db}"
+        target = _parse_redis_url(url)
+        scheme = "rediss" if target.tls is not None else "redis"
+        self.url = f"{scheme}://{target.host}:{target.port}/{target.db}"
+        tls: dict[str, Any] = {}
+        if target.tls is not None:
+            # The server's certificate is always verified, against `ca` when given (a
+            # self-run Redis) or the system's store; a client certificate when Redis asks.
+            tls = {
+                "ssl": True,
+                "ssl_cert_reqs": "required",
+                "ssl_check_hostname": True,
+                "ssl_ca_certs": target.tls.ca,
+                "ssl_certfile": target.tls.cert,
+                "ssl_keyfile": target.tls.key,
+            }
         self._client: redis.Redis = redis.Redis(
-            host=host,
-            port=port,
-            db=db,
-            username=username,
-            password=password,
+            host=target.host,
+            port=target.port,
+            db=target.db,
+            username=target.username,
+            password=target.password,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             # No retries for the first PING: a wrong URL should fail in seconds, not after
             # the client's default backoff.
             retry=Retry(NoBackoff(), 0),
+            **tls,
         )
         try:
             self._client.ping()
@@ -446,20 +462,66 @@ class RedisStore(StateStore):
         self._client.close()
 
 
-def _parse_redis_url(url: str) -> tuple[str, int, int, str | None, str | None]:
-    """(host, port, db, username, password) of a redis:// URL."""
+@dataclass(frozen=True)
+class RedisTls:
+    """Files a rediss:// URL names: the CA that signed the server, the client's own pair."""
+
+    ca: str | None
+    cert: str | None
+    key: str | None
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: RedisTls | None  # None: plain redis://
+
+
+TLS_OPTIONS = ("ca", "cert", "key")
+
+
+def _parse_redis_url(url: str) -> RedisTarget:
+    """What a redis:// or rediss:// URL names; StoreError naming the wrong part."""
     try:
         parts = urlsplit(url)
         port = parts.port or 6379
     except ValueError as exc:
         raise StoreError(f"bad Redis URL ({exc}); expected {ACCEPTED_URLS}") from exc
     path = parts.path.strip("/") or "0"
-    if parts.query or parts.fragment or not path.isdigit():
+    if parts.fragment or not path.isdigit():
         # The URL may hold a password: name only the part that is wrong.
         raise StoreError(
-            f"bad Redis URL: database {path!r} is not a number or options were given; "
-            f"expected {ACCEPTED_URLS}"
+            f"bad Redis URL: database {path!r} is not a number; expected {ACCEPTED_URLS}"
+        )
+    tls = None
+    if parts.scheme == "rediss":
+        try:
+            options = parse_qs(
+                parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+            )
+        except ValueError:
+            raise StoreError(f"bad Redis URL: options {parts.query!r} cannot be read") from None
+        unknown = sorted(set(options) - set(TLS_OPTIONS))
+        if unknown or any(len(v) != 1 or not v[0] for v in options.values()):
+            raise StoreError(
+                f"bad Redis URL: options may be {', '.join(TLS_OPTIONS)}, once each with a "
+                f"file path; got {', '.join(unknown) or parts.query!r}"
+            )
+        files = {k: v[0] for k, v in options.items()}
+        if ("cert" in files) != ("key" in files):
+            raise StoreError("bad Redis URL: a client certificate needs both cert= and key=")
+        for name, path_text in files.items():
+            if not Path(path_text).is_file():
+                raise StoreError(f"bad Redis URL: {name}={path_text} is not a readable file")
+        tls = RedisTls(files.get("ca"), files.get("cert"), files.get("key"))
+    elif parts.query:
+        raise StoreError(
+            "bad Redis URL: options are only for TLS (rediss://); expected " + ACCEPTED_URLS
         )
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
-    return parts.hostname or "127.0.0.1", port, int(path), username, password
+    return RedisTarget(parts.hostname or "127.0.0.1", port, int(path), username, password, tls)

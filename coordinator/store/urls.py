@@ -22,7 +22,7 @@ def open_store(url: str) -> StateStore:
         return SQLiteStore(url.removeprefix("sqlite:///"))
     if url.startswith("sqlite:"):
         raise StoreError(f"bad SQLite URL {url!r}: put three slashes before the path")
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", "rediss://")):
         return RedisStore(url)
     if "://" in url:
         raise StoreError(f"unsupported state store URL {url!r}; expected {ACCEPTED_URLS}")
