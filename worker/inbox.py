@@ -1,12 +1,14 @@
 """What a stage receives from its peers, checked and kept until its schedule needs it.
 
 `check_value` refuses a value or gradient whose structure, dtype or shape differs from the
-stage graph's description; `Inbox` holds each micro-batch's arrivals by kind and sender.
+stage graph's description; `Inbox` holds each micro-batch's arrivals by kind and sender,
+for the steps the schedule can have in flight only.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import torch
 
@@ -56,23 +58,57 @@ def check_value(value: Value, meta: ValueMeta, what: str, *, grad: bool = False)
             raise CodecError(f"{what}: expected a {meta.kind}, got {type(value).__name__}")
 
 
-class Inbox:
-    """Received values and gradients, waiting for the schedule to reach them."""
+# A stage's schedule has at most this many steps past its current one in flight: a sender
+# starts step k + 2 only once it has this stage's gradients of step k + 1 (or, sending no
+# gradient-carrying value, once the stages after it have, which they get only after this
+# one has run step k + 1's forwards).
+STEPS_AHEAD = 1
 
-    def __init__(self) -> None:
+
+class Inbox:
+    """Received values and gradients, waiting for the schedule to reach them.
+
+    It keeps only what the schedule can have in flight: messages for the current step
+    (`current_step()`) and the `STEPS_AHEAD` after it, and at most `depth` of them (the
+    micro-batches of those steps, from each of `senders` peer stages). Anything else is
+    refused, so a peer cannot fill a worker's memory with far-future steps."""
+
+    def __init__(
+        self,
+        *,
+        current_step: Callable[[], int] = lambda: 0,
+        micro_batches: int = 1,
+        senders: int = 1,
+    ) -> None:
         self._items: dict[tuple[TransferKind, int, int], dict[int, dict[str, Value]]] = {}
         self._changed = asyncio.Condition()
+        self._current_step = current_step
+        self.depth = (1 + STEPS_AHEAD) * max(1, micro_batches) * max(1, senders)
+        self._held = 0  # messages held, over every key
 
     async def put(
         self, kind: TransferKind, step: int, mb: int, src: int, values: dict[str, Value]
     ) -> None:
+        now = self._current_step()
+        if step > now + STEPS_AHEAD:
+            raise CodecError(
+                f"{kind.carries} of step {step} from stage {src} arrived while this stage runs "
+                f"step {now}: it keeps messages for steps {now} to {now + STEPS_AHEAD} only "
+                "(its schedule's in-flight window)"
+            )
         async with self._changed:
+            if self._held >= self.depth:
+                raise CodecError(
+                    f"{kind.carries} of step {step} from stage {src} refused: this stage holds "
+                    f"{self._held} messages, all its schedule can have in flight"
+                )
             slot = self._items.setdefault((kind, step, mb), {})
             if src in slot:
                 raise CodecError(
                     f"{kind} values of step {step}, micro-batch {mb} from stage {src} arrived twice"
                 )
             slot[src] = values
+            self._held += 1
             self._changed.notify_all()
 
     async def take(
@@ -81,7 +117,9 @@ class Inbox:
         key = (kind, step, mb)
         async with self._changed:
             await self._changed.wait_for(lambda: srcs <= set(self._items.get(key, {})))
-            return self._items.pop(key)
+            taken = self._items.pop(key)
+            self._held -= len(taken)
+            return taken
 
     def __len__(self) -> int:
         return len(self._items)

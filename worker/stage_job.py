@@ -125,7 +125,12 @@ class StageJob:
         self.compute = compute
         self.sender = sender
         self.reporter = reporter
-        self.inbox = Inbox()
+        # Only what the schedule can have in flight: this step's and the next one's messages.
+        self.inbox = Inbox(
+            current_step=lambda: self.step,
+            micro_batches=plan.local_micro_batches,
+            senders=len(plan.forward_sources()) + len(plan.backward_sources()),
+        )
         self.step = plan.start_step
         self.state = StageState.LOADED
         self.error = ""
