@@ -9,6 +9,11 @@ exception: a worker that joins while others train is measured once against each 
 job (`coordinator.elastic`). A link is measured when a worker joins (or comes back at a
 new address) and again, between idle workers, once it is older than `refresh_s`. Figures
 are kept in the store, so a restarted coordinator plans with them at once.
+
+Each figure is one end's word: the planner is given a pair's figure only once both ends
+measured it, at the slower of the two (`coordinator.planning.links.cross_checked`), and a
+figure no link can reach is refused. Among hundreds of idle workers a scan looks at two
+blocks of them at a time, in turn, so every pair is measured in the end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from coordinator.planning.links import MAX_BELIEVED_BANDWIDTH_BPS, cross_checked
 from coordinator.registry import Registry
 from coordinator.store import StateStore
 from coordinator.worker_client import WorkerCallError, WorkerClient
@@ -32,8 +38,9 @@ STORE_KEY = "links"
 RETRY_FAILED_S = 30.0
 # What is due is worked out again at most this often (it is quadratic in the workers).
 RESCAN_S = 2.0
-# Links are measured among at most this many idle workers (the earliest registered): a
-# swarm of hundreds would otherwise spend its life probing n^2 pairs.
+# One scan looks for pairs to measure among at most this many idle workers: two blocks
+# of half as many, a different pair of blocks each scan, so that in a swarm of hundreds
+# every pair comes round in turn while a scan stays cheap (it is quadratic).
 MAX_PROBED_WORKERS = 64
 
 
@@ -80,6 +87,7 @@ class LinkProber:
         self._tasks: set[asyncio.Task[None]] = set()
         self._due: list[tuple[str, str]] = []
         self._next_scan = 0.0
+        self._scans = 0  # which pair of blocks of idle workers the next scan considers
 
     async def load(self) -> None:
         blob = await asyncio.to_thread(self.store.get_blob, STORE_KEY)
@@ -120,7 +128,8 @@ class LinkProber:
         return out
 
     def figures(self, worker_ids: Iterable[str]) -> dict[tuple[str, str], tuple[float, float]]:
-        """(bandwidth bytes/s, rtt s) of every measured directed pair among `worker_ids`."""
+        """(bandwidth bytes/s, rtt s) of every directed pair among `worker_ids` that both
+        ends measured, as the planner may believe it (`cross_checked`)."""
         ids = list(worker_ids)
         out = {}
         for a in ids:
@@ -128,35 +137,50 @@ class LinkProber:
                 rec = self.current(a, b) if a != b else None
                 if rec is not None and not rec.error:
                     out[(a, b)] = (rec.bandwidth, rec.rtt_s)
-        return out
+        return cross_checked(out)
 
     # -- measuring ---------------------------------------------------------------------------
 
+    def _window(self, idle: list[str]) -> list[str]:
+        """The idle workers this scan considers: all of them when they are few, else the
+        next pair of blocks in turn (every pair of workers shares some pair of blocks)."""
+        if len(idle) <= MAX_PROBED_WORKERS:
+            return idle
+        half = MAX_PROBED_WORKERS // 2
+        blocks = [idle[i : i + half] for i in range(0, len(idle), half)]
+        combos = [(p, q) for p in range(len(blocks)) for q in range(p + 1, len(blocks))]
+        p, q = combos[self._scans % len(combos)]
+        self._scans += 1
+        return blocks[p] + blocks[q]
+
     def _wanted(self) -> list[tuple[str, str]]:
-        """Pairs of idle workers to measure, the never-measured first, then the oldest."""
-        idle = [w.worker_id for w in self.registry.free()][:MAX_PROBED_WORKERS]
+        """Pairs of idle workers to measure, most useful first: the way back of a link
+        measured one way only (its figure is believed once both ends agree), then the
+        never-measured, then the oldest."""
+        idle = self._window([w.worker_id for w in self.registry.free()])
         now = time.time()
-        wanted: list[tuple[float, str, str]] = []
+        wanted: list[tuple[int, float, str, str]] = []
         for a in idle:
             for b in idle:
                 if a == b:
                     continue
                 rec = self.current(a, b)
                 if rec is None:
-                    wanted.append((0.0, a, b))
+                    back = self.current(b, a)
+                    wanted.append((0 if back is not None and not back.error else 1, 0.0, a, b))
                     continue
                 age = now - rec.measured_at
                 if age > (RETRY_FAILED_S if rec.error else self.config.refresh_s):
-                    wanted.append((rec.measured_at, a, b))
+                    wanted.append((2, rec.measured_at, a, b))
         # Joiners against busy workers: once each way, never refreshed during the job.
         busy = [w.worker_id for w in self.registry.workers.values() if w.alive and w.job_id]
-        for a in idle:
+        for a in idle[:MAX_PROBED_WORKERS]:
             for b in busy[:MAX_PROBED_WORKERS]:
                 for pair in ((a, b), (b, a)):
                     if self.current(*pair) is None:
-                        wanted.append((0.0, *pair))
+                        wanted.append((1, 0.0, *pair))
         wanted.sort()
-        return [(a, b) for _, a, b in wanted]
+        return [(a, b) for _, _, a, b in wanted]
 
     def step(self) -> None:
         """Start measurements for the most wanted pairs that fit the concurrency limit."""
@@ -189,6 +213,23 @@ class LinkProber:
                 bandwidth, rtt, error = fig
             except WorkerCallError as e:
                 bandwidth, rtt, error = 0.0, 0.0, str(e)
+                if e.unreachable and self.registry.exclusions is not None:
+                    # The coordinator itself cannot reach it: it would stall any plan.
+                    await self.registry.exclusions.back_off(
+                        src, a.name, reason=f"unreachable at {a.address}: {e}", address=a.address
+                    )
+            if bandwidth > MAX_BELIEVED_BANDWIDTH_BPS:
+                # No volunteer's link is that fast: the figure is refused, and the worker
+                # that reported it is lying or broken.
+                error = f"implausible figure {bandwidth * 8:.3g} bit/s refused"
+                bandwidth, rtt = 0.0, 0.0
+                if self.registry.exclusions is not None:
+                    await self.registry.exclusions.back_off(
+                        src,
+                        a.name,
+                        reason=f"reported a link to {b.name} at {error}",
+                        address=a.address,
+                    )
             rec = LinkRecord(src, dst, a.address, b.address, bandwidth, rtt, time.time(), error)
             self.links[(src, dst)] = rec
             if error:

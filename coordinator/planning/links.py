@@ -4,6 +4,7 @@ Each directed pair of workers (a -> b may differ from b -> a) has a measured ban
 bytes per second and a round-trip time in seconds. A pair nobody measured falls back, in
 this order, to the stated default, else to the slowest measured link (and the largest
 measured round trip): guessing low keeps the planner from trusting a link it never saw.
+What the planner is given has been cross-checked by both ends (`cross_checked`).
 """
 
 from __future__ import annotations
@@ -210,6 +211,42 @@ class BandwidthMatrix:
             rtt = "" if self.default_rtt_s is None else f" {format_seconds(self.default_rtt_s)}"
             return f"the stated default {format_rate(self.default_bandwidth_Bps)}{rtt}"
         return "the slowest measured link"
+
+
+# No link between two volunteers' machines moves more than this (a terabit per second:
+# beyond the fastest network cards): a figure above it is refused, not believed.
+MAX_BELIEVED_BANDWIDTH_BPS = 1.25e11
+
+
+def cross_checked(
+    measured: Mapping[tuple[str, str], tuple[float, float]],
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """The link figures the planner may believe, from what each sender measured.
+
+    `measured[(a, b)]` is (bytes/s, rtt s) of a -> b as `a` measured it, so each end of a
+    pair measured one direction. A pair is believed only when both ends measured it, and
+    then at the slower of the two rates and the longer round trip, both ways: one end
+    cannot make a link look faster than its peer saw it (an asymmetric link is priced at
+    its slower direction). A figure above MAX_BELIEVED_BANDWIDTH_BPS, or not a positive
+    finite rate, is not believed at all.
+    """
+
+    def plausible(figure: tuple[float, float]) -> bool:
+        bw, rtt = figure
+        return (
+            math.isfinite(bw)
+            and 0 < bw <= MAX_BELIEVED_BANDWIDTH_BPS
+            and math.isfinite(rtt)
+            and rtt >= 0
+        )
+
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    for (a, b), there in measured.items():
+        back = measured.get((b, a))
+        if a == b or back is None or not plausible(there) or not plausible(back):
+            continue
+        out[(a, b)] = (min(there[0], back[0]), max(there[1], back[1]))
+    return out
 
 
 def format_rate(bytes_per_s: float) -> str:
