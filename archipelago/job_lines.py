@@ -17,15 +17,23 @@ def eta(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
+def loss_text(loss: float | None) -> str:
+    """A loss as a line shows it: "-" when none was reported yet, "nan" or "inf" when the
+    one reported is not finite (a fault to see, not to hide), else 4 decimals."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+
+
 def job_line(j: JobView) -> str:
     """A job in one line: state, steps, loss, pace, ETA, and its replicas when it has many."""
-    loss = f"{j.loss:.4f}" if j.loss is not None else "-"
+    loss = loss_text(j.loss)
     line = (
         f"{j.job_id}  {j.name:<20} {j.state:<10} {j.steps_done:>6}/{j.steps:<6} loss {loss:>7}  "
         f"{j.samples_per_s:6.1f} samples/s  ETA {eta(j.eta_s)}"
     )
     if j.val_loss is not None:
-        line += f"  val {j.val_loss:.4f} @{j.val_step}"
+        line += f"  val {loss_text(j.val_loss)} @{j.val_step}"
     return line + (f"  {j.replicas} replicas" if j.replicas > 1 else "")
 
 

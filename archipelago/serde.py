@@ -74,7 +74,8 @@ def job_view(pb: coordinator_pb2.JobInfo) -> JobView:
         state=pb.state,
         steps=pb.steps,
         steps_done=pb.steps_done,
-        loss=None if math.isnan(pb.loss) else pb.loss,
+        # A NaN loss is a reported one when has_loss says so (else: none yet).
+        loss=pb.loss if pb.has_loss or not math.isnan(pb.loss) else None,
         samples_per_s=pb.samples_per_s,
         eta_s=pb.eta_s,
         epoch=pb.epoch,

@@ -1,13 +1,15 @@
 """A job as the coordinator holds and stores it, and the plain data about its steps.
 
 `Job.record` is what the store keeps; `Job.from_record` reads it back (its state through
-`JobState.parse`). `Progress` is one stage's report of one step, `PlanReport` a plan's
-prediction against what its steps measured.
+`JobState.parse`). `Progress` is one stage's report of one step (or of the senders whose
+values it refused, `Suspect`), `PlanReport` a plan's prediction against what its steps
+measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -146,6 +148,21 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Suspect:
+    """A sender whose value a stage refused, as the stage reports it: which stage of which
+    replica sent it (`kind` "activation" or "gradient": a stage of the reporter's replica;
+    "share": the reporter's stage in another replica), at which step, and the evidence."""
+
+    kind: str
+    stage: int
+    replica: int
+    step: int
+    evidence: str
+    norm: float = math.nan
+    bound: float = math.nan
+
+
+@dataclass(frozen=True)
 class Progress:
     """One stage's report of one step, from one replica (decoded from the wire)."""
 
@@ -167,6 +184,7 @@ class Progress:
     staleness: int = 0  # steps since the stage's parameters were last averaged
     shares: int = 0  # replicas' shares the step's average held (0: no exchange)
     speaker: bool = False  # the replica whose loss, steps and pace are the job's
+    suspects: tuple[Suspect, ...] = ()  # senders of values the stage refused
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import grpc
 
 from coordinator.checkpoint_upload import CheckpointUpload
 from coordinator.handover import StageHandover
-from coordinator.job_record import Job, PlanReport, Progress
+from coordinator.job_record import Job, PlanReport, Progress, Suspect
 from coordinator.registry import Registry, WorkerState
 from coordinator.replica_metrics import ReplicaMetrics, summarise_replicas
 from coordinator.worker_admission import Registration
@@ -72,6 +72,7 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         sync_kind=spec.sync.kind,
         sync_period=spec.sync.period,
         sync_values=spec.sync.values,
+        sync_aggregate=spec.sync.aggregate,
         outer_name=spec.sync.outer.name if spec.sync.outer else "",
         outer_lr=spec.sync.outer.lr if spec.sync.outer else 0.0,
         outer_momentum=spec.sync.outer.momentum if spec.sync.outer else 0.0,
@@ -280,6 +281,24 @@ def progress_from_pb(r: ProgressReport) -> Progress:
         staleness=r.staleness,
         shares=r.shares,
         speaker=r.speaker,
+        suspects=tuple(suspect_from_pb(s) for s in r.suspects[:MAX_SUSPECTS]),
+    )
+
+
+# A report names at most this many suspects (one stage has few senders); the rest are
+# dropped, as is evidence beyond its first line's length.
+MAX_SUSPECTS = 8
+
+
+def suspect_from_pb(s: coordinator_pb2.Suspect) -> Suspect:
+    return Suspect(
+        kind=s.kind[:16],
+        stage=s.stage,
+        replica=s.replica,
+        step=s.step,
+        evidence=(s.evidence.splitlines() or [""])[0][:300],
+        norm=s.norm,
+        bound=s.bound,
     )
 
 
@@ -326,6 +345,7 @@ def job_info_pb(
         steps=spec.steps,
         steps_done=job.steps_done,
         loss=job.loss if job.loss is not None else float("nan"),
+        has_loss=job.loss is not None,
         val_loss=job.val_loss,
         val_step=job.val_step,
         samples_per_s=samples_per_s,

@@ -17,7 +17,7 @@ from worker.resources import Resources
 from worker.stage_plan import StagePlan
 
 if TYPE_CHECKING:
-    from worker.stage_job import StepReport
+    from worker.step_report import StepReport
 
 CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
 
@@ -103,6 +103,18 @@ def progress_report_pb(worker_id: str, report: StepReport) -> coordinator_pb2.Pr
         staleness=report.staleness,
         shares=report.shares,
         speaker=report.speaker,
+        suspects=[
+            coordinator_pb2.Suspect(
+                kind=s.kind,
+                stage=s.stage,
+                replica=s.replica,
+                step=s.step,
+                evidence=s.evidence,
+                norm=s.norm,
+                bound=s.bound,
+            )
+            for s in report.suspects
+        ],
     )
 
 

@@ -55,8 +55,10 @@ from opdag.optim import OPTIM_PREFIX
 from proto.retry import RetryPolicy, retry
 from proto.rpc import TlsConfig, open_channel, token_metadata
 from worker.peers import PEER_RETRY, RETRYABLE
+from worker.robust_aggregate import Shares, robust_combine
 from worker.serde import WorkerStub, gradient_share_parts, worker_stub
 from worker.stage_plan import StagePlan
+from worker.value_guard import SHARE, Suspicion, ValueGuard
 
 log = logging.getLogger("archipelago.worker")
 
@@ -112,6 +114,8 @@ class ReplicaSync:
         self._bytes_reported = 0
         self._last_averaged = plan.start_step  # boundary of the last round that averaged
         self._waking: asyncio.Task[None] | None = None
+        # The stage's checks of received values (set by the stage job); shares pass them.
+        self.guard: ValueGuard | None = None
 
     def attach(
         self,
@@ -254,6 +258,8 @@ class ReplicaSync:
                     f"got {t.dtype}{list(t.shape)}"
                 )
             shares[name] = t
+        if self.guard is not None:
+            self.guard.check(SHARE, self.plan.stage, src, step, shares)
         async with self._changed:
             slot = self._arrived.setdefault(step, {})
             if src in slot:
@@ -426,15 +432,27 @@ class ReplicaSync:
                     f"stage {self.plan.stage}, step {step}: replica {r} sent {self.what} of "
                     f"{sorted(set(share) ^ names)[:3]} that the others do not (or lacks them)"
                 )
+        if self.plan.sync_aggregate != "mean":
+            return self._robust(step, shares)
+        order = sorted(shares)  # every replica normally; fewer once the others are gone
         # The same sum in the same order on every member: the same average, bit for bit.
         out: dict[str, torch.Tensor] = {}
-        order = sorted(shares)  # every replica normally; fewer once the others are gone
         for name in names:
             first = shares[order[0]][name]  # fp16 on the wire is summed in fp32
             total = first.float() if first.dtype == torch.float16 else first.clone()
             for r in order[1:]:
                 total += shares[r][name]
             out[name] = total / len(order)
+        return out
+
+    def _robust(self, step: int, shares: Mapping[int, Mapping[str, torch.Tensor]]) -> Shares:
+        """`sync_aggregate` median or trimmed-mean: outliers left out and named."""
+        out, outliers = robust_combine(shares, self.plan.sync_aggregate, LOSS)
+        for r, why in outliers.items():
+            what = f"{self.what[:-1]} share of step {step} from replica {r}: {why}"
+            log.warning("job %s stage %d: left out the %s", self.plan.job_id, self.plan.stage, what)
+            if self.guard is not None and r != self.plan.replica:
+                self.guard.report(Suspicion(SHARE, self.plan.stage, r, step, what))
         return out
 
     async def _send(self, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]) -> None:

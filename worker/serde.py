@@ -144,6 +144,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         sync_kind=a.sync_kind or "sync",  # an assignment from before sync policies
         sync_period=a.sync_period or 1,
         sync_values=a.sync_values or "fp32",
+        sync_aggregate=a.sync_aggregate or "mean",
         outer=(a.outer_name, a.outer_lr, a.outer_momentum) if a.outer_name else None,
         sync_layers=tuple(
             SyncLayer(la.name, tuple(la.params), tuple(la.iterations)) for la in a.sync_layers

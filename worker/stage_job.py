@@ -24,6 +24,9 @@ period, and the run's end) holds the group's averaged parameters; one between ro
 drain, or an interval that is not a multiple) holds replica 0's local parameters, and what
 the other replicas learnt since the last round is not in it. A run resumed from any
 checkpoint starts every replica from that one copy, optimizer state included.
+
+Every received value passes `worker.value_guard` before the inbox or the group takes it: a
+refused one names its sender to the coordinator (a report with `suspects`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -57,44 +59,12 @@ from worker.inbox import Inbox, check_value
 from worker.replica_sync import OUTER_KEYS, ReplicaSync
 from worker.serde import StagePlan
 from worker.states import StageState
+from worker.step_report import Reporter, StepReport
 from worker.transfer_kind import TransferKind
+from worker.value_guard import ACTIVATION, GRADIENT, ValueGuard
 
 log = logging.getLogger("archipelago.worker")
 T = TypeVar("T")
-
-
-@dataclass
-class StepReport:
-    """What one stage did in one step (sent to the coordinator)."""
-
-    job_id: str
-    epoch: int
-    stage: int
-    step: int
-    loss: float | None
-    step_seconds: float
-    sent: dict[int, int] = field(default_factory=dict)
-    # Seconds the compute thread spent on this step's work (no waiting counted).
-    compute_seconds: float = 0.0
-    finished: bool = False
-    drained: bool = False
-    error: str = ""
-    replica: int = 0  # which pipeline of the plan reports
-    speaker: bool = False  # this replica speaks for the job (its loss, steps, checkpoints)
-    sync_bytes: int = 0  # tensor bytes sent to the stage's sync group in this step
-    sync_seconds: float = 0.0  # seconds this step spent exchanging with the group
-    shares: int = 0  # replicas whose shares this step's average held (0: no exchange)
-    staleness: int = 0  # steps since the parameters were last averaged (0 under sync)
-
-
-class Reporter(Protocol):
-    """Where a stage job sends its progress and checkpoints (the coordinator, in service)."""
-
-    def progress(self, report: StepReport) -> None: ...
-
-    async def checkpoint(
-        self, plan: StagePlan, steps_done: int, tensors: Mapping[str, torch.Tensor]
-    ) -> None: ...
 
 
 # Sends one micro-batch's values to one peer stage; returns the bytes it sent.
@@ -131,6 +101,11 @@ class StageJob:
             micro_batches=plan.local_micro_batches,
             senders=len(plan.forward_sources()) + len(plan.backward_sources()),
         )
+        self.guard = ValueGuard(
+            on_refusal=lambda s: reporter.progress(self._report(s.step, None, 0.0, suspects=(s,)))
+        )
+        if sync is not None:
+            sync.guard = self.guard  # a replica's shares are checked the same way
         self.step = plan.start_step
         self.state = StageState.LOADED
         self.error = ""
@@ -275,6 +250,8 @@ class StageJob:
             check_value(
                 value, meta, f"{'gradient' if backward else 'value'} {name!r}", grad=backward
             )
+        kind_name = GRADIENT if kind == TransferKind.BACKWARD else ACTIVATION
+        self.guard.check(kind_name, src, plan.replica, step, values)
         await self.inbox.put(kind, step, mb, src, values)
 
     # -- running ----------------------------------------------------------------------------

@@ -69,6 +69,9 @@ class StagePlan:
     # The local kinds' outer optimizer (DiLoCo) as (sgd | nesterov, lr, momentum); None:
     # the averaged parameters are taken as they are.
     outer: tuple[str, float, float] | None = None
+    # How the group's shares are combined: mean, median or trimmed-mean (the robust two
+    # leave out outliers first: `worker.robust_aggregate`).
+    sync_aggregate: str = "mean"
 
     @property
     def local_sgd(self) -> bool:
@@ -101,6 +104,8 @@ class StagePlan:
             return f"sync {self.sync_kind!r} every {self.sync_period} steps is not run here"
         if self.sync_values not in ("fp32", "fp16"):
             return f"sync values {self.sync_values!r} are not fp32 or fp16"
+        if self.sync_aggregate not in ("mean", "median", "trimmed-mean"):
+            return f"sync aggregate {self.sync_aggregate!r} is not mean, median or trimmed-mean"
         if self.outer is not None:
             name, lr, momentum = self.outer
             if self.sync_kind == "sync" or name not in ("sgd", "nesterov"):

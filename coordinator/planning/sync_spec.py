@@ -6,9 +6,12 @@ every `period` steps; `partial-local-sgd` (DreamDDP) averages every layer once p
 each at its own iteration of the period (`sync_schedule` picks which). `values` is how
 averaged tensors travel, and `outer`, for the local kinds, replaces plain parameter
 averaging by an outer optimizer stepping on the averaged pseudo-gradient, as DiLoCo does.
+`aggregate` is how the shares are combined: `mean`, or, against a bad replica, `median` or
+`trimmed-mean` (coordinate-wise, after leaving out a share far from the group's median).
 
-A spec writes `sync: KIND` or `sync: {kind: KIND, period: H, values: fp16, outer: {...}}`;
-`JobSpec.sync` is the `SyncSpec` it describes. Errors name the field (`sync.period: ...`).
+A spec writes `sync: KIND` or `sync: {kind: KIND, period: H, values: fp16, outer: {...},
+aggregate: median}`; `JobSpec.sync` is the `SyncSpec` it describes. Errors name the field
+(`sync.period: ...`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from coordinator.planning.spec_errors import Blame, int_in_range, one_of, show, 
 
 SYNC_KINDS: tuple[str, ...] = ("sync", "local-sgd", "partial-local-sgd")
 SYNC_VALUES: tuple[str, ...] = ("fp32", "fp16")
+# How a group's shares are combined (`worker.robust_aggregate`): the robust two refuse an
+# outlier share and name its sender, with three replicas or more.
+SYNC_AGGREGATES: tuple[str, ...] = ("mean", "median", "trimmed-mean")
 OUTER_OPTIMIZERS: tuple[str, ...] = ("sgd", "nesterov")
 # Steps between averages of the local kinds; `sync` averages every step and ignores it.
 DEFAULT_PERIOD = 8
@@ -84,6 +90,7 @@ class SyncSpec:
     period: Annotated[int, PlainValidator(int_in_range(1, MAX_PERIOD))] = DEFAULT_PERIOD
     values: Annotated[str, PlainValidator(one_of(SYNC_VALUES))] = "fp32"
     outer: OuterSpec | None = None
+    aggregate: Annotated[str, PlainValidator(one_of(SYNC_AGGREGATES))] = "mean"
 
     def __post_init__(self) -> None:
         if self.outer is not None and self.kind == "sync":
@@ -103,6 +110,8 @@ class SyncSpec:
         plain: dict[str, Any] = {"kind": self.kind, "period": self.period, "values": self.values}
         if self.outer is not None:
             plain["outer"] = self.outer.to_plain()
+        if self.aggregate != "mean":
+            plain["aggregate"] = self.aggregate
         return plain
 
 
@@ -120,6 +129,7 @@ __all__ = [
     "DEFAULT_PERIOD",
     "MAX_PERIOD",
     "OUTER_OPTIMIZERS",
+    "SYNC_AGGREGATES",
     "SYNC_KINDS",
     "SYNC_VALUES",
     "OuterSpec",
