@@ -34,6 +34,7 @@ from coordinator.link_survey import LinkProber
 from coordinator.planning.plan import Plan, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan
 from coordinator.planning.stage_sync import SyncLayer, group_link_rate, stage_sync_layers
+from coordinator.progress_watch import ProgressWatch
 from coordinator.registry import Registry, WorkerState
 from coordinator.states import JOB_PLAN_OUT, JOB_WAITING, JobState, WorkerStatus
 from coordinator.store import StateStore
@@ -81,6 +82,8 @@ class JobLifecycle:
         self.events = events
         self._tasks: set[asyncio.Task[Any]] = set()
         self.elastic = ElasticReplicas(self, drain_timeout_s=drain_timeout_s)
+        # Running jobs that stopped making steps, and the workers to blame.
+        self.progress = ProgressWatch(registry)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in the background (until it ends or `close` cancels it)."""
@@ -181,6 +184,10 @@ class JobLifecycle:
             elif job.draining_until and now > job.draining_until:
                 self.recover_later(job, "the drain did not finish in time")
             elif job.state == JobState.RUNNING:
+                stall = await self.progress.stalled(job)
+                if stall is not None:
+                    self.recover_later(job, stall.reason)
+                    continue
                 self.elastic.consider_growth(job)
 
     def _links_ready(self, job: Job, worker_ids: list[str]) -> bool:
@@ -287,6 +294,7 @@ class JobLifecycle:
                 await self._hand_out(job, plan, cut, state)
             except WorkerCallError as e:
                 log.warning("job %s epoch %d could not start: %s", job.job_id, plan.epoch, e)
+                await self.progress.back_off(e.worker_id, f"could not start a stage: {e}")
                 if e.unreachable:
                     w = self.registry.get(e.worker_id)
                     if w is not None and w.alive:

@@ -27,6 +27,7 @@ from coordinator.exclusions import DEFAULT_BACKOFF_S, DEFAULT_MAX_BACKOFF_S, Exc
 from coordinator.jobs import JobManager
 from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber, ProbeConfig
+from coordinator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
 from coordinator.registry import Registry
 from coordinator.serde import add_coordinator_servicer
 from coordinator.service import CoordinatorService
@@ -68,6 +69,8 @@ class CoordinatorConfig:
     # long, doubled for each repeat offence up to the cap.
     exclusion_backoff_s: float = DEFAULT_BACKOFF_S
     exclusion_max_backoff_s: float = DEFAULT_MAX_BACKOFF_S
+    # A running job whose steps do not move for this long is re-planned.
+    progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
     # Every bound against cheap denial of service (coordinator.limits lists them).
     limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)
 
@@ -101,6 +104,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
     capacity = Capacity(store, manager.events)
     await capacity.load()
     registry.capacity = capacity
+    manager.lifecycle.progress.timeout_s = cfg.progress_timeout_s
     await manager.restore()
     await links.load()
 
