@@ -41,6 +41,11 @@ class EventKind(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A job's: a worker named by a stage that refused its values, excluded for a back-off
+    # time (short of a quarantine, `coordinator.quarantine`); the evidence is in the event.
+    SUSPECTED = "suspected"
+    # A job's: a stage reported a loss that is not finite or not plausible.
+    BAD_LOSS = "bad_loss"
     # The cluster's log.
     JOINED = "joined"
     LEAVING = "leaving"

@@ -247,6 +247,7 @@ class JobLifecycle:
                 return
             job.waiting_since = 0.0
             self.calibration.new_plan(job.job_id, plan.epoch, cut)
+            self.checkpoints.new_plan(job.job_id, plan.epoch, cut)
             job.epoch, job.plan = plan.epoch, plan
             job.state = JobState.STARTING
             job.finished_stages.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -28,6 +29,7 @@ from coordinator.job_table import JobTable
 from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
+from coordinator.quarantine import Quarantine
 from coordinator.registry import Registry, WorkerState
 from coordinator.replica_metrics import WINDOW_STEPS
 from coordinator.states import STAGE_ACTIVE, STAGE_BROKEN, JobState, WorkerStatus
@@ -68,6 +70,8 @@ class JobManager:
         # The timelines of every job and of the cluster, and the checkpoints' held-out loss.
         self.events = EventLog(store)
         self.validation = CheckpointValidation(self.checkpoints, self.events)
+        # Reports of refused values and implausible losses, weighed (`coordinator.quarantine`).
+        self.quarantine = Quarantine(store, registry, self.events)
         # The compute model plans are made with, refit from every profiled stage.
         self.calibration = ComputeCalibration(store, registry, links)
         self.lifecycle = JobLifecycle(
@@ -194,9 +198,17 @@ class JobManager:
     # -- what workers report ---------------------------------------------------------------
 
     async def on_progress(self, p: Progress) -> None:
+        if p.suspects:
+            await self._on_suspects(p)
+            return
         job = self.current_job(p.job_id, p.epoch)
         if job.dropped(p.worker_id):
             return  # a replica the job no longer has (`coordinator.elastic`)
+        if bad_loss := self.quarantine.loss_problem(job, p):
+            await self.step_metrics.record(job, p)  # shown as reported (`nan` included)
+            text = await self.quarantine.own_values(job, p.worker_id, bad_loss, for_good=False)
+            self.lifecycle.recover_later(job, text)
+            return
         if p.error:
             self.lifecycle.recover_later(job, f"stage {p.stage} failed: {p.error}")
             return
@@ -224,6 +236,19 @@ class JobManager:
             self.lifecycle.spawn(self.calibration.save())
         if await self.step_metrics.record(job, p):
             await self.table.save(job)
+
+    async def _on_suspects(self, p: Progress) -> None:
+        """A stage refused values: exclude whom it blames, and re-plan without them. Heard
+        while its plan is out or already broken (the refused sender's own failure may
+        have come first), not once the job was planned again."""
+        job = self.table.jobs.get(p.job_id)
+        if job is None or job.epoch != p.epoch or job.terminal or job.dropped(p.worker_id):
+            raise StaleReport(f"no plan {p.epoch} of job {p.job_id!r} to report suspects of")
+        verdicts = await self.quarantine.hear(job, p)
+        if verdicts:
+            job.error = "; ".join(v.text for v in verdicts)
+            await self.table.save(job)
+            self.lifecycle.recover_later(job, job.error)
 
     async def _check_end(self, job: Job) -> None:
         assert job.plan is not None
@@ -264,6 +289,8 @@ class JobManager:
     async def _validate(self, job: Job, model: CapturedModel, step: int) -> None:
         """Evaluate a complete checkpoint on held-out batches; the job shows the newest."""
         for at, loss in await self.validation.evaluate(job, model, step):
+            if not math.isfinite(loss):  # recovery goes back to an earlier one
+                await self.checkpoints.unvalidate(job.job_id, at, f"held-out loss {loss}")
             if at >= job.val_step:
                 job.val_loss, job.val_step = loss, at
                 await self.table.save(job)
