@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from coordinator.capacity import check_claim
 from coordinator.events import CLUSTER, EventKind
+from coordinator.limits import RegistrationLimiter
 from coordinator.registry import Registry, WorkerState
+from proto.concurrency import caller_host
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 
 if TYPE_CHECKING:  # the job manager's modules import the serde that imports this
@@ -65,11 +67,13 @@ class WorkerAdmission:
         self.registry = registry
         self.manager = manager
         self.networks = tuple(networks)
+        self.limiter = RegistrationLimiter(manager.limits.registration)  # rate and cap
 
     async def admit(self, r: Registration) -> WorkerState:
         """The registered worker; ValueError or PermissionError as `check_registration`."""
         check_registration(r, self.networks)
         known = self.registry.get(r.worker_id[:64]) if r.worker_id else None
+        self.limiter.admit(caller_host(), self.registry, r.worker_id[:64])
         w = self.registry.register(
             name=r.name,
             address=r.address,
