@@ -1,5 +1,11 @@
-"""Admitting a worker that registers: what its registration must say, where it may be, and
-its entry in the registry.
+"""Admitting a worker that registers: what its registration must say, where it may be, its
+entry in the registry and its credentials.
+
+A registration naming a worker id that exists (alive or not) is that worker coming back,
+and only the worker itself may do so: the call must prove the id with its current
+credential (`claimed`), or it is refused and nothing moves (else a join token would be
+enough to take over any worker's identity and redirect its calls). Every admitted
+registration gets a fresh credential; the previous one stops working.
 
 Plain code over the registry and the job manager (the servicer decodes the request and
 encodes the reply), so a registration's checks run without a network.
@@ -16,6 +22,7 @@ from coordinator.capacity import check_claim
 from coordinator.events import CLUSTER, EventKind
 from coordinator.limits import RegistrationLimiter
 from coordinator.registry import Registry, WorkerState
+from coordinator.roles import Gatekeeper, WorkerKeys
 from proto.concurrency import caller_host
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 
@@ -62,17 +69,32 @@ class WorkerAdmission:
     before the worker hears it is in)."""
 
     def __init__(
-        self, registry: Registry, manager: JobManager, networks: Sequence[Network] = ()
+        self,
+        registry: Registry,
+        manager: JobManager,
+        networks: Sequence[Network] = (),
+        *,
+        gate: Gatekeeper,
     ) -> None:
         self.registry = registry
         self.manager = manager
         self.networks = tuple(networks)
+        self.gate = gate
         self.limiter = RegistrationLimiter(manager.limits.registration)  # rate and cap
 
-    async def admit(self, r: Registration) -> WorkerState:
-        """The registered worker; ValueError or PermissionError as `check_registration`."""
+    async def admit(
+        self, r: Registration, *, claimed: str | None = None
+    ) -> tuple[WorkerState, WorkerKeys]:
+        """The registered worker and its new credentials; ValueError or PermissionError as
+        `check_registration`, PermissionError for an existing id that `claimed` (the
+        worker id the call's credential proved, if any) is not."""
         check_registration(r, self.networks)
         known = self.registry.get(r.worker_id[:64]) if r.worker_id else None
+        if known is not None and claimed != known.worker_id:
+            raise PermissionError(
+                f"worker {known.worker_id} is registered already: only that worker, with its "
+                "credential, may register under its id (register without an id to join anew)"
+            )
         self.limiter.admit(caller_host(), self.registry, r.worker_id[:64])
         w = self.registry.register(
             name=r.name,
@@ -83,6 +105,7 @@ class WorkerAdmission:
             threads=r.threads,
             worker_id=r.worker_id[:64],
         )
+        keys = self.gate.issue(w)
         await self.manager.save_workers([w])
         log.info(
             "worker %s (%s) at %s joined: %.1f GFLOP/s", w.name, w.worker_id, w.address, w.gflops
@@ -95,4 +118,4 @@ class WorkerAdmission:
             worker_id=w.worker_id,
             worker_name=w.name,
         )
-        return w
+        return w, keys

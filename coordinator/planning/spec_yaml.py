@@ -88,9 +88,11 @@ def read_spec_yaml(text: str, limits: SpecLimits | None = None) -> object:
             f"{ROOT}: is {size} bytes long ({len(text)} characters); this coordinator reads "
             f"job specs of at most {limits.max_bytes} bytes ({FLAGS['max_bytes']})"
         )
-    loader = _StrictLoader(text, limits)
+    loader: _StrictLoader | None = None
     try:
-        # _StrictLoader is a SafeLoader: plain data only, no tag builds an object.
+        # _StrictLoader is a SafeLoader: plain data only, no tag builds an object. Its reader
+        # checks the text's characters as it is made, so it is made inside the try.
+        loader = _StrictLoader(text, limits)
         doc = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -106,7 +108,8 @@ def read_spec_yaml(text: str, limits: SpecLimits | None = None) -> object:
         # PyYAML converts scalars with int()/float(), which refuse e.g. 5000-digit numbers.
         raise JobSpecError(f"{ROOT}: invalid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if doc is None:
         raise JobSpecError(f"{ROOT}: the document is empty")
     return doc

@@ -78,6 +78,11 @@ def test_a_merge_key_is_refused_as_the_alias_it_needs() -> None:
     assert "YAML anchor &b" in refusal(text)
 
 
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x7f"])
+def test_a_control_character_is_a_spec_error(char: str) -> None:
+    assert refusal(SPEC + char).startswith("spec: invalid YAML")
+
+
 def test_deep_nesting_is_refused_naming_the_bound_and_flag() -> None:
     text = "name: " + "[" * 16 + "]" * 16 + "\n"  # the lists are 2 to 17 deep
     assert refusal(text).endswith(
