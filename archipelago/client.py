@@ -1,7 +1,9 @@
 """The user's side of the coordinator API (submit, status, watch, cancel), as plain data.
 
 Each method builds its request and reads the answer through `archipelago.serde`; the views
-it returns are `archipelago.views`' plain dataclasses (importable from here too).
+it returns are `archipelago.views`' plain dataclasses (importable from here too). Every
+call here is an operator's: it carries the operator token (a client made with only the
+join token is refused by every one of them).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import grpc
 
 from archipelago import serde
 from archipelago.views import EventView, JobView, LinkView, PlanView, RecordView, WorkerView
-from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
+from proto.rpc import TlsConfig, open_blocking_channel, operator_metadata, token_metadata
 
 Reply = TypeVar("Reply")
 
@@ -26,13 +28,23 @@ class CoordinatorClient:
     """Blocking calls to a coordinator, with errors turned into `ClientError`s."""
 
     def __init__(
-        self, address: str, *, token: str, tls: TlsConfig | None = None, timeout_s: float = 30.0
+        self,
+        address: str,
+        *,
+        operator_token: str = "",
+        token: str = "",
+        tls: TlsConfig | None = None,
+        timeout_s: float = 30.0,
     ) -> None:
+        """`operator_token` authenticates the calls; without one they carry `token` (the
+        join token), which the coordinator refuses for all of them."""
         self.address = address
         self.timeout_s = timeout_s
         self._channel = open_blocking_channel(address, tls)
         self._stub = serde.coordinator_stub(self._channel)
-        self._metadata = token_metadata(token)
+        self._metadata = (
+            operator_metadata(operator_token) if operator_token else token_metadata(token)
+        )
 
     def _call(
         self, rpc: Callable[..., Reply], request: object, *, timeout: float | None = None
@@ -53,7 +65,8 @@ class CoordinatorClient:
             return ClientError(f"cannot reach the coordinator at {self.address}")
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return ClientError(
-                "the coordinator refused the token (set --token or ARCHIPELAGO_TOKEN)"
+                f"the coordinator refused the token: {e.details()} (set --operator-token or "
+                "ARCHIPELAGO_OPERATOR_TOKEN)"
             )
         return ClientError(str(e.details()))
 

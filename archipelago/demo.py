@@ -98,20 +98,22 @@ def _distributed(args: argparse.Namespace) -> int:
         f"{args.workers} workers on loopback, planned by OP-Fence"
     )
     workdir = Path(tempfile.mkdtemp(prefix="archipelago-demo-"))
-    token = secrets.token_hex(16)
-    # The dashboard's login is the join token: kept in a file only its owner reads, so it
-    # is never printed.
-    token_file = workdir / "token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token + "\n")
+    # The dashboard's login is the operator token: the cluster keeps it in a file only its
+    # owner reads, so it is never printed. The workers' join token opens nothing there.
     with Cluster(
-        workdir, token=token, heartbeat_s=0.5, worker_timeout_s=5.0, dashboard=True
+        workdir,
+        token=secrets.token_hex(16),
+        operator_token=secrets.token_hex(16),
+        heartbeat_s=0.5,
+        worker_timeout_s=5.0,
+        dashboard=True,
     ) as cluster:
         cluster.start_coordinator()
+        token_file = workdir / "operator-token"
         print(f"  coordinator on {cluster.address} (logs in {workdir})")
         print(
             f"  dashboard on {cluster.dashboard_url} while the demo runs "
-            f"(log in with the token in {token_file})"
+            f"(log in with the operator token in {token_file})"
         )
         for i in range(args.workers):
             cluster.start_worker(f"worker-{i}")

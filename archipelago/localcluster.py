@@ -5,7 +5,11 @@ with the `archipelago` command exactly as a user would, each logging to its own 
 `Cluster` runs everything on loopback; `TestbedCluster` runs the same processes on a WAN
 testbed (`deploy.wan.Testbed`): the coordinator in the root namespace on the testbed's
 bridge, each worker inside its host's namespace, so the links between workers are the
-testbed's shaped ones."""
+testbed's shaped ones.
+
+The coordinator is given the cluster's join token (`token`, which its workers present) and
+its operator token (`operator_token`, in a file only its owner reads); `client()` and the
+helpers built on it present the operator token."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 TOKEN = "local-cluster-token"
+OPERATOR_TOKEN = "local-cluster-operator-token"
 # The directory that holds the `archipelago` package (and `coordinator`, `worker`...).
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +77,7 @@ class Cluster:
     workdir: Path
     store: str = ""
     token: str = TOKEN
+    operator_token: str = OPERATOR_TOKEN
     heartbeat_s: float = 0.3
     worker_timeout_s: float = 2.0
     extra_coordinator_args: list[str] = field(default_factory=list)
@@ -114,6 +120,8 @@ class Cluster:
             str(self.port),
             "--token",
             self.token,
+            "--operator-token-file",
+            str(self._operator_token_file()),
             "--store",
             self.store,
             "--heartbeat-interval",
@@ -128,6 +136,13 @@ class Cluster:
             "127.0.0.1:0" if self.dashboard else "off",
             *self.extra_coordinator_args,
         ]
+
+    def _operator_token_file(self) -> Path:
+        """The operator token in a file of the work directory only its owner reads."""
+        path = self.workdir / "operator-token"
+        path.touch(mode=0o600)
+        path.write_text(self.operator_token + "\n")
+        return path
 
     def _worker_args(self, name: str, token: str | None) -> list[str]:
         return [
@@ -199,7 +214,11 @@ class Cluster:
         return proc
 
     def client(self, token: str | None = None) -> CoordinatorClient:
-        return CoordinatorClient(self.address, token=token or self.token, timeout_s=30)
+        """A client presenting the operator token (`token`: presenting that token instead, as
+        a join token)."""
+        if token is not None:
+            return CoordinatorClient(self.address, token=token, timeout_s=30)
+        return CoordinatorClient(self.address, operator_token=self.operator_token, timeout_s=30)
 
     def workers_safe(self) -> list[WorkerView]:
         try:

@@ -15,6 +15,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
+from archipelago.credential_args import (
+    add_join_token_arg,
+    add_operator_arg,
+    add_operator_token_args,
+    join_token,
+    operator_token,
+)
 from archipelago.errors import UsageError
 from archipelago.job_lines import eta, job_line, replica_lines
 from coordinator.limits import add_coordinator_limit_flags, coordinator_limits_from_flags
@@ -29,7 +36,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("coordinator", help="run the coordinator")
     p.add_argument("--port", type=int, default=7070, help="port to serve on (0: any free port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    _token_arg(p, required=True)
+    add_join_token_arg(p, required=True)
+    add_operator_token_args(p)
     p.add_argument(
         "--store",
         default=None,
@@ -69,7 +77,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--dashboard-token",
         default=os.environ.get("ARCHIPELAGO_DASHBOARD_TOKEN", ""),
         help="a read-only token that opens the dashboard and nothing else (default: "
-        "$ARCHIPELAGO_DASHBOARD_TOKEN; the join token opens it too)",
+        "$ARCHIPELAGO_DASHBOARD_TOKEN; the operator token opens it too)",
     )
     add_coordinator_limit_flags(p)
     _log_arg(p)
@@ -77,7 +85,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("worker", help="join a coordinator as a volunteer worker")
     _coordinator_arg(p)
-    _token_arg(p, required=True)
+    add_join_token_arg(p, required=True)
     p.add_argument("--name", default="", help="a name to show (default: host name)")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT this worker serves on")
     p.add_argument(
@@ -106,7 +114,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit a job spec (YAML); prints the job id")
     p.add_argument("spec", help="the job spec file")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
     p.set_defaults(func=cmd_submit)
@@ -114,7 +122,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="jobs and workers (or one job, with its plan)")
     p.add_argument("job", nargs="?", help="a job id")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--json", action="store_true")
     p.add_argument("--links", action="store_true", help="the measured bandwidth between workers")
@@ -125,7 +133,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = plan_sub.add_parser("show", help="explain a job's current plan")
     p.add_argument("job")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan_show)
@@ -133,14 +141,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="follow a job: step, loss, samples/s, ETA")
     p.add_argument("job")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("events", help="a job's timeline, or the cluster's (joins, losses)")
     p.add_argument("job", nargs="?", default="", help="a job id (none: the cluster's events)")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.add_argument("--follow", action="store_true", help="keep printing new events")
     p.set_defaults(func=cmd_events)
@@ -148,7 +156,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.set_defaults(func=cmd_cancel)
 
@@ -158,7 +166,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     to.add_argument("--csv", type=Path, metavar="FILE", help="one row per metric record")
     to.add_argument("--tensorboard", type=Path, metavar="DIR", help="a TensorBoard run")
     _coordinator_arg(p)
-    _token_arg(p)
+    add_operator_arg(p)
     _tls_args(p, server=False)
     p.set_defaults(func=cmd_metrics)
 
@@ -172,15 +180,6 @@ def _coordinator_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _token_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
-    p.add_argument(
-        "--token",
-        default=os.environ.get("ARCHIPELAGO_TOKEN"),
-        help="the join token (default: $ARCHIPELAGO_TOKEN)",
-    )
-    p.set_defaults(token_required=required)
-
-
 def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
     if server:
         p.add_argument("--tls-cert", type=Path, help="PEM certificate this process presents")
@@ -192,14 +191,6 @@ def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
 
 def _log_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def _token(args: argparse.Namespace) -> str:
-    if not args.token:
-        raise UsageError("a join token is needed: --token SECRET or ARCHIPELAGO_TOKEN")
-    if len(args.token) < 8:
-        raise UsageError("the join token must be at least 8 characters")
-    return str(args.token)
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
@@ -223,7 +214,7 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> CoordinatorClient:
-    return CoordinatorClient(args.coordinator, token=_token(args), tls=_tls(args))
+    return CoordinatorClient(args.coordinator, operator_token=operator_token(args), tls=_tls(args))
 
 
 # -- daemons -----------------------------------------------------------------------------
@@ -246,7 +237,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if args.dashboard_token and len(args.dashboard_token) < 8:
         raise UsageError("the dashboard token must be at least 8 characters")
     cfg = CoordinatorConfig(
-        token=_token(args),
+        token=join_token(args),
         port=args.port,
         host=args.host,
         store=args.store or DEFAULT_STORE,
@@ -258,6 +249,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         dashboard=dashboard,
         dashboard_required=args.dashboard is not None,
         dashboard_token=args.dashboard_token,
+        operator_token=args.operator_token,
+        operator_token_file=args.operator_token_file,
         limits=coordinator_limits_from_flags(args),
     )
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
@@ -275,7 +268,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _logging(args)
     cfg = WorkerConfig(
         coordinator=args.coordinator,
-        token=_token(args),
+        token=join_token(args),
         name=args.name,
         listen=args.listen,
         advertise=args.advertise,

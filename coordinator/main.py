@@ -29,6 +29,7 @@ from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
 from coordinator.registry import Registry
+from coordinator.roles import Gatekeeper, load_coordinator_key, operator_token
 from coordinator.serde import add_coordinator_servicer
 from coordinator.service import CoordinatorService
 from coordinator.store import open_store
@@ -39,7 +40,8 @@ from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 
 log = logging.getLogger("archipelago.coordinator")
 
-DEFAULT_STORE = f"sqlite:///{Path.home() / '.archipelago' / 'coordinator.db'}"
+DEFAULT_STATE_DIR = Path.home() / ".archipelago"
+DEFAULT_STORE = f"sqlite:///{DEFAULT_STATE_DIR / 'coordinator.db'}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class CoordinatorConfig:
     dashboard: str = DEFAULT_ADDRESS
     dashboard_required: bool = False
     dashboard_token: str = ""  # a read-only token for the dashboard only
+    # The operator's credential (submit, cancel, read), or a file holding it; neither: the
+    # one in the state directory (beside a sqlite store, else ~/.archipelago), made there
+    # readable by its owner only on a first start.
+    operator_token: str = ""
+    operator_token_file: Path | None = None
     # A worker that cannot be reached or makes no progress is left out of planning this
     # long, doubled for each repeat offence up to the cap.
     exclusion_backoff_s: float = DEFAULT_BACKOFF_S
@@ -73,6 +80,13 @@ class CoordinatorConfig:
     progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
     # Every bound against cheap denial of service (coordinator.limits lists them).
     limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)
+
+
+def state_dir(store: str) -> Path:
+    """Where the coordinator keeps its own files: beside a sqlite store, else ~/.archipelago."""
+    if store.startswith("sqlite:///") and store != "sqlite:///:memory:":
+        return Path(store.removeprefix("sqlite:///")).parent
+    return DEFAULT_STATE_DIR
 
 
 async def serve(cfg: CoordinatorConfig) -> int:
@@ -84,7 +98,18 @@ async def serve(cfg: CoordinatorConfig) -> int:
     # Every call of the store is timed for the metrics (told where once they exist, below).
     store = TimedStore(await asyncio.to_thread(open_store, cfg.store))
     registry = Registry(timeout_s=cfg.worker_timeout_s)
-    workers = WorkerClient(token=cfg.token, tls=cfg.tls)
+    operator, generated = operator_token(
+        cfg.operator_token, cfg.operator_token_file, state_dir(cfg.store)
+    )
+    gate = Gatekeeper(
+        registry,
+        token=cfg.token,
+        operator_token=operator,
+        coordinator_key=await load_coordinator_key(store),
+    )
+    if generated is not None:
+        log.info("the operator token is in %s (readable by its owner only)", generated)
+    workers = WorkerClient(token=cfg.token, tls=cfg.tls, gate=gate)
     links = LinkProber(registry, workers, store, cfg.probes)
     manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links)
     manager.limits = cfg.limits  # before the service, whose registrations it bounds too
@@ -114,7 +139,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
         CoordinatorService(
             manager,
             registry,
-            token=cfg.token,
+            gate=gate,
             heartbeat_s=cfg.heartbeat_s,
             worker_networks=networks,
         ),
@@ -143,7 +168,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
                 registry=registry,
                 links=links,
                 config=DashboardConfig(
-                    token=cfg.token,
+                    token=operator,
                     read_only_token=cfg.dashboard_token,
                     host=host,
                     port=dashboard_port,

@@ -1,5 +1,9 @@
 """The worker registry: who has joined, what they can do, whether they are alive.
 
+Each worker's record keeps the SHA-256 of its current credential (`credential_hash`, set
+by `coordinator.roles` at every registration), never the credential itself, so a restarted
+coordinator still knows who its workers are.
+
 Heart-beats only touch memory (a heartbeat is answered without any store write, so
 hundreds of workers beating every second stay cheap); membership changes - a worker
 joins, is lost, leaves, is assigned to a job - are written to the store by the caller.
@@ -37,6 +41,8 @@ class WorkerState:
     job_id: str = ""
     epoch: int = 0
     leaving: bool = False
+    # SHA-256 (hex) of the credential of its latest registration ("": none issued yet).
+    credential_hash: str = ""
     # What the worker last said it was doing, and when (monotonic clock; memory only):
     # job id, epoch, step and its stage's state (the string as it came, see StageState).
     last_seen: float = field(default_factory=time.monotonic)
@@ -60,6 +66,7 @@ class WorkerState:
             "job_id": self.job_id,
             "epoch": self.epoch,
             "leaving": self.leaving,
+            "credential_hash": self.credential_hash,
         }
 
     @classmethod
@@ -77,6 +84,7 @@ class WorkerState:
             job_id=r.get("job_id", ""),
             epoch=int(r.get("epoch", 0)),
             leaving=bool(r.get("leaving", False)),
+            credential_hash=str(r.get("credential_hash", "")),
         )
 
 
@@ -135,6 +143,12 @@ class Registry:
 
     def get(self, worker_id: str) -> WorkerState | None:
         return self.workers.get(worker_id)
+
+    def at_address(self, address: str) -> WorkerState | None:
+        """The worker at `address`: a live one if any, else the latest to register there."""
+        found = [w for w in self.workers.values() if w.address == address]
+        found.sort(key=lambda w: (w.alive, w.registered_at))
+        return found[-1] if found else None
 
     def heartbeat(self, worker_id: str, reported: tuple[str, int, int, str]) -> WorkerState | None:
         w = self.workers.get(worker_id)

@@ -20,9 +20,11 @@ from coordinator.handover import StageHandover
 from coordinator.job_record import Job, PlanReport, Progress, Suspect
 from coordinator.registry import Registry, WorkerState
 from coordinator.replica_metrics import ReplicaMetrics, summarise_replicas
+from coordinator.roles import WorkerKeys
 from coordinator.worker_admission import Registration
 from opdag import graph_serde
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from proto.rpc import ticket
 from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import header_of
 
@@ -35,6 +37,15 @@ LoadStagePart = worker_pb2.LoadStagePart
 def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
     """Calls of the worker API over `channel`."""
     return WorkerStub(channel)
+
+
+def stage_pair_secret(
+    plan_secret: str, job_id: str, epoch: int, replica: int, a: int, b: int
+) -> str:
+    """The secret stages `a` and `b` of one replica of a plan share, derived from the plan's
+    own secret (which never leaves the coordinator): each worker is given only the secrets
+    of the pairs it is in, so a transfer's secret proves the sender's stage."""
+    return ticket(plan_secret, "pair", job_id, epoch, replica, min(a, b), max(a, b))
 
 
 def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
@@ -110,7 +121,16 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         start_step=start_step,
         total_steps=spec.steps,
         checkpoint_every=spec.checkpoint.every,
-        job_secret=secret,
+        pair_secrets=[
+            worker_pb2.PairSecret(
+                stage=p.stage,
+                secret=stage_pair_secret(secret, job_id, epoch, h.replica, stage.index, p.stage),
+            )
+            for p in plan.placements
+            if p.stage != stage.index and p.replica == h.replica
+        ],
+        # The stage's sync group shares one: its members all average the same tensors.
+        sync_secret=ticket(secret, "sync", job_id, epoch, stage.index) if plan.replicas > 1 else "",
         tensors=[header_of(name, t) for name, t in tensors],
     )
 
@@ -131,11 +151,16 @@ def job_control_pb(
 
 
 def measure_link_pb(
-    target_id: str, target_address: str, *, max_bytes: int, target_seconds: float
+    target_id: str,
+    target_address: str,
+    *,
+    max_bytes: int,
+    target_seconds: float,
+    ticket: str = "",
 ) -> worker_pb2.MeasureLinksRequest:
-    """Ask a worker to measure its link to one other."""
+    """Ask a worker to measure its link to one other (`ticket`: what lets it probe there)."""
     return worker_pb2.MeasureLinksRequest(
-        targets=[worker_pb2.LinkTarget(worker_id=target_id, address=target_address)],
+        targets=[worker_pb2.LinkTarget(worker_id=target_id, address=target_address, ticket=ticket)],
         max_bytes=max_bytes,
         target_seconds=target_seconds,
     )
@@ -196,8 +221,13 @@ def registration_from_pb(r: RegisterRequest) -> Registration:
     )
 
 
-def register_reply_pb(w: WorkerState, heartbeat_s: float) -> RegisterReply:
-    return RegisterReply(worker_id=w.worker_id, heartbeat_interval_s=heartbeat_s)
+def register_reply_pb(w: WorkerState, heartbeat_s: float, keys: WorkerKeys) -> RegisterReply:
+    return RegisterReply(
+        worker_id=w.worker_id,
+        heartbeat_interval_s=heartbeat_s,
+        credential=keys.credential,
+        coordinator_credential=keys.coordinator,
+    )
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,13 @@
 Each method decodes its request through `coordinator.serde`, calls the job manager, the
 registry or a plain handler (`coordinator.worker_admission` for registrations,
 `coordinator.checkpoint_upload` for checkpoints) and encodes the answer; the only logic
-here is which refusal becomes which status. Every call needs the join token. A malformed
-or inconsistent request gets an error status that names the problem and changes nothing.
+here is which refusal becomes which status. Every call first proves its caller's role
+(`coordinator.roles`): the join token registers, a worker's credential heart-beats, leaves,
+reports and uploads for itself and the stages its plan gave it, the operator token submits,
+cancels and reads. A refusal is UNAUTHENTICATED (no credential, or a wrong one) or
+PERMISSION_DENIED (a credential used outside its role), with a message naming what is
+wrong; a malformed or inconsistent request gets an error status that names the problem.
+Either way nothing changes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.jobs import JobManager
 from coordinator.registry import Registry
+from coordinator.roles import Caller, Gatekeeper, Role, Unauthenticated, check_assigned
 from coordinator.worker_admission import WorkerAdmission
 from opdag.errors import OpDagError
 from proto.errors import WireError
@@ -34,6 +40,7 @@ MAX_EVENTS_PER_CALL = 500
 RECORDS_PER_PAGE = 2000
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
 class CoordinatorService(serde.CoordinatorServicerBase):
@@ -44,46 +51,73 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         manager: JobManager,
         registry: Registry,
         *,
-        token: str,
+        gate: Gatekeeper,
         heartbeat_s: float,
         worker_networks: tuple[Network, ...] = (),
     ) -> None:
         self.manager = manager
         self.registry = registry
-        self.token = token
+        self.gate = gate
         self.heartbeat_s = heartbeat_s
-        self.admission = WorkerAdmission(registry, manager, worker_networks)
+        self.admission = WorkerAdmission(registry, manager, worker_networks, gate=gate)
 
-    async def _guard(self, context: grpc.aio.ServicerContext) -> None:
-        await require_token(context, self.token)
+    async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, *roles: Role) -> Caller:
+        """The caller, if it holds one of `roles`; else the call ends refused."""
+        try:
+            return self.gate.require(context.invocation_metadata(), rpc, *roles)
+        except Unauthenticated as e:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"{rpc}: {e}")
+        except PermissionError as e:
+            await abort(context, DENIED, str(e))
+
+    async def _operator(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        await self._guard(context, rpc, Role.OPERATOR)
+
+    async def _worker(self, context: grpc.aio.ServicerContext, rpc: str, named: str) -> str:
+        """The calling worker's id, if it is `named` (the id the request is about)."""
+        caller = await self._guard(context, rpc, Role.WORKER)
+        if named != caller.worker_id:
+            await abort(
+                context,
+                DENIED,
+                f"{rpc} for worker {named[:64]!r} refused: the caller is worker {caller.worker_id}",
+            )
+        return caller.worker_id
 
     # -- workers ---------------------------------------------------------------------------
 
     async def Register(
         self, request: serde.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> serde.RegisterReply:
-        await self._guard(context)
+        await require_token(context, self.gate.token)
         try:
-            w = await self.admission.admit(serde.registration_from_pb(request))
+            # A worker coming back under its id proves it with its credential.
+            claimed = self.gate.worker(context.invocation_metadata())
+        except Unauthenticated as e:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"Register: {e}")
+        try:
+            w, keys = await self.admission.admit(
+                serde.registration_from_pb(request), claimed=claimed
+            )
         except ValueError as e:
             await abort(context, INVALID, str(e))
         except PermissionError as e:
-            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
-        return serde.register_reply_pb(w, self.heartbeat_s)
+            await abort(context, DENIED, str(e))
+        return serde.register_reply_pb(w, self.heartbeat_s, keys)
 
     async def Heartbeat(
         self, request: serde.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> serde.HeartbeatReply:
-        await self._guard(context)
         beat = serde.heartbeat_from_pb(request)
+        await self._worker(context, "Heartbeat", beat.worker_id)
         w = self.registry.heartbeat(beat.worker_id, beat.reported)
         return serde.heartbeat_reply_pb(None if w is None else self.manager.on_heartbeat(w))
 
     async def Leave(
         self, request: serde.LeaveRequest, context: grpc.aio.ServicerContext
     ) -> serde.Empty:
-        await self._guard(context)
         worker_id = serde.leaving_worker_id(request)
+        await self._worker(context, "Leave", worker_id)
         w = self.registry.get(worker_id)
         if w is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no worker {worker_id[:64]!r}")
@@ -93,9 +127,22 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def ReportProgress(
         self, request: serde.ProgressReport, context: grpc.aio.ServicerContext
     ) -> serde.Empty:
-        await self._guard(context)
+        caller = await self._guard(context, "ReportProgress", Role.WORKER)
         try:
-            await self.manager.on_progress(serde.progress_from_pb(request))
+            progress = serde.progress_from_pb(request)
+            check_assigned(
+                self.manager.jobs.get(progress.job_id),
+                caller=caller.worker_id,
+                named=progress.worker_id,
+                what="progress report",
+                job_id=progress.job_id,
+                epoch=progress.epoch,
+                stage=progress.stage,
+                replica=progress.replica,
+            )
+            await self.manager.on_progress(progress)
+        except PermissionError as e:
+            await abort(context, DENIED, str(e))
         except StaleReport as e:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except OpDagError as e:
@@ -107,10 +154,23 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         request_iterator: AsyncIterator[serde.CheckpointPart],
         context: grpc.aio.ServicerContext,
     ) -> serde.Empty:
-        await self._guard(context)
+        caller = await self._guard(context, "UploadCheckpoint", Role.WORKER)
         try:
             upload, incoming = await serde.open_checkpoint(request_iterator)
+            # Checked before a byte of its tensors is read.
+            check_assigned(
+                self.manager.jobs.get(upload.job_id),
+                caller=caller.worker_id,
+                named=upload.worker_id,
+                what="checkpoint",
+                job_id=upload.job_id,
+                epoch=upload.epoch,
+                stage=upload.stage,
+                replica=None,
+            )
             await receive_checkpoint(self.manager, upload, incoming)
+        except PermissionError as e:
+            await abort(context, DENIED, str(e))
         except StaleReport as e:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except (OpDagError, WireError) as e:
@@ -122,7 +182,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def SubmitJob(
         self, request: serde.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> serde.JobInfo:
-        await self._guard(context)
+        await self._operator(context, "SubmitJob")
         spec_yaml = serde.spec_yaml_from_pb(request)
         if len(spec_yaml.encode()) > MAX_SPEC_BYTES:
             await abort(context, INVALID, f"the job spec exceeds {MAX_SPEC_BYTES} bytes")
@@ -141,7 +201,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def GetJob(
         self, request: serde.JobRequest, context: grpc.aio.ServicerContext
     ) -> serde.JobInfo:
-        await self._guard(context)
+        await self._operator(context, "GetJob")
         query = serde.job_query_from_pb(request)
         job = await self._job(query.job_id, context)
         metrics = await self.manager.metrics(job.job_id) if query.with_metrics else []
@@ -150,20 +210,20 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def ListJobs(
         self, request: serde.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> serde.JobList:
-        await self._guard(context)
+        await self._operator(context, "ListJobs")
         return serde.job_list_pb(sorted(self.manager.jobs.values(), key=lambda j: j.created_at))
 
     async def CancelJob(
         self, request: serde.JobRequest, context: grpc.aio.ServicerContext
     ) -> serde.JobInfo:
-        await self._guard(context)
+        await self._operator(context, "CancelJob")
         job = await self._job(serde.job_query_from_pb(request).job_id, context)
         return serde.job_info_pb(await self.manager.cancel(job.job_id))
 
     async def WatchJob(
         self, request: serde.JobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[serde.JobInfo]:
-        await self._guard(context)
+        await self._operator(context, "WatchJob")
         job = await self._job(serde.job_query_from_pb(request).job_id, context)
         async for snapshot in self.manager.watch(job.job_id):
             # The replicas' figures travel with each change; the per-step losses do not.
@@ -173,21 +233,21 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def ListWorkers(
         self, request: serde.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> serde.WorkerList:
-        await self._guard(context)
+        await self._operator(context, "ListWorkers")
         workers = sorted(self.registry.workers.values(), key=lambda w: w.registered_at)
         return serde.worker_list_pb(workers)
 
     async def ListLinks(
         self, request: serde.ListLinksRequest, context: grpc.aio.ServicerContext
     ) -> serde.LinkList:
-        await self._guard(context)
+        await self._operator(context, "ListLinks")
         rows = self.manager.links.rows() if self.manager.links is not None else []
         return serde.link_list_pb(rows, self.registry)
 
     async def GetPlan(
         self, request: serde.JobRequest, context: grpc.aio.ServicerContext
     ) -> serde.PlanInfo:
-        await self._guard(context)
+        await self._operator(context, "GetPlan")
         job = await self._job(serde.job_query_from_pb(request).job_id, context)
         if job.plan is None:
             await abort(
@@ -198,7 +258,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def ListEvents(
         self, request: history_serde.EventsRequest, context: grpc.aio.ServicerContext
     ) -> history_serde.EventList:
-        await self._guard(context)
+        await self._operator(context, "ListEvents")
         query = history_serde.events_query_from_pb(request, max_limit=MAX_EVENTS_PER_CALL)
         scope = CLUSTER
         if query.job_id:
@@ -209,7 +269,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     async def JobRecords(
         self, request: history_serde.RecordsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[history_serde.RecordPage]:
-        await self._guard(context)
+        await self._operator(context, "JobRecords")
         job_id, since_step = history_serde.records_query_from_pb(request)
         job = await self._job(job_id, context)
         records = await self.manager.metrics(job.job_id, since_step)

@@ -1,4 +1,9 @@
-"""The calls the coordinator makes on workers: hand over a stage, start, stop."""
+"""The calls the coordinator makes on workers: hand over a stage, start, stop, measure.
+
+Each call carries the coordinator's credential toward that worker (`coordinator.roles`),
+which the worker demands of every call only the coordinator may make; a link measurement
+also carries the ticket that lets the measuring worker probe its target.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import grpc
 
 from coordinator.handover import StageHandover
+from coordinator.roles import Gatekeeper
 from coordinator.serde import (
     WorkerStub,
     job_control_pb,
@@ -15,7 +21,7 @@ from coordinator.serde import (
     measured_links_from_pb,
     worker_stub,
 )
-from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.rpc import Metadata, TlsConfig, coordinator_metadata, open_channel
 
 log = logging.getLogger("archipelago.coordinator")
 
@@ -30,13 +36,29 @@ class WorkerCallError(Exception):
 
 
 class WorkerClient:
-    """One channel per worker address, reused across calls."""
+    """One channel per worker address, reused across calls. `gate` gives each worker's
+    coordinator credential (without one, calls carry none and workers refuse them);
+    `token`, the join token, is not sent to workers."""
 
-    def __init__(self, *, token: str, tls: TlsConfig | None, call_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        token: str,
+        tls: TlsConfig | None,
+        call_timeout_s: float = 30.0,
+        gate: Gatekeeper | None = None,
+    ) -> None:
         self.token = token
         self.tls = tls
         self.call_timeout_s = call_timeout_s
+        self.gate = gate
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _metadata(self, worker_id: str, address: str) -> Metadata:
+        """The coordinator's credential toward the worker (found by address without an id)."""
+        if self.gate is None:
+            return ()
+        return coordinator_metadata(self.gate.coordinator_credential(worker_id, address))
 
     def _stub(self, address: str) -> WorkerStub:
         channel = self._channels.get(address)
@@ -60,7 +82,9 @@ class WorkerClient:
         parts = load_stage_parts(handover)
         try:
             await self._stub(address).LoadStage(
-                parts, metadata=token_metadata(self.token), timeout=10 * self.call_timeout_s
+                parts,
+                metadata=self._metadata(worker_id, address),
+                timeout=10 * self.call_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
             raise self._error(
@@ -71,7 +95,7 @@ class WorkerClient:
         try:
             await self._stub(address).StartJob(
                 job_control_pb(job_id, epoch),
-                metadata=token_metadata(self.token),
+                metadata=self._metadata(worker_id, address),
                 timeout=self.call_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
@@ -92,7 +116,7 @@ class WorkerClient:
         try:
             await self._stub(address).StopJob(
                 job_control_pb(job_id, epoch, drain=drain, steps_done=steps_done, alone=alone),
-                metadata=token_metadata(self.token),
+                metadata=self._metadata("", address),
                 timeout=5,
             )
             return True
@@ -110,12 +134,19 @@ class WorkerClient:
         target_seconds: float,
     ) -> tuple[float, float, str]:
         """Ask a worker to measure its link to another: (bytes/s, rtt s, error or "")."""
+        ticket = self.gate.probe_ticket(worker_id, target_id, target_address) if self.gate else ""
         request = measure_link_pb(
-            target_id, target_address, max_bytes=max_bytes, target_seconds=target_seconds
+            target_id,
+            target_address,
+            max_bytes=max_bytes,
+            target_seconds=target_seconds,
+            ticket=ticket,
         )
         try:
             reply = await self._stub(address).MeasureLinks(
-                request, metadata=token_metadata(self.token), timeout=self.call_timeout_s
+                request,
+                metadata=self._metadata(worker_id, address),
+                timeout=self.call_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
             raise self._error(worker_id, f"measuring links from {address}", e) from None

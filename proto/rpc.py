@@ -1,15 +1,33 @@
 """Wire conventions the coordinator, the workers and the command-line client share: how a
-caller proves it knows the join token, message size limits, TLS channels, and how a
-servicer refuses a call (`abort`).
+caller proves who it is, message size limits, TLS channels, and how a servicer refuses a
+call (`abort`).
+
+Credentials travel in call metadata, one header each (what each allows is decided by the
+servicers, `coordinator.roles` and `worker.credentials`):
+
+- `x-archipelago-token`: the join token, shared by every volunteer: it allows `Register`.
+- `x-archipelago-worker-id` with `x-archipelago-worker-credential`: one worker, by the
+  credential the coordinator gave it at its latest registration.
+- `x-archipelago-operator`: the operator token (submit, cancel, every read).
+- `x-archipelago-coordinator`: the coordinator, toward one worker (a credential only the
+  two know).
+- `x-archipelago-probe-ticket` (with the prober's worker id): a coordinator-minted ticket
+  that lets one worker probe another's link.
+
+Peer transfers carry their stage pair's secret in their header instead. Every secret is
+compared in constant time (`secret_matches`); the coordinator stores only hashes of the
+workers' credentials (`secret_hash`) and derives the rest with `ticket` (an HMAC).
 
 Part of the wire: it imports nothing of ours, so every side may use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +36,14 @@ from typing import Any, NoReturn
 import grpc
 
 TOKEN_HEADER = "x-archipelago-token"
+WORKER_ID_HEADER = "x-archipelago-worker-id"
+WORKER_CREDENTIAL_HEADER = "x-archipelago-worker-credential"
+OPERATOR_HEADER = "x-archipelago-operator"
+COORDINATOR_HEADER = "x-archipelago-coordinator"
+PROBE_TICKET_HEADER = "x-archipelago-probe-ticket"
+# Secrets shorter than this are refused wherever one is received (a credential, a ticket, a
+# stage pair's secret are all 43 or 64 characters).
+MIN_SECRET_CHARS = 16
 # Tensor bytes travel in 1 MiB chunks; whole messages above this are refused (the largest
 # ordinary message is a stage assignment, whose graph is tens of kilobytes).
 MAX_MESSAGE_BYTES = 16 << 20
@@ -127,17 +153,69 @@ def open_blocking_channel(address: str, tls: TlsConfig | None = None) -> grpc.Ch
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def token_metadata(token: str) -> tuple[tuple[str, str], ...]:
+Metadata = tuple[tuple[str, str], ...]
+
+
+def token_metadata(token: str) -> Metadata:
+    """The join token, as a volunteer registering sends it."""
     return ((TOKEN_HEADER, token),)
+
+
+def operator_metadata(token: str) -> Metadata:
+    return ((OPERATOR_HEADER, token),)
+
+
+def worker_metadata(worker_id: str, credential: str) -> Metadata:
+    """One worker's identity: its id and the credential of its latest registration."""
+    return ((WORKER_ID_HEADER, worker_id), (WORKER_CREDENTIAL_HEADER, credential))
+
+
+def coordinator_metadata(credential: str) -> Metadata:
+    """The coordinator's credential toward one worker."""
+    return ((COORDINATOR_HEADER, credential),)
+
+
+def probe_metadata(worker_id: str, ticket: str) -> Metadata:
+    """A worker probing another's link: its id and the coordinator's ticket for the pair."""
+    return ((WORKER_ID_HEADER, worker_id), (PROBE_TICKET_HEADER, ticket))
+
+
+def metadata_value(metadata: Any, key: str) -> str | None:
+    """The first value of header `key` in call metadata (None: absent)."""
+    for k, value in metadata or ():
+        if k == key:
+            return value if isinstance(value, str) else bytes(value).decode(errors="replace")
+    return None
+
+
+def secret_matches(given: str | None, expected: str) -> bool:
+    """Whether `given` is `expected`, compared in constant time; never for an empty one."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode(errors="replace"), expected.encode())
 
 
 def token_matches(metadata: Any, token: str) -> bool:
     """Whether call metadata carries the expected token (compared in constant time)."""
-    for key, value in metadata or ():
-        if key == TOKEN_HEADER:
-            given = value.encode() if isinstance(value, str) else bytes(value)
-            return hmac.compare_digest(given, token.encode())
-    return False
+    return secret_matches(metadata_value(metadata, TOKEN_HEADER), token)
+
+
+def new_secret() -> str:
+    """A fresh random credential (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def secret_hash(secret: str) -> str:
+    """What is stored of a credential: its SHA-256 (a credential is random, so no salt or
+    slow hash is needed: nothing about it can be guessed)."""
+    return hashlib.sha256(secret.encode(errors="replace")).hexdigest()
+
+
+def ticket(key: str, *scope: object) -> str:
+    """An HMAC-SHA256 of `scope` under `key`: a secret for exactly that scope, which only
+    holders of `key` can make or check."""
+    message = "\x1f".join(str(s) for s in scope).encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
 async def require_token(context: grpc.aio.ServicerContext, token: str) -> None:

@@ -1,5 +1,12 @@
 """A worker's link to the coordinator: join, heart-beat, report, upload checkpoints.
 
+Every call after the first registration carries this worker's id and credential
+(`worker.credentials`); a registration also carries the join token, and under a known id
+the credential that proves the id is this worker's. Each registration's reply replaces the
+credentials (the node checks the coordinator's calls with them at once). If a registration
+under its old id is refused (the coordinator knows the id but not this credential: a reply
+lost on the way), the worker joins afresh under a new id.
+
 The coordinator may restart at any time. Registration is retried until it answers; a
 heartbeat that finds the coordinator does not know this worker registers again (keeping
 the worker's id); progress reports queue up and are delivered in order once it is back, so
@@ -19,8 +26,9 @@ import grpc
 import torch
 
 from proto.retry import RetryPolicy, retry
-from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.rpc import Metadata, TlsConfig, open_channel, token_metadata
 from worker.coordinator_serde import (
+    ProgressReport,
     checkpoint_parts,
     coordinator_stub,
     heartbeat_answer_from_pb,
@@ -30,6 +38,7 @@ from worker.coordinator_serde import (
     register_request_pb,
     registration_from_pb,
 )
+from worker.credentials import NodeCredentials
 from worker.resources import Resources
 from worker.stage_job import StepReport
 from worker.stage_plan import StagePlan
@@ -41,10 +50,18 @@ log = logging.getLogger("archipelago.worker")
 COORDINATOR_RETRY = RetryPolicy(attempts=None, first_delay_s=0.5, backoff=1.0, max_delay_s=0.5)
 # The coordinator's answers that are final: it does not take this worker...
 REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
-# ...or has moved on from what a report or checkpoint is about (a job, an epoch).
-OUTDATED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+# ...or has moved on from what a report or checkpoint is about (a job, an epoch), or no
+# longer has this worker on that stage (PERMISSION_DENIED: the report is not its to make).
+OUTDATED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 # Registration is retried on anything but a refusal or a bad request; a report or a
-# checkpoint on anything but being outdated.
+# checkpoint on anything but being outdated (UNAUTHENTICATED too: the heartbeat loop
+# registers again, and the next try carries the new credential).
 REGISTER_RETRIED = frozenset(grpc.StatusCode) - REFUSED - {grpc.StatusCode.INVALID_ARGUMENT}
 DELIVERY_RETRIED = frozenset(grpc.StatusCode) - OUTDATED
 
@@ -65,6 +82,7 @@ class CoordinatorLink:
         name: str,
         resources: Resources,
         retry_policy: RetryPolicy = COORDINATOR_RETRY,
+        credentials: NodeCredentials | None = None,
     ) -> None:
         self.address = address
         self.token = token
@@ -76,7 +94,9 @@ class CoordinatorLink:
         self.heartbeat_s = 1.0
         self._channel = open_channel(address, tls)
         self._stub = coordinator_stub(self._channel)
-        self._metadata = token_metadata(token)
+        self._token_metadata = token_metadata(token)
+        # This worker's id and secrets (shared with the node, which checks calls with them).
+        self.credentials = credentials or NodeCredentials()
         # Reports waiting for the coordinator, each with the worker id it was made under.
         self._reports: collections.deque[tuple[str, StepReport]] = collections.deque()
         self._report_ready = asyncio.Event()
@@ -86,6 +106,11 @@ class CoordinatorLink:
         self.leaving = False
 
     # -- joining ---------------------------------------------------------------------------
+
+    @property
+    def _metadata(self) -> Metadata:
+        """What proves this worker on a call (its latest credential: read at each try)."""
+        return self.credentials.metadata()
 
     async def register(self) -> str:
         """Register (again), retrying until the coordinator answers; returns the worker id."""
@@ -97,12 +122,23 @@ class CoordinatorLink:
         )
         try:
             reply = await retry(
-                partial(self._stub.Register, request, metadata=self._metadata, timeout=10),
+                lambda: self._stub.Register(
+                    request, metadata=self._token_metadata + self._metadata, timeout=10
+                ),
                 self.retry_policy,
                 retry_on=REGISTER_RETRIED,
                 on_retry=self._log_unreachable,
             )
         except grpc.aio.AioRpcError as e:
+            if e.code() in REFUSED and self.worker_id and self.credentials.credential:
+                log.warning(
+                    "the coordinator refused this worker's id %s (%s); joining anew",
+                    self.worker_id,
+                    e.details(),
+                )
+                self.worker_id = ""
+                self.credentials.admit("", "", "")
+                return await self.register()
             if e.code() in REFUSED:
                 raise RefusedError(f"the coordinator refused this worker: {e.details()}") from None
             if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -110,6 +146,9 @@ class CoordinatorLink:
             raise
         registration = registration_from_pb(reply)
         self._unreachable_logged = False
+        self.credentials.admit(
+            registration.worker_id, registration.credential, registration.coordinator_credential
+        )
         self.worker_id = registration.worker_id
         self.heartbeat_s = registration.heartbeat_s
         log.info("registered with %s as %s (%s)", self.address, self.name, self.worker_id)
@@ -143,7 +182,16 @@ class CoordinatorLink:
                     if asyncio.iscoroutine(result):
                         await result
             except grpc.aio.AioRpcError as e:
-                self._log_unreachable(e)
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED and not self.leaving:
+                    # The coordinator does not know this credential (its store was lost):
+                    # register again, as when it says it does not know this worker.
+                    log.warning("the coordinator refused this worker's credential; registering")
+                    try:
+                        await self.register()
+                    except (RefusedError, grpc.aio.AioRpcError) as again:
+                        log.warning("registering again failed: %s", again)
+                else:
+                    self._log_unreachable(e)
             await asyncio.sleep(self.heartbeat_s)
 
     async def leave(self) -> None:
@@ -170,9 +218,7 @@ class CoordinatorLink:
                 request = progress_report_pb(worker_id, report)
                 try:
                     await retry(
-                        partial(
-                            self._stub.ReportProgress, request, metadata=self._metadata, timeout=10
-                        ),
+                        partial(self._report, request),
                         self.retry_policy,
                         retry_on=DELIVERY_RETRIED,
                         on_retry=self._log_unreachable,
@@ -184,6 +230,10 @@ class CoordinatorLink:
                     log.info("report for job %s dropped: %s", report.job_id, e.details())
                 self._reports.popleft()
             self._report_ready.clear()
+
+    async def _report(self, request: ProgressReport) -> object:
+        """One try of a report's delivery, with the credential current at this try."""
+        return await self._stub.ReportProgress(request, metadata=self._metadata, timeout=10)
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued report is delivered; False on timeout."""

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from worker.step_report import StepReport
 
 CoordinatorStub = coordinator_pb2_grpc.CoordinatorStub
+ProgressReport = coordinator_pb2.ProgressReport
 
 
 def coordinator_stub(channel: grpc.aio.Channel) -> CoordinatorStub:
@@ -29,10 +30,13 @@ def coordinator_stub(channel: grpc.aio.Channel) -> CoordinatorStub:
 
 @dataclass(frozen=True)
 class Registration:
-    """The coordinator's answer to a registration: this worker's id, how often to beat."""
+    """The coordinator's answer to a registration: this worker's id, how often to beat, its
+    own credential and the coordinator's toward it."""
 
     worker_id: str
     heartbeat_s: float
+    credential: str = ""
+    coordinator_credential: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,12 @@ def register_request_pb(
 
 
 def registration_from_pb(reply: coordinator_pb2.RegisterReply) -> Registration:
-    return Registration(worker_id=reply.worker_id, heartbeat_s=reply.heartbeat_interval_s or 1.0)
+    return Registration(
+        worker_id=reply.worker_id,
+        heartbeat_s=reply.heartbeat_interval_s or 1.0,
+        credential=reply.credential,
+        coordinator_credential=reply.coordinator_credential,
+    )
 
 
 def heartbeat_request_pb(

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LinkTarget:
-    """A worker to measure the link to, by id and address."""
+    """A worker to measure the link to, by id and address, with the coordinator's ticket
+    that lets this worker probe it."""
 
     worker_id: str
     address: str
+    ticket: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 
 import grpc
 
-from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.rpc import TlsConfig, open_channel, probe_metadata, token_metadata
 from worker.link_measurement import LinkFigure
 from worker.serde import probe_request_pb, worker_stub
 
@@ -52,8 +52,12 @@ async def measure_link(
     tls: TlsConfig | None,
     max_bytes: int,
     target_seconds: float,
+    prober_id: str = "",
+    ticket: str = "",
 ) -> LinkFigure:
-    """Round trip and bandwidth from here to the worker at `address`."""
+    """Round trip and bandwidth from here to the worker at `address`; each probe carries the
+    join token and the coordinator's `ticket` for this worker (`prober_id`) to probe it."""
+    metadata = token_metadata(token) + probe_metadata(prober_id, ticket)
     channel = open_channel(address, tls)
     stub = worker_stub(channel)
     sent = 0
@@ -63,7 +67,7 @@ async def measure_link(
         began = time.perf_counter()
         await stub.Probe(
             probe_request_pb(payload),
-            metadata=token_metadata(token),
+            metadata=metadata,
             timeout=PROBE_TIMEOUT_S,
         )
         sent += payload

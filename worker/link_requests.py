@@ -38,7 +38,7 @@ def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> Non
 
 
 async def measure_links(
-    request: LinkRequest, *, token: str, tls: TlsConfig | None
+    request: LinkRequest, *, token: str, tls: TlsConfig | None, prober_id: str = ""
 ) -> list[LinkFigure]:
     """Each requested link measured, in the order asked (a failed one says why)."""
     figures = []
@@ -52,6 +52,8 @@ async def measure_links(
                 tls=tls,
                 max_bytes=request.max_bytes,
                 target_seconds=request.target_seconds,
+                prober_id=prober_id,
+                ticket=t.ticket,
             )
         )
     return figures

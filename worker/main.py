@@ -20,6 +20,7 @@ import torch
 from proto.concurrency import WORKER_RPC_LIMITS, RpcLimits, bounded_server
 from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
 from worker.coordinator_link import CoordinatorLink
+from worker.credentials import NodeCredentials
 from worker.node import WorkerNode
 from worker.resources import measure_resources
 from worker.serde import add_worker_servicer
@@ -69,11 +70,23 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             raise ValueError(f"--gflops {cfg.gflops} is not a speed in GFLOP/s")
         resources = replace(resources, gflops=cfg.gflops)
     name = cfg.name or f"{socket.gethostname()}-{id(cfg) % 10000:04d}"
+    # What registration gives this worker: the link proves itself with it, the node checks
+    # the coordinator's calls with it.
+    identity = NodeCredentials()
     link = CoordinatorLink(
-        cfg.coordinator, token=cfg.token, tls=cfg.tls, name=name, resources=resources
+        cfg.coordinator,
+        token=cfg.token,
+        tls=cfg.tls,
+        name=name,
+        resources=resources,
+        credentials=identity,
     )
     node = WorkerNode(
-        token=cfg.token, tls=cfg.tls, reporter=link, device=torch.device(resources.device)
+        token=cfg.token,
+        tls=cfg.tls,
+        reporter=link,
+        device=torch.device(resources.device),
+        credentials=identity,
     )
     server = bounded_server(cfg.rpc_limits, options=SERVER_OPTIONS)
     add_worker_servicer(

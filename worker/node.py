@@ -2,13 +2,16 @@
 
 A worker runs one stage of one job at a time. Torch compute happens on a single dedicated
 thread so the asyncio loop stays free to receive and send while a stage computes.
+
+A peer's transfer is taken only with the secret of its stage pair: each stage is given the
+secrets it shares with every other stage of its replica, so a sender cannot claim a stage
+it does not hold. A replica's share is taken with its sync group's secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +20,8 @@ import torch
 
 from opdag.errors import OpDagError
 from opdag.values import Value
-from proto.rpc import TlsConfig
+from proto.rpc import TlsConfig, secret_matches
+from worker.credentials import NodeCredentials
 from worker.peers import PeerLinks
 from worker.replica_sync import ReplicaSync
 from worker.serde import StagePlan
@@ -53,8 +57,11 @@ class WorkerNode:
         tls: TlsConfig | None,
         reporter: Reporter,
         device: torch.device | None = None,
+        credentials: NodeCredentials | None = None,
     ) -> None:
         self.token = token
+        # This worker's id and secrets, from its registration (shared with its coordinator link).
+        self.credentials = credentials or NodeCredentials()
         self.tls = tls
         self.reporter = reporter
         self.device = device or torch.device("cpu")
@@ -155,12 +162,29 @@ class WorkerNode:
 
     # -- data (from peers) ---------------------------------------------------------------------
 
-    def job_for_transfer(self, job_id: str, epoch: int, secret: str) -> StageJob:
+    def job_for_transfer(self, job_id: str, epoch: int, src_stage: int, secret: str) -> StageJob:
+        """The held job a transfer from stage `src_stage` is for, once the secret of that
+        stage and this one is checked."""
+        job = self._live_job(job_id, epoch)
+        expected = job.plan.pair_secrets.get(src_stage, "")
+        if not secret_matches(secret, expected):
+            raise PermissionError(
+                f"wrong stage-pair secret for stage {src_stage} -> {job.plan.stage}: the "
+                "sender does not hold the stage it claims"
+            )
+        return job
+
+    def job_for_share(self, job_id: str, epoch: int, secret: str) -> StageJob:
+        """The held job a replica's share is for, once its sync group's secret is checked."""
+        job = self._live_job(job_id, epoch)
+        if not secret_matches(secret, job.plan.sync_secret):
+            raise PermissionError(f"wrong sync-group secret for stage {job.plan.stage}")
+        return job
+
+    def _live_job(self, job_id: str, epoch: int) -> StageJob:
         job = self.job
         if job is None or job.plan.job_id != job_id or job.plan.epoch != epoch:
             raise JobStateError(f"no stage of job {job_id} epoch {epoch} here")
-        if not hmac.compare_digest(job.plan.job_secret.encode(), secret.encode()):
-            raise PermissionError("wrong job secret")
         if not job.state.live:
             raise JobStateError(f"job {job_id} is {job.state} here")
         return job

@@ -1,8 +1,9 @@
 """Sending values and gradients to peer workers.
 
-Each transfer is one client-streaming call: a header (job, epoch, step, micro-batch, the
-values' structure and tensor descriptions) and then the tensors' bytes in 1 MiB chunks.
-Forward values go through `Activations` and gradients through `Gradients`, so the two
+Each transfer is one client-streaming call: a header (job, epoch, the secret this stage
+shares with the receiving one, step, micro-batch, the values' structure and tensor
+descriptions; the call's metadata carries the join token) and then the tensors' bytes in
+1 MiB chunks. Forward values go through `Activations` and gradients through `Gradients`, so the two
 directions never queue behind each other. A peer that is briefly unreachable is retried
 with backoff (`PEER_RETRY`: about six seconds in all); after that the error surfaces and
 the coordinator re-plans.
@@ -66,7 +67,9 @@ class PeerLinks:
     ) -> int:
         """Send one micro-batch's values (FORWARD) or gradients (BACKWARD) to stage `dst`;
         returns the tensor bytes sent."""
-        nbytes, parts = transfer_parts(plan=self.plan, step=step, micro_batch=mb, values=values)
+        nbytes, parts = transfer_parts(
+            plan=self.plan, dst=dst, step=step, micro_batch=mb, values=values
+        )
         stub = self._stub(dst)
         call = stub.Activations if kind == TransferKind.FORWARD else stub.Gradients
 

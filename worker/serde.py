@@ -23,7 +23,7 @@ from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
 from opdag.optim import OptimizerConfig
 from proto import tensor_pb2, worker_pb2, worker_pb2_grpc
-from proto.rpc import MAX_DETAILS_CHARS
+from proto.rpc import MAX_DETAILS_CHARS, MIN_SECRET_CHARS
 from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import encode_values, header_of
 from worker.edge_compression import EdgeCodec
@@ -98,8 +98,11 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         raise _fail(
             f"steps {a.start_step}..{a.total_steps} every {a.checkpoint_every} make no sense"
         )
-    if len(a.job_secret) < 16:
-        raise _fail("the job secret is too short")
+    pair_secrets = {ps.stage: ps.secret for ps in a.pair_secrets}
+    if set(pair_secrets) != set(peers) or len(a.pair_secrets) != len(peers):
+        raise _fail("the stage-pair secrets must be one for each peer stage")
+    if any(len(v) < MIN_SECRET_CHARS for v in pair_secrets.values()):
+        raise _fail("a stage-pair secret is too short")
     codecs: dict[int, EdgeCodec] = {}
     targets = {s for stages in sends.values() for s in stages}
     for c in a.codecs:
@@ -119,6 +122,8 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
     sync_peers = {p.replica: p.address for p in a.sync_peers}
     if set(sync_peers) != set(range(replicas)) - {a.replica} or len(a.sync_peers) != replicas - 1:
         raise _fail("the sync peers must be the other replicas, once each")
+    if replicas > 1 and len(a.sync_secret) < MIN_SECRET_CHARS:
+        raise _fail("the sync group's secret is missing or too short")
     plan = StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
@@ -136,7 +141,8 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         start_step=a.start_step,
         total_steps=a.total_steps,
         checkpoint_every=a.checkpoint_every,
-        job_secret=a.job_secret,
+        pair_secrets=pair_secrets,
+        sync_secret=a.sync_secret,
         codecs=codecs,
         replica=a.replica,
         replicas=replicas,
@@ -162,7 +168,7 @@ class Transfer:
 
     job_id: str
     epoch: int
-    job_secret: str
+    pair_secret: str
     step: int
     micro_batch: int
     src_stage: int
@@ -175,7 +181,7 @@ class GradientShare:
 
     job_id: str
     epoch: int
-    job_secret: str
+    sync_secret: str
     step: int
     stage: int
     src_replica: int
@@ -185,7 +191,7 @@ def transfer_from_pb(h: worker_pb2.TransferHeader) -> Transfer:
     return Transfer(
         job_id=h.job_id,
         epoch=h.epoch,
-        job_secret=h.job_secret,
+        pair_secret=h.pair_secret,
         step=h.step,
         micro_batch=h.micro_batch,
         src_stage=h.src_stage,
@@ -196,7 +202,7 @@ def transfer_header_pb(
     *,
     job_id: str,
     epoch: int,
-    job_secret: str,
+    pair_secret: str,
     step: int,
     micro_batch: int,
     src_stage: int,
@@ -206,7 +212,7 @@ def transfer_header_pb(
     return worker_pb2.TransferHeader(
         job_id=job_id,
         epoch=epoch,
-        job_secret=job_secret,
+        pair_secret=pair_secret,
         step=step,
         micro_batch=micro_batch,
         src_stage=src_stage,
@@ -249,7 +255,7 @@ async def open_gradient_share(
 ) -> tuple[GradientShare, IncomingTensors]:
     """A ReplicaGradients stream's header, and its tensors still to come."""
     h, incoming = await open_stream(parts, "header")
-    share = GradientShare(h.job_id, h.epoch, h.job_secret, h.step, h.stage, h.src_replica)
+    share = GradientShare(h.job_id, h.epoch, h.sync_secret, h.step, h.stage, h.src_replica)
     return share, incoming
 
 
@@ -305,7 +311,7 @@ def probe_reply_pb(nbytes: int) -> ProbeReply:
 
 def link_request_from_pb(r: MeasureLinksRequest) -> LinkRequest:
     return LinkRequest(
-        targets=tuple(LinkTarget(t.worker_id, t.address) for t in r.targets),
+        targets=tuple(LinkTarget(t.worker_id, t.address, t.ticket) for t in r.targets),
         max_bytes=r.max_bytes,
         target_seconds=r.target_seconds,
     )
@@ -337,17 +343,18 @@ def worker_stub(channel: grpc.aio.Channel) -> WorkerStub:
 def transfer_parts(
     *,
     plan: StagePlan,
+    dst: int,
     step: int,
     micro_batch: int,
     values: Mapping[str, object],
 ) -> tuple[int, Callable[[], AsyncIterator[worker_pb2.TransferPart]]]:
-    """The tensor bytes of one micro-batch's transfer from this stage, and a function that
-    makes its Activations or Gradients stream afresh, once for each try."""
+    """The tensor bytes of one micro-batch's transfer from this stage to stage `dst`, and a
+    function that makes its Activations or Gradients stream afresh, once for each try."""
     named, tensors = encode_values(values)
     header = transfer_header_pb(
         job_id=plan.job_id,
         epoch=plan.epoch,
-        job_secret=plan.job_secret,
+        pair_secret=plan.pair_secrets.get(dst, ""),
         step=step,
         micro_batch=micro_batch,
         src_stage=plan.stage,
@@ -370,7 +377,7 @@ def gradient_share_parts(
     header = worker_pb2.ReplicaGradientsHeader(
         job_id=plan.job_id,
         epoch=plan.epoch,
-        job_secret=plan.job_secret,
+        sync_secret=plan.sync_secret,
         step=step,
         stage=plan.stage,
         src_replica=plan.replica,

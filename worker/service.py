@@ -3,8 +3,13 @@
 Each method decodes its request through `worker.serde`, hands it to the node or to a plain
 handler (`worker.inbound` for streams of tensors, `worker.link_requests` for link
 measurements) and encodes the answer; the only logic here is which refusal becomes which
-status. Anything malformed gets an error status naming the problem and changes nothing;
-the worker keeps serving.
+status. Who may call what (`worker.credentials`): the coordinator's calls (LoadStage,
+StartJob, StopJob, Status, MeasureLinks) need the coordinator's credential toward this
+worker; peer transfers need the join token and their stage pair's (or sync group's)
+secret; a Probe, the join token and the coordinator's ticket for the prober. A refusal is
+UNAUTHENTICATED (no credential, or a wrong one) or PERMISSION_DENIED (a credential used
+outside its role). Anything malformed gets an error status naming the problem and changes
+nothing; the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from opdag.errors import OpDagError
 from proto.errors import StreamError, WireError
 from proto.rpc import MAX_MESSAGE_BYTES, Network, abort, require_token
 from worker import serde
+from worker.credentials import Unauthenticated
 from worker.inbound import receive_gradient_share, receive_stage, receive_transfer
 from worker.link_requests import check_link_request, measure_links
 from worker.node import JobStateError, WorkerNode
@@ -49,14 +55,26 @@ class WorkerService(serde.WorkerServicerBase):
         self.name = name
 
     async def _guard(self, context: grpc.aio.ServicerContext) -> None:
+        """A peer's call: it must carry the join token (its own secret is checked after)."""
         await require_token(context, self.node.token)
+
+    async def _coordinator(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        """Refuse `rpc` unless the coordinator made it."""
+        try:
+            self.node.credentials.check_coordinator(
+                context.invocation_metadata(), rpc, self.node.token
+            )
+        except Unauthenticated as e:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except PermissionError as e:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
 
     async def LoadStage(
         self,
         request_iterator: AsyncIterator[serde.LoadStagePart],
         context: grpc.aio.ServicerContext,
     ) -> serde.LoadStageReply:
-        await self._guard(context)
+        await self._coordinator(context, "LoadStage")
         try:
             plan, incoming = await serde.open_stage(request_iterator)
             await receive_stage(self.node, plan, incoming)
@@ -69,7 +87,7 @@ class WorkerService(serde.WorkerServicerBase):
     async def StartJob(
         self, request: serde.JobControlRequest, context: grpc.aio.ServicerContext
     ) -> serde.Ack:
-        await self._guard(context)
+        await self._coordinator(context, "StartJob")
         control = serde.job_control_from_pb(request)
         try:
             await self.node.start(control.job_id, control.epoch)
@@ -80,7 +98,7 @@ class WorkerService(serde.WorkerServicerBase):
     async def StopJob(
         self, request: serde.JobControlRequest, context: grpc.aio.ServicerContext
     ) -> serde.Ack:
-        await self._guard(context)
+        await self._coordinator(context, "StopJob")
         c = serde.job_control_from_pb(request)
         try:
             await self.node.stop(
@@ -115,7 +133,10 @@ class WorkerService(serde.WorkerServicerBase):
             t, incoming = await serde.open_transfer(parts)
         except StreamError as e:
             await abort(context, INVALID, str(e))
-        job = await self._job_for(t.job_id, t.epoch, t.job_secret, context)
+        job = await self._job_for(
+            lambda: self.node.job_for_transfer(t.job_id, t.epoch, t.src_stage, t.pair_secret),
+            context,
+        )
         try:
             await receive_transfer(self.node, job, kind, t, incoming)
         except (OpDagError, WireError) as e:
@@ -132,7 +153,10 @@ class WorkerService(serde.WorkerServicerBase):
             share, incoming = await serde.open_gradient_share(request_iterator)
         except StreamError as e:
             await abort(context, INVALID, str(e))
-        job = await self._job_for(share.job_id, share.epoch, share.job_secret, context)
+        job = await self._job_for(
+            lambda: self.node.job_for_share(share.job_id, share.epoch, share.sync_secret),
+            context,
+        )
         try:
             await receive_gradient_share(job, share, incoming)
         except (OpDagError, WireError) as e:
@@ -140,11 +164,11 @@ class WorkerService(serde.WorkerServicerBase):
         return serde.ack_pb()
 
     async def _job_for(
-        self, job_id: str, epoch: int, secret: str, context: grpc.aio.ServicerContext
+        self, find: Callable[[], StageJob], context: grpc.aio.ServicerContext
     ) -> StageJob:
-        """The held job a peer's call is for, once its job secret is checked."""
+        """The held job a peer's call is for (`find` checks its secret)."""
         try:
-            return self.node.job_for_transfer(job_id, epoch, secret)
+            return find()
         except PermissionError as e:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
         except JobStateError as e:
@@ -153,13 +177,18 @@ class WorkerService(serde.WorkerServicerBase):
     async def Status(
         self, request: serde.StatusRequest, context: grpc.aio.ServicerContext
     ) -> serde.WorkerStatus:
-        await self._guard(context)
+        await self._coordinator(context, "Status")
         return serde.worker_status_pb(self._worker_id() or "", self.name, self.node.status())
 
     async def Probe(
         self, request: serde.ProbeRequest, context: grpc.aio.ServicerContext
     ) -> serde.ProbeReply:
-        await self._guard(context)
+        try:
+            self.node.credentials.check_probe(context.invocation_metadata(), self.node.token)
+        except Unauthenticated as e:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except PermissionError as e:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
         nbytes = serde.probe_reply_bytes(request)
         if nbytes > MAX_PROBE_BYTES:
             await abort(
@@ -170,7 +199,7 @@ class WorkerService(serde.WorkerServicerBase):
     async def MeasureLinks(
         self, request: serde.MeasureLinksRequest, context: grpc.aio.ServicerContext
     ) -> serde.MeasureLinksReply:
-        await self._guard(context)
+        await self._coordinator(context, "MeasureLinks")
         links = serde.link_request_from_pb(request)
         try:
             check_link_request(links, self.probe_networks)
@@ -178,5 +207,10 @@ class WorkerService(serde.WorkerServicerBase):
             await abort(context, INVALID, str(e))
         except PermissionError as e:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, str(e))
-        figures = await measure_links(links, token=self.node.token, tls=self.node.tls)
+        figures = await measure_links(
+            links,
+            token=self.node.token,
+            tls=self.node.tls,
+            prober_id=self.node.credentials.worker_id,
+        )
         return serde.link_figures_pb(figures)

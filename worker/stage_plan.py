@@ -52,7 +52,8 @@ class StagePlan:
     start_step: int
     total_steps: int
     checkpoint_every: int
-    job_secret: str
+    # other stage of this replica -> the secret it and this stage share (transfers carry it)
+    pair_secrets: Mapping[int, str]
     # dst stage -> how what this stage sends there is compressed
     codecs: Mapping[int, EdgeCodec] = field(default_factory=dict)
     replica: int = 0
@@ -69,6 +70,8 @@ class StagePlan:
     # The local kinds' outer optimizer (DiLoCo) as (sgd | nesterov, lr, momentum); None:
     # the averaged parameters are taken as they are.
     outer: tuple[str, float, float] | None = None
+    # The secret of this stage's sync group ("" with one replica).
+    sync_secret: str = ""
     # How the group's shares are combined: mean, median or trimmed-mean (the robust two
     # leave out outliers first: `worker.robust_aggregate`).
     sync_aggregate: str = "mean"

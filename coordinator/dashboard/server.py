@@ -1,7 +1,8 @@
 """The dashboard's web server: an aiohttp app on the coordinator's own event loop.
 
 Everything but the login page (and its stylesheet and icon) needs a session, opened by
-logging in with the join token or the read-only dashboard token (`sessions`). Pages are
+logging in with the operator token or the read-only dashboard token (`sessions`; the
+volunteers' join token opens nothing here). Pages are
 static HTML and JavaScript; the data comes as JSON (`/api/...`, GET only, read-only) and
 live as server-sent events (`/api/events`): a fresh snapshot when it changed, checked
 every second. `/metrics` serves the Prometheus exposition to a session or to
@@ -59,7 +60,7 @@ Exposition = Callable[[], Awaitable[tuple[bytes, str]]]
 class DashboardConfig:
     """How the dashboard is served (built from the coordinator's command line)."""
 
-    token: str  # the join token: it opens a session too
+    token: str  # the operator token: it opens a session too
     read_only_token: str = ""  # --dashboard-token: opens a session and nothing else
     host: str = "127.0.0.1"
     port: int = 7080

@@ -1,7 +1,8 @@
 """Who may see the dashboard: the tokens a login takes, the sessions it opens, and the
 rate limit on failed logins.
 
-A login with the join token or the read-only dashboard token opens a session: a random id
+A login with the operator token or the read-only dashboard token opens a session (the
+volunteers' join token is refused: a volunteer sees nothing of the jobs): a random id
 (the cookie's value) kept here with its expiry. The id is the only thing the browser holds;
 the token never leaves the login form. Sessions live in memory only: a restarted
 coordinator asks everyone to log in again, which costs an operator one form.

@@ -87,17 +87,18 @@ def test_operator_watches_a_job_lose_a_worker_and_replan(
             context.set_default_timeout(TIMEOUT_MS)
             page = watch(context.new_page())
 
-            # Nothing but the login page without a session; a wrong token shows it again.
+            # Nothing but the login page without a session; a wrong token (the volunteers'
+            # join token is one here) shows it again.
             page.goto(f"{url}/workers")
             assert page.url.endswith("/login")
-            page.fill("#token", "not-the-token")
+            page.fill("#token", c.token)
             page.click("button[type=submit]")
             page.wait_for_selector(".error")
             assert page.url.endswith("/login") and page.is_visible("#token")
             assert "not accepted" in page.inner_text(".error")
             shot(page, "login-wrong-token")
 
-            page.fill("#token", c.token)
+            page.fill("#token", c.operator_token)
             page.click("button[type=submit]")
             page.wait_for_url(f"{url}/workers")
             for name in workers:

@@ -3,14 +3,19 @@
 For each method, 1,000 requests go out as raw bytes (grpc generic calls, no serializer):
 pure noise, raw edits of a valid request, and field-level changes of one (which still parse,
 so they reach the handlers' own checks, deep inside graphs and tensor headers). About half
-carry the join token. Every call must end in OK or a deliberate error status - never an
-exception escaping a handler (UNKNOWN), never a hang, never a refusal lost on its way - and
-afterwards both processes are alive, their logs hold no handler's traceback, and the
-service still works.
+carry the credential the method's role needs (the join token to register, a worker's own
+credential, the operator token, the coordinator's credential toward the worker, the join
+token and a probe ticket); the rest carry forged identities: another worker's id, a stale
+credential, an id that does not exist, a credential of another role, a wrong one, none.
+Every one of those must be refused (UNAUTHENTICATED or PERMISSION_DENIED). Every call
+must end in OK or a deliberate error status - never an exception escaping a handler
+(UNKNOWN), never a hang, never a refusal lost on its way - and afterwards both processes
+are alive, their logs hold no handler's traceback, and the service still works.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -31,9 +36,17 @@ from google.protobuf.message import Message
 from archipelago.client import ClientError
 from coordinator.planning.jobspec import parse_job_spec
 from proto import coordinator_pb2, worker_pb2
-from proto.rpc import CHANNEL_OPTIONS, token_metadata
+from proto.rpc import (
+    CHANNEL_OPTIONS,
+    Metadata,
+    coordinator_metadata,
+    operator_metadata,
+    probe_metadata,
+    token_metadata,
+    worker_metadata,
+)
 from proto.tensor_stream import encode_values, header_of, iter_chunks
-from tests.multiproc.cluster import Cluster, wait_for
+from tests.multiproc.cluster import Cluster, coordinator_credential, probe_ticket, wait_for
 from tests.multiproc.test_worker_rejects_bad_messages import build_stage_hand_out
 
 pytestmark = pytest.mark.multiproc
@@ -278,10 +291,67 @@ def fuzz_request(method: Method, rng: random.Random) -> list[bytes]:
     return encoded
 
 
+# What a fuzz call may carry: (whether it is the credential the method's role needs, the
+# call's metadata), one drawn per call.
+Credentials = Sequence[tuple[bool, Metadata]]
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class Identities:
+    """The credentials of the fuzz: the cluster's tokens, the real worker's id and the
+    coordinator's credential toward it, a fuzz worker's own current and stale ones, and the
+    coordinator's ticket for the fuzz worker to probe the real one."""
+
+    token: str
+    operator: str
+    real_id: str
+    coordinator: str
+    fuzz_id: str = ""
+    credential: str = ""
+    stale: str = ""
+    probe: str = ""
+
+    def forged(self) -> list[tuple[bool, Metadata]]:
+        """Calls that prove no role a method needs (each method adds what does)."""
+        return [
+            (False, ()),
+            (False, token_metadata("wrong-token")),
+            (False, operator_metadata("a-wrong-operator-token")),
+            (False, worker_metadata(self.real_id, self.credential)),  # another worker's id
+            (False, worker_metadata(self.fuzz_id, self.stale)),  # a stale credential
+            (False, worker_metadata("no-such-worker", self.credential)),
+            (False, coordinator_metadata("a-forged-coordinator-credential")),
+        ]
+
+    def for_method(self, method: Method) -> list[tuple[bool, Metadata]]:
+        """Half the weight on the method's own credential, half on the forged ones."""
+        worker = worker_metadata(self.fuzz_id, self.credential)
+        join, operator = token_metadata(self.token), operator_metadata(self.operator)
+        coordinator = coordinator_metadata(self.coordinator)
+        if method.service == "Worker":
+            if method.name in ("Activations", "Gradients", "ReplicaGradients"):
+                right: list[Metadata] = [join]  # and the pair's secret, in the header
+                other = [coordinator, worker]
+            elif method.name == "Probe":
+                right = [join + probe_metadata(self.fuzz_id, self.probe), coordinator]
+                other = [join, join + probe_metadata("other-prober", self.probe), worker]
+            else:
+                right, other = [coordinator], [join, worker, operator]
+        elif method.name == "Register":
+            right, other = [join], [join + worker_metadata(self.real_id, self.stale)]
+        elif method.name in ("Heartbeat", "Leave", "ReportProgress", "UploadCheckpoint"):
+            right, other = [worker], [join, operator]
+        else:
+            right, other = [operator], [join, worker]
+        wrong = self.forged() + [(False, m) for m in other]
+        return [(True, m) for m in right] * max(1, len(wrong) // len(right)) + wrong
+
+
 @dataclass
 class Outcome:
     method: str
-    with_token: bool
+    with_token: bool  # carried the credential of the method's role
     code: grpc.StatusCode
     details: str
 
@@ -302,7 +372,7 @@ def _settle(result: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 def fuzz_method(
     channel: grpc.Channel,
     method: Method,
-    token: str,
+    credentials: Credentials,
     rng: random.Random,
     *,
     calls: int = CALLS_PER_METHOD,
@@ -327,9 +397,7 @@ def fuzz_method(
         messages = fuzz_request(method, rng)
         while not keep(messages):
             messages = fuzz_request(method, rng)
-        roll = rng.random()
-        with_token = roll < 0.5
-        metadata = token_metadata(token if with_token else "wrong-token") if roll < 0.75 else ()
+        with_token, metadata = rng.choice(credentials)
         if method.shape == "unary":
             f: Future[object] = unary.future(messages[0], timeout=DEADLINE_S, metadata=metadata)
             pending.append((with_token, f.result))
@@ -380,13 +448,14 @@ def small_job_or_refused(messages: list[bytes]) -> bool:
 # -- the valid requests the mutations start from ---------------------------------------------
 
 
-def coordinator_methods() -> list[Method]:
+def coordinator_methods(worker_id: str = "0123456789ab") -> list[Method]:
+    """The coordinator's methods; the worker calls' requests name `worker_id`."""
     job = coordinator_pb2.JobRequest(job_id="0123456789", with_metrics=True)
     weights = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     checkpoint = [
         coordinator_pb2.CheckpointPart(
             header=coordinator_pb2.CheckpointHeader(
-                worker_id="0123456789ab",
+                worker_id=worker_id,
                 job_id="0123456789",
                 epoch=1,
                 stage=0,
@@ -406,11 +475,11 @@ def coordinator_methods() -> list[Method]:
             ),
         ),
         "Heartbeat": coordinator_pb2.HeartbeatRequest(
-            worker_id="0123456789ab", job_id="0123456789", epoch=1, step=3, state="running"
+            worker_id=worker_id, job_id="0123456789", epoch=1, step=3, state="running"
         ),
-        "Leave": coordinator_pb2.LeaveRequest(worker_id="0123456789ab"),
+        "Leave": coordinator_pb2.LeaveRequest(worker_id=worker_id),
         "ReportProgress": coordinator_pb2.ProgressReport(
-            worker_id="0123456789ab",
+            worker_id=worker_id,
             job_id="0123456789",
             epoch=1,
             stage=1,
@@ -462,7 +531,7 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
     header = worker_pb2.TransferHeader(
         job_id=FUZZ_JOB,
         epoch=FUZZ_EPOCH,
-        job_secret=a.job_secret,
+        pair_secret=next(ps.secret for ps in a.pair_secrets if ps.stage == 0),
         step=5,
         micro_batch=1,
         src_stage=0,
@@ -479,7 +548,7 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
     replica_header = worker_pb2.ReplicaGradientsHeader(
         job_id=FUZZ_JOB,
         epoch=FUZZ_EPOCH,
-        job_secret=a.job_secret,
+        sync_secret=a.sync_secret,
         step=5,
         stage=1,
         src_replica=1,
@@ -551,10 +620,11 @@ def _assert_outcomes(outcomes: Sequence[Outcome], method: Method) -> None:
     # a long field) overflowed the trailer and never reached the caller.
     lost = [o.details for o in outcomes if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert not lost, f"{method.path}: refusals lost on the way: {lost[:3]}"
-    # Without the token a call gets nothing but a refusal (or grpc's own parse error).
+    # Without its role's credential a call gets nothing but a refusal (or grpc's own parse
+    # error): a forged identity changes nothing.
     for o in outcomes:
         if not o.with_token:
-            assert o.code == grpc.StatusCode.UNAUTHENTICATED or o.unparseable, (method.path, o)
+            assert o.code in REFUSED or o.unparseable, (method.path, o)
     # The fuzz reached the handler, not just the parser: tokened calls got handler answers.
     reached = sum(1 for o in outcomes if o.with_token and not o.unparseable)
     assert reached >= 150, f"{method.path}: only {reached} calls reached the handler {codes}"
@@ -572,6 +642,28 @@ def assert_only_parse_error_tracebacks(log: str, name: str) -> None:
         assert raised.startswith("google.protobuf.message.DecodeError: Error parsing"), (
             f"{name}: a handler crashed:\n{where}"
         )
+
+
+def register_fuzz_worker(channel: grpc.Channel, ids: Identities) -> Identities:
+    """Register a worker of the fuzz's own (at an address that answers nothing), then again
+    under its id with its credential: `ids` with its id, current and stale credentials."""
+    register = channel.unary_unary(
+        "/archipelago.v1.Coordinator/Register",
+        request_serializer=coordinator_pb2.RegisterRequest.SerializeToString,
+        response_deserializer=coordinator_pb2.RegisterReply.FromString,
+    )
+    request = coordinator_pb2.RegisterRequest(name="fuzz-identity", address="127.0.0.1:9")
+    first = register(request, metadata=token_metadata(ids.token), timeout=30)
+    request.worker_id = first.worker_id
+    again = register(
+        request,
+        metadata=token_metadata(ids.token) + worker_metadata(first.worker_id, first.credential),
+        timeout=30,
+    )
+    assert again.worker_id == first.worker_id and again.credential != first.credential
+    return dataclasses.replace(
+        ids, fuzz_id=first.worker_id, credential=again.credential, stale=first.credential
+    )
 
 
 def test_coordinator_refuses_a_job_whose_model_cannot_be_built(cluster: Cluster) -> None:
@@ -592,15 +684,24 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
     worker = next(p for p in cluster.procs if p.name == "real")
     rng = random.Random(SEED)
     results: dict[str, Counter[grpc.StatusCode]] = {}
+    ids = Identities(
+        token=cluster.token,
+        operator=cluster.operator_token,
+        real_id=real.worker_id,
+        coordinator=coordinator_credential(cluster, real.worker_id),
+    )
 
     def fuzz(channel: grpc.Channel, method: Method, **kw: Any) -> None:
-        outcomes = fuzz_method(channel, method, cluster.token, rng, **kw)
+        outcomes = fuzz_method(channel, method, ids.for_method(method), rng, **kw)
         _assert_outcomes(outcomes, method)
         results[method.path] = Counter(o.code for o in outcomes)
 
     with grpc.insecure_channel(cluster.address, options=CHANNEL_OPTIONS) as channel:
-        methods = coordinator_methods()
-        fuzz(channel, methods[0])  # Register
+        fuzz(channel, coordinator_methods()[0])  # Register
+        # A worker of the fuzz's own, registered twice: its first credential is stale.
+        ids = register_fuzz_worker(channel, ids)
+        ids = dataclasses.replace(ids, probe=probe_ticket(cluster, ids.fuzz_id, ids.real_id))
+        methods = coordinator_methods(ids.fuzz_id)
         # Workers the fuzz registered never heart-beat: wait until none looks free, so no
         # job is planned on an address that answers nothing.
         wait_for(
@@ -638,7 +739,7 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
             # The coordinator has a worker drop a job it never planned (at its next
             # heartbeat), so the fuzz hands the stage over again before each round.
             reply = load(
-                iter(load_stage), metadata=token_metadata(cluster.token), timeout=DEADLINE_S
+                iter(load_stage), metadata=coordinator_metadata(ids.coordinator), timeout=DEADLINE_S
             )
             assert (reply.job_id, reply.stage) == (FUZZ_JOB, 1)
 
@@ -655,7 +756,11 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
                 for _ in range(rounds):
                     load_fuzz_stage()
                     outcomes += fuzz_method(
-                        channel, method, cluster.token, rng, calls=CALLS_PER_METHOD // rounds
+                        channel,
+                        method,
+                        ids.for_method(method),
+                        rng,
+                        calls=CALLS_PER_METHOD // rounds,
                     )
                 _assert_outcomes(outcomes, method)
                 results[method.path] = Counter(o.code for o in outcomes)
@@ -697,7 +802,7 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
             "/archipelago.v1.Worker/Status",
             request_serializer=worker_pb2.StatusRequest.SerializeToString,
             response_deserializer=worker_pb2.WorkerStatus.FromString,
-        )(worker_pb2.StatusRequest(), metadata=token_metadata(cluster.token), timeout=30)
+        )(worker_pb2.StatusRequest(), metadata=coordinator_metadata(ids.coordinator), timeout=30)
     assert (status.name, status.worker_id) == ("real", real.worker_id)
     print(f"fuzzed {len(results)} methods in {time.monotonic() - began:.1f} s")
     for path, codes in sorted(results.items()):

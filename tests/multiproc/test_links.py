@@ -14,8 +14,15 @@ import pytest
 
 from archipelago.client import LinkView
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from proto.rpc import open_blocking_channel, token_metadata
-from tests.multiproc.cluster import TOKEN, Cluster, wait_for
+from proto.rpc import coordinator_metadata, open_blocking_channel, token_metadata
+from tests.multiproc.cluster import (
+    OPERATOR_TOKEN,
+    TOKEN,
+    Cluster,
+    coordinator_credential,
+    probe_ticket,
+    wait_for,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -51,7 +58,14 @@ def test_idle_workers_get_every_directed_link_measured(cluster: Cluster) -> None
         assert x.bandwidth > 10e6 / 8, x
         assert 0 < x.rtt_s < 1.0, x
 
-    command = ["status", "--links", "--coordinator", cluster.address, "--token", TOKEN]
+    command = [
+        "status",
+        "--links",
+        "--coordinator",
+        cluster.address,
+        "--operator-token",
+        OPERATOR_TOKEN,
+    ]
     out = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
         capture_output=True,
@@ -76,6 +90,7 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
     (worker,) = cluster.workers_safe()
     channel = open_blocking_channel(worker.address, None)
     stub = worker_pb2_grpc.WorkerStub(channel)
+    as_coordinator = coordinator_metadata(coordinator_credential(cluster, worker.worker_id))
     try:
         # 192.0.2.0/24 is reserved for documentation: nothing is there, and the worker
         # (allowed only 127.0.0.0/8 by the cluster) must refuse before sending anything.
@@ -85,23 +100,24 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
             target_seconds=0.2,
         )
         with pytest.raises(grpc.RpcError) as info:
-            stub.MeasureLinks(request, metadata=token_metadata(TOKEN), timeout=10)
+            stub.MeasureLinks(request, metadata=as_coordinator, timeout=10)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "--probe-networks" in (info.value.details() or "")
         # A name is never looked up either.
         request.targets[0].address = "localhost:7100"
         with pytest.raises(grpc.RpcError) as info:
-            stub.MeasureLinks(request, metadata=token_metadata(TOKEN), timeout=10)
+            stub.MeasureLinks(request, metadata=as_coordinator, timeout=10)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         request.targets[0].address = worker.address
         request.max_bytes = 1 << 40
         with pytest.raises(grpc.RpcError) as info:
-            stub.MeasureLinks(request, metadata=token_metadata(TOKEN), timeout=10)
+            stub.MeasureLinks(request, metadata=as_coordinator, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_bytes" in (info.value.details() or "")
         # Within bounds, a worker measures even its link to itself.
         request.max_bytes = 1 << 20
-        reply = stub.MeasureLinks(request, metadata=token_metadata(TOKEN), timeout=30)
+        request.targets[0].ticket = probe_ticket(cluster, worker.worker_id, worker.worker_id)
+        reply = stub.MeasureLinks(request, metadata=as_coordinator, timeout=30)
         assert reply.links[0].bandwidth > 0 and not reply.links[0].error
     finally:
         channel.close()

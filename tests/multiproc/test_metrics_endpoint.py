@@ -21,7 +21,7 @@ from prometheus_client.samples import Sample
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from archipelago.client import JobView
-from tests.multiproc.cluster import TOKEN, Cluster, wait_for
+from tests.multiproc.cluster import OPERATOR_TOKEN, TOKEN, Cluster, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -45,7 +45,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.close()
 
 
-def scrape(url: str, token: str = TOKEN) -> dict[str, list[Sample]]:
+def scrape(url: str, token: str = OPERATOR_TOKEN) -> dict[str, list[Sample]]:
     request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert answer.status == 200
@@ -142,10 +142,11 @@ def test_metrics_during_a_job_and_the_export_after_it(cluster: Cluster, tmp_path
     assert value(m, "archipelago_store_operation_seconds_count", op="put_metric") >= 2 * 5
     assert value(m, "archipelago_store_operation_seconds_count", op="put_job") >= 1
 
-    # A wrong token gets nothing.
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        scrape(url, token="not-the-token")
-    assert refused.value.code == 401
+    # A wrong token gets nothing, nor does the volunteers' join token.
+    for wrong in ("not-the-token", TOKEN):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            scrape(url, token=wrong)
+        assert refused.value.code == 401
 
     final = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
     check_export(job_id, cluster.job(job_id, with_metrics=True), cluster.address, tmp_path)
@@ -167,7 +168,7 @@ def test_metrics_during_a_job_and_the_export_after_it(cluster: Cluster, tmp_path
 
 def check_export(job_id: str, job: JobView, address: str, tmp_path: Path) -> None:
     """`archipelago metrics` of the finished job: CSV and TensorBoard, and its refusals."""
-    common = ["--coordinator", address, "--token", TOKEN]
+    common = ["--coordinator", address, "--operator-token", OPERATOR_TOKEN]
     losses = {s.step: s.loss for s in job.metrics}
     assert sorted(losses) == list(range(STEPS))
 

@@ -19,10 +19,11 @@ from coordinator.serde import stage_assignment_pb
 from opdag.capture import capture
 from opdag.zoo import build_model, example_batch
 from proto import worker_pb2
-from proto.rpc import token_metadata
+from proto.rpc import coordinator_metadata, token_metadata
 from proto.tensor_stream import header_of, iter_chunks
 from tests.multiproc.test_worker_rejects_bad_messages import (
     CALL_TIMEOUT_S,
+    COORDINATOR_CREDENTIAL,
     SPEC,
     TOKEN,
     InProcessWorker,
@@ -76,7 +77,11 @@ class Holder:
         )
         parts = [worker_pb2.LoadStagePart(assignment=self.assignment)]
         parts += [worker_pb2.LoadStagePart(chunk=c) for c in iter_chunks([t for _, t in tensors])]
-        worker.stub.LoadStage(iter(parts), metadata=token_metadata(TOKEN), timeout=CALL_TIMEOUT_S)
+        worker.stub.LoadStage(
+            iter(parts),
+            metadata=coordinator_metadata(COORDINATOR_CREDENTIAL),
+            timeout=CALL_TIMEOUT_S,
+        )
 
     def share(
         self, tensors: list[tuple[str, torch.Tensor]] | None = None, **header: Any
@@ -87,7 +92,7 @@ class Holder:
         fields: dict[str, Any] = {
             "job_id": JOB_ID,
             "epoch": EPOCH,
-            "job_secret": self.assignment.job_secret,
+            "sync_secret": self.assignment.sync_secret,
             "step": 0,
             "stage": 1,
             "src_replica": 1,
@@ -131,7 +136,9 @@ def test_a_replica_refuses_gradients_not_of_its_sync_group_and_accepts_a_good_sh
     name, p = next(iter(holder.params.items()))
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     holder.refused(
-        holder.share(job_secret="x" * 32), grpc.StatusCode.PERMISSION_DENIED, "wrong job secret"
+        holder.share(sync_secret="x" * 32),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "wrong sync-group secret",
     )
     holder.refused(holder.share(epoch=EPOCH + 1), grpc.StatusCode.FAILED_PRECONDITION, "no stage")
     holder.refused(holder.share(src_replica=0), invalid, "not in this stage's sync group")

@@ -18,7 +18,7 @@ import pytest
 from coordinator.planning.jobspec import parse_job_spec
 from coordinator.store import open_store
 from opdag.reference import ReferenceTrainer
-from tests.multiproc.cluster import TOKEN, Cluster, wait_for
+from tests.multiproc.cluster import OPERATOR_TOKEN, Cluster, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -130,7 +130,14 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster:
     assert sorted(e.worker_name for e in cluster_events if e.kind == "joined") == sorted(workers)
     assert [e.worker_name for e in cluster_events if e.kind == "lost"] == [victim]
     # `archipelago events JOB` prints the same timeline, a line an event.
-    command = ["events", job_id, "--coordinator", cluster.address, "--token", TOKEN]
+    command = [
+        "events",
+        job_id,
+        "--coordinator",
+        cluster.address,
+        "--operator-token",
+        OPERATOR_TOKEN,
+    ]
     out = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
         capture_output=True,
@@ -250,7 +257,15 @@ def test_topk_at_ratio_one_equals_the_uncompressed_run_and_lossy_topk_moves_fewe
             client.close()
         if name != "exact":
             assert "sampled_topk" in plan.text, plan.text
-    command = ["plan", "show", job_id, "--coordinator", cluster.address, "--token", TOKEN]
+    command = [
+        "plan",
+        "show",
+        job_id,
+        "--coordinator",
+        cluster.address,
+        "--operator-token",
+        OPERATOR_TOKEN,
+    ]
     shown = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
         capture_output=True,

@@ -15,8 +15,8 @@ import pytest
 
 from archipelago.client import ClientError, CoordinatorClient
 from proto import worker_pb2, worker_pb2_grpc
-from proto.rpc import TlsConfig, open_blocking_channel, token_metadata
-from tests.multiproc.cluster import Cluster, wait_for
+from proto.rpc import TlsConfig, coordinator_metadata, open_blocking_channel
+from tests.multiproc.cluster import Cluster, coordinator_credential, wait_for
 from tests.multiproc.test_service import SPEC
 
 pytestmark = pytest.mark.multiproc
@@ -63,8 +63,10 @@ class TlsCluster(Cluster):
     tls: TlsConfig | None = None
 
     def client(self, token: str | None = None) -> CoordinatorClient:
+        if token is not None:
+            return CoordinatorClient(self.address, token=token, tls=self.tls, timeout_s=30)
         return CoordinatorClient(
-            self.address, token=token or self.token, tls=self.tls, timeout_s=30
+            self.address, operator_token=self.operator_token, tls=self.tls, timeout_s=30
         )
 
 
@@ -113,7 +115,7 @@ def test_two_stage_job_completes_over_tls(cluster: TlsCluster) -> None:
 
 
 def test_plaintext_client_cannot_talk_to_the_tls_coordinator(cluster: TlsCluster) -> None:
-    plain = CoordinatorClient(cluster.address, token=cluster.token, timeout_s=5)
+    plain = CoordinatorClient(cluster.address, operator_token=cluster.operator_token, timeout_s=5)
     try:
         with pytest.raises(ClientError, match="cannot reach"):
             plain.jobs()
@@ -126,7 +128,10 @@ def test_client_that_does_not_trust_the_certificate_is_refused(
 ) -> None:
     other_ca, _ = make_certificate(tmp_path, "some-other-ca")
     stranger = CoordinatorClient(
-        cluster.address, token=cluster.token, tls=TlsConfig(ca=other_ca), timeout_s=5
+        cluster.address,
+        operator_token=cluster.operator_token,
+        tls=TlsConfig(ca=other_ca),
+        timeout_s=5,
     )
     try:
         with pytest.raises(ClientError):
@@ -140,11 +145,12 @@ def test_client_that_does_not_trust_the_certificate_is_refused(
         trusting.close()
 
 
-def _worker_status(address: str, token: str, tls: TlsConfig | None) -> worker_pb2.WorkerStatus:
+def _worker_status(address: str, credential: str, tls: TlsConfig | None) -> worker_pb2.WorkerStatus:
+    """The worker's Status, asked as its coordinator (with `credential`)."""
     channel = open_blocking_channel(address, tls)
     try:
         return worker_pb2_grpc.WorkerStub(channel).Status(
-            worker_pb2.StatusRequest(), metadata=token_metadata(token), timeout=5
+            worker_pb2.StatusRequest(), metadata=coordinator_metadata(credential), timeout=5
         )
     finally:
         channel.close()
@@ -155,7 +161,9 @@ def test_workers_serve_only_tls(cluster: TlsCluster, certificate: tuple[Path, Pa
     workers = cluster.workers_safe()
     assert len(workers) == 2
     for worker in workers:
+        credential = coordinator_credential(cluster, worker.worker_id)
         with pytest.raises(grpc.RpcError) as plaintext:
-            _worker_status(worker.address, cluster.token, None)
+            _worker_status(worker.address, credential, None)
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE, worker.name
-        assert _worker_status(worker.address, cluster.token, TlsConfig(ca=cert)).name == worker.name
+        tls = TlsConfig(ca=cert)
+        assert _worker_status(worker.address, credential, tls).name == worker.name

@@ -31,7 +31,7 @@ from opdag.capture import capture
 from opdag.ir import dtype_of
 from opdag.zoo import build_model, example_batch
 from proto import worker_pb2, worker_pb2_grpc
-from proto.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, token_metadata
+from proto.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS, coordinator_metadata, token_metadata
 from proto.tensor_stream import encode_values, header_of, iter_chunks
 from worker.edge_compression import compressed_tensor
 from worker.node import WorkerNode
@@ -43,6 +43,8 @@ pytestmark = pytest.mark.multiproc
 T = TypeVar("T")
 
 TOKEN = "in-process-worker-token"
+# What the coordinator would give the worker when it registers (the test calls as it).
+COORDINATOR_CREDENTIAL = "in-process-coordinator-credential"
 JOB_ID = "job-under-test"
 EPOCH = 3
 STEPS = 1000
@@ -145,6 +147,7 @@ class InProcessWorker:
 
     async def _start(self) -> int:
         self.node = WorkerNode(token=TOKEN, tls=None, reporter=self.reporter)
+        self.node.credentials.admit("w-in-process", "in-process-credential", COORDINATOR_CREDENTIAL)
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         worker_pb2_grpc.add_WorkerServicer_to_server(
             WorkerService(self.node, worker_id=lambda: "w-in-process", name="in-process"),
@@ -171,7 +174,9 @@ class InProcessWorker:
 
     def status(self) -> worker_pb2.WorkerStatus:
         return self.stub.Status(
-            worker_pb2.StatusRequest(), metadata=token_metadata(TOKEN), timeout=CALL_TIMEOUT_S
+            worker_pb2.StatusRequest(),
+            metadata=coordinator_metadata(COORDINATOR_CREDENTIAL),
+            timeout=CALL_TIMEOUT_S,
         )
 
 
@@ -202,7 +207,7 @@ class LoadedStage:
 
     @property
     def secret(self) -> str:
-        return self.hand_out.assignment.job_secret
+        return next(ps.secret for ps in self.hand_out.assignment.pair_secrets if ps.stage == 0)
 
     def correct_values(self) -> dict[str, torch.Tensor]:
         """A value of the graph's dtype and shape for everything stage 0 sends stage 1."""
@@ -231,7 +236,7 @@ class LoadedStage:
         fields: dict[str, Any] = {
             "job_id": JOB_ID,
             "epoch": EPOCH,
-            "job_secret": self.secret,
+            "pair_secret": self.secret,
             "step": slot[0],
             "micro_batch": slot[1],
             "src_stage": 0,
@@ -290,7 +295,9 @@ def loaded() -> Iterator[LoadedStage]:
             addresses=["127.0.0.1:9", worker.address],
         )
         reply = worker.stub.LoadStage(
-            hand_out.parts(), metadata=token_metadata(TOKEN), timeout=CALL_TIMEOUT_S
+            hand_out.parts(),
+            metadata=coordinator_metadata(COORDINATOR_CREDENTIAL),
+            timeout=CALL_TIMEOUT_S,
         )
         assert (reply.job_id, reply.epoch, reply.stage) == (JOB_ID, EPOCH, 1)
         slots = itertools.product(range(STEPS), range(hand_out.spec.data.micro_batches))
@@ -420,11 +427,11 @@ def test_worker_rejects_tensor_used_by_two_values(loaded: LoadedStage) -> None:
     )
 
 
-def test_worker_rejects_transfer_with_a_wrong_job_secret(loaded: LoadedStage) -> None:
+def test_worker_rejects_transfer_with_a_wrong_pair_secret(loaded: LoadedStage) -> None:
     slot = next(loaded.slots)
-    t = loaded.transfer(slot, job_secret=secrets.token_hex(16))
+    t = loaded.transfer(slot, pair_secret=secrets.token_hex(16))
     loaded.assert_refused(
-        t.parts(), grpc.StatusCode.PERMISSION_DENIED, "wrong job secret", then_accepts=slot
+        t.parts(), grpc.StatusCode.PERMISSION_DENIED, "wrong stage-pair secret", then_accepts=slot
     )
 
 
@@ -559,7 +566,9 @@ def test_worker_rejects_calls_without_the_token(loaded: LoadedStage) -> None:
 
 
 def _load_stage(loaded: LoadedStage, parts: Sequence[worker_pb2.LoadStagePart]) -> None:
-    loaded.worker.stub.LoadStage(iter(parts), metadata=token_metadata(TOKEN), timeout=30)
+    loaded.worker.stub.LoadStage(
+        iter(parts), metadata=coordinator_metadata(COORDINATOR_CREDENTIAL), timeout=30
+    )
 
 
 def test_worker_refuses_a_stage_naming_an_operator_outside_the_allow_list(
