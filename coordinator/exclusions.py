@@ -178,11 +178,14 @@ class Exclusions:
 
     async def back_off(self, worker_id: str, name: str, *, reason: str, address: str = "") -> float:
         """Exclude the worker (and its address, if given) for its next back-off time;
-        returns that time in seconds."""
+        returns that time in seconds. A worker already kept out is not charged again: the
+        failures of calls made before its exclusion are one offence, not several."""
+        now = time.time()
+        current = self._by_worker.get(worker_id)
+        if current is not None and current.active(now):
+            return math.inf if current.until is None else current.until - now
         seconds = self.next_backoff_s(worker_id)
-        await self.exclude(
-            worker_id, name, reason=reason, until=time.time() + seconds, address=address
-        )
+        await self.exclude(worker_id, name, reason=reason, until=now + seconds, address=address)
         return seconds
 
     async def lift(self, worker_id: str) -> None:

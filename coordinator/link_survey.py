@@ -195,6 +195,9 @@ class LinkProber:
             if a in self._busy or b in self._busy:
                 continue
             self._due.remove((a, b))
+            out = self.registry.exclusions
+            if out is not None and (out.excluded(a) or out.excluded(b)):
+                continue  # excluded since the scan: not worth a probe
             self._busy.update((a, b))
             task = asyncio.create_task(self._measure(a, b))
             self._tasks.add(task)

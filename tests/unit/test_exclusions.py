@@ -120,3 +120,16 @@ def test_a_backed_off_address_stays_out_under_a_new_worker_id(tmp_path: Path) ->
             assert not again.excluded_address("127.0.0.1:10")
 
     asyncio.run(run())
+
+
+def test_failures_while_already_backed_off_are_one_offence(tmp_path: Path) -> None:
+    async def run() -> None:
+        with open_store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            ex = Exclusions(store, EventLog(store), backoff_s=10.0)
+            first = await ex.back_off("w", "w", reason="unreachable")
+            again = await ex.back_off("w", "w", reason="unreachable")
+            assert first == 10.0 and 9 < again <= 10.0
+            assert ex.next_backoff_s("w") == 20.0
+            assert len(await EventLog(store).since(CLUSTER)) == 1
+
+    asyncio.run(run())
