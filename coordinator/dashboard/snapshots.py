@@ -100,7 +100,12 @@ class Snapshots:
             exclusions = self.registry.exclusions
             exclusion = exclusions.get(w.worker_id) if exclusions is not None else None
             if exclusion is not None:
-                row.update(excluded=exclusion.reason, excluded_until=exclusion.until)
+                # Shown as its state: the planner leaves it out whatever it is doing.
+                row.update(
+                    state="quarantined" if exclusion.until is None else "excluded",
+                    excluded=exclusion.reason,
+                    excluded_until=exclusion.until,
+                )
             if place is not None:
                 job, stage, replica = place
                 row.update(

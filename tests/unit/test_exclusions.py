@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.capacity import UNMEASURED_GFLOPS, Capacity
+from coordinator.dashboard.snapshots import Snapshots
 from coordinator.events import CLUSTER, EventLog
 from coordinator.exclusions import Exclusions
 from coordinator.registry import Registry, WorkerState
 from coordinator.store import open_store
+from tests.unit.test_dashboard_snapshots import small_cluster
 
 pytestmark = pytest.mark.unit
 
@@ -131,5 +134,22 @@ def test_failures_while_already_backed_off_are_one_offence(tmp_path: Path) -> No
             assert first == 10.0 and 9 < again <= 10.0
             assert ex.next_backoff_s("w") == 20.0
             assert len(await EventLog(store).since(CLUSTER)) == 1
+
+    asyncio.run(run())
+
+
+def test_the_dashboard_shows_an_excluded_worker_with_its_reason() -> None:
+    async def run() -> None:
+        c = await small_cluster()
+        c.registry.exclusions = Exclusions(c.store)
+        c.registry.capacity = Capacity(c.store)
+        w3 = next(w for w in c.workers if w.name == "w3")
+        await c.registry.exclusions.back_off(w3.worker_id, "w3", reason="unreachable")
+        view = await Snapshots(manager=c.manager, registry=c.registry, links=c.links).workers()
+        rows = {r["name"]: r for r in view["workers"]}
+        assert rows["w3"]["state"] == "excluded" and rows["w3"]["excluded"] == "unreachable"
+        assert rows["w2"]["state"] == "busy" and "excluded" not in rows["w2"]
+        # Nothing is measured yet: every worker is planned at the low default, not its claim.
+        assert rows["w2"]["gflops"] == 12.0 and rows["w2"]["planned_gflops"] == UNMEASURED_GFLOPS
 
     asyncio.run(run())
