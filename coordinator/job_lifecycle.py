@@ -340,12 +340,10 @@ class JobLifecycle:
                 sync_layers=layers.get(stage.index, ()),
             )
             loads.append(self.workers.load_stage(placement.worker_id, placement.address, handover))
-        await asyncio.gather(*loads)
-        await asyncio.gather(
-            *(
-                self.workers.start(p.worker_id, p.address, job.job_id, plan.epoch)
-                for p in plan.placements
-            )
+        await self.progress.all_answer(loads)
+        await self.progress.all_answer(
+            self.workers.start(p.worker_id, p.address, job.job_id, plan.epoch)
+            for p in plan.placements
         )
 
     def _sync_layers(self, job: Job, plan: Plan, cut: Partition) -> dict[int, Sequence[SyncLayer]]:

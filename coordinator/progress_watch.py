@@ -11,12 +11,15 @@ that points at everyone (or no one) only re-plans: the job's fruitless re-plans 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 from coordinator.job_record import Job
 from coordinator.registry import Registry
 from coordinator.states import STAGE_ACTIVE
+from coordinator.worker_client import WorkerCallError
 
 # A running job whose step count did not move for this long is re-planned. Long enough
 # for a big model's slow first steps; a worker that stalls a job costs it at most this.
@@ -77,6 +80,18 @@ class ProgressWatch:
             await self.registry.exclusions.back_off(
                 worker_id, w.name, reason=reason, address=w.address
             )
+
+    async def all_answer(self, calls: Iterable[Awaitable[None]]) -> None:
+        """Await calls to a plan's workers together; every worker whose call failed is
+        backed off (not only the first: a plan on many unreachable workers is then
+        re-planned once, not once per worker), and the first failure is raised."""
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for e in failed:
+            if isinstance(e, WorkerCallError):
+                await self.back_off(e.worker_id, f"could not start a stage: {e}")
+        if failed:
+            raise failed[0]
 
     def _runs(self, worker_id: str, job: Job) -> bool:
         """Whether the worker's last heart-beat says it runs a stage of this plan."""

@@ -15,6 +15,7 @@ from coordinator.job_record import Job
 from coordinator.progress_watch import ProgressWatch
 from coordinator.registry import Registry, WorkerState
 from coordinator.store import open_store
+from coordinator.worker_client import WorkerCallError
 
 pytestmark = pytest.mark.unit
 
@@ -37,9 +38,9 @@ class JobStandIn:
 
 def registry_of(*ids: str) -> Registry:
     registry = Registry(timeout_s=5.0)
-    for wid in ids:
+    for port, wid in enumerate(ids):
         registry.workers[wid] = WorkerState(
-            worker_id=wid, name=wid, address="127.0.0.1:1", gflops=1.0
+            worker_id=wid, name=wid, address=f"127.0.0.1:{port + 1}", gflops=1.0
         )
     return registry
 
@@ -92,3 +93,25 @@ def test_a_stall_that_points_at_everyone_only_re_plans() -> None:
     watch.check(job, now=0.0)
     stall = watch.check(job, now=2.0)
     assert stall is not None and stall.blamed == ()
+
+
+def test_every_worker_whose_call_failed_is_backed_off_and_the_first_failure_raised(
+    tmp_path: Path,
+) -> None:
+    async def fails(worker_id: str) -> None:
+        raise WorkerCallError(worker_id, f"loading on {worker_id}: UNAVAILABLE", unreachable=True)
+
+    async def answers() -> None:
+        await asyncio.sleep(0)
+
+    async def run() -> None:
+        with open_store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            registry = registry_of("a", "dead1", "dead2")
+            registry.exclusions = Exclusions(store)
+            watch = ProgressWatch(registry)
+            with pytest.raises(WorkerCallError, match="dead1"):
+                await watch.all_answer([answers(), fails("dead1"), fails("dead2")])
+            assert [w.worker_id for w in registry.free()] == ["a"]
+            assert "could not start a stage" in (registry.exclusions.reason("dead2") or "")
+
+    asyncio.run(run())
