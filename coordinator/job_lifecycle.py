@@ -256,6 +256,7 @@ class JobLifecycle:
             job.steps_done = start_step
             job.draining_until = 0.0
             job.speaker, job.alone = 0, False
+            job.blame = ""
             self.registry.assign(plan.worker_ids, job.job_id, plan.epoch)
             await self.table.save_with_plan(job, plan)
             await self.checkpoints.discard_after(job.job_id, start_step)
@@ -377,6 +378,8 @@ class JobLifecycle:
         await self._release(job)
 
     async def _fail_attempt(self, job: Job, reason: str) -> None:
+        if job.blame:  # a quarantine broke the plan: say so, not the sender's own failure
+            reason, job.blame = job.blame, ""
         await self._stop_plan(job)
         job.recoveries += 1
         if job.steps_done > job.progress_mark:

@@ -63,6 +63,9 @@ class Job:
     alone: bool = False
     # Memory only.
     plan: Plan | None = None
+    # The quarantine that broke the current plan: the reason its re-plan gives, whichever
+    # report (the accuser's, or the refused sender's own failure) arrives first.
+    blame: str = ""
     draining_until: float = 0.0
     running_since: float = 0.0
     waiting_since: float = 0.0

@@ -121,6 +121,7 @@ class JobManager:
 
     async def restore(self) -> None:
         """Take over what a previous coordinator left in the store."""
+        await self.quarantine.load()
         await self.lifecycle.restore()
 
     async def tick(self) -> None:
@@ -245,7 +246,7 @@ class JobManager:
         if job is None or job.epoch != p.epoch or job.terminal or job.dropped(p.worker_id):
             raise StaleReport(f"no plan {p.epoch} of job {p.job_id!r} to report suspects of")
         verdicts = await self.quarantine.hear(job, p)
-        if verdicts:
+        if verdicts:  # `hear` set job.blame, the reason the re-plan gives
             job.error = "; ".join(v.text for v in verdicts)
             await self.table.save(job)
             self.lifecycle.recover_later(job, job.error)

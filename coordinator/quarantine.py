@@ -91,7 +91,8 @@ class Quarantine:
         self._loaded = False
         self._losses: dict[str, deque[float]] = {}  # job id -> its recent believed losses
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
+        """Read the stored accusations (at coordinator start; else at the first report)."""
         if self._loaded:
             return
         self._loaded = True
@@ -141,7 +142,7 @@ class Quarantine:
     async def hear(self, job: Job, p: Progress) -> list[Verdict]:
         """Weigh the suspects of report `p` and exclude whom they blame; returns a verdict
         per accusation heard (none: the report is not one the job's plan explains)."""
-        await self._load()
+        await self.load()
         accuser_name = next(
             (
                 x.worker_name
@@ -189,15 +190,18 @@ class Quarantine:
         exclusions = self.registry.exclusions
         if quarantined:
             text = f"quarantined worker {accused_name}: {evidence}"
-            if exclusions is not None:
-                await exclusions.exclude(accused_id, accused_name, reason=evidence, until=None)
         else:
             text = (
                 f"excluded worker {accused_name} for a while: {evidence}; its accusers' "
                 f"weight {score:.2f} is short of a quarantine"
             )
-            if exclusions is not None:
-                await exclusions.back_off(accused_id, accused_name, reason=evidence)
+        # Before anything is awaited: the refused sender's own failure may be re-planning
+        # the job meanwhile, and the re-plan must give this reason (`JobLifecycle`).
+        job.blame = f"{job.blame}; {text}" if job.blame else text
+        if exclusions is not None and quarantined:
+            await exclusions.exclude(accused_id, accused_name, reason=evidence, until=None)
+        elif exclusions is not None:
+            await exclusions.back_off(accused_id, accused_name, reason=evidence)
         fields: dict[str, str | int | float | bool] = dict(
             epoch=job.epoch,
             step=s.step,
