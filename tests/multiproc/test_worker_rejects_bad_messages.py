@@ -38,6 +38,7 @@ from worker.node import WorkerNode
 from worker.serde import StagePlan
 from worker.service import WorkerService
 from worker.stage_job import StepReport
+from worker.transfer_kind import TransferKind
 
 pytestmark = pytest.mark.multiproc
 T = TypeVar("T")
@@ -281,6 +282,14 @@ class LoadedStage:
             "loaded",
         )
         assert isinstance(self.send(self.transfer(slot).parts()), worker_pb2.Ack)
+        self.take(slot)
+
+    def take(self, slot: tuple[int, int]) -> None:
+        """Take a delivered slot out of the stage's inbox, as its schedule would (the stage
+        never runs, and its inbox keeps only a window of two steps)."""
+        job = self.worker.node.job
+        assert job is not None
+        self.worker._run(job.inbox.take(TransferKind.FORWARD, slot[0], slot[1], {0}))
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +309,11 @@ def loaded() -> Iterator[LoadedStage]:
             timeout=CALL_TIMEOUT_S,
         )
         assert (reply.job_id, reply.epoch, reply.stage) == (JOB_ID, EPOCH, 1)
-        slots = itertools.product(range(STEPS), range(hand_out.spec.data.micro_batches))
+        # The stage stays at step 0: its inbox takes steps 0 and 1 only (each slot is taken
+        # out again once delivered, so the slots come round).
+        slots = itertools.cycle(
+            itertools.product(range(2), range(hand_out.spec.data.micro_batches))
+        )
         yield LoadedStage(worker, hand_out, slots)
     finally:
         worker.close()
@@ -480,6 +493,18 @@ def test_worker_rejects_the_same_micro_batch_delivered_twice(loaded: LoadedStage
     loaded.send(loaded.transfer(slot).parts())
     loaded.assert_refused(
         loaded.transfer(slot).parts(), grpc.StatusCode.INVALID_ARGUMENT, "arrived twice"
+    )
+    loaded.take(slot)
+
+
+def test_worker_rejects_a_step_beyond_its_in_flight_window(loaded: LoadedStage) -> None:
+    # The stage is at step 0: a peer may be one step ahead at most, never further.
+    t = loaded.transfer((2, 0))
+    loaded.assert_refused(
+        t.parts(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "values of step 2 from stage 0 arrived while this stage runs step 0: it keeps "
+        "messages for steps 0 to 1 only",
     )
 
 
