@@ -166,15 +166,15 @@ def add_coordinator_limit_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=spec.max_parameters,
         metavar="N",
-        help=f"parameters of a job's model, e.g. 5e8 (default {spec.max_parameters:.0e})",
+        help=f"at most N parameters in a job's model, e.g. 5e8 (default {spec.max_parameters:.0e})",
     )
     g.add_argument(
         "--max-model-memory-gb",
         type=_gigabytes,
         default=spec.max_memory_bytes / GB,
         metavar="GB",
-        help="memory one process needs to train a job's model, predicted before it is built "
-        f"(default {spec.max_memory_bytes / GB:g})",
+        help="at most GB of memory to train a job's model in one process, predicted before "
+        f"it is built (default {spec.max_memory_bytes / GB:g})",
     )
     add_rpc_limit_flags(g, COORDINATOR_RPC_LIMITS)
 
