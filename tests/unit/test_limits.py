@@ -20,6 +20,7 @@ from coordinator.limits import (
 from coordinator.planning.spec_limits import GB, SpecLimits
 from coordinator.registry import Registry
 from coordinator.states import WorkerStatus
+from coordinator.worker_admission import Registration, WorkerAdmission
 from proto.concurrency import (
     COORDINATOR_RPC_LIMITS,
     WORKER_RPC_LIMITS,
@@ -31,6 +32,7 @@ from proto.concurrency import (
     peer_host,
     rpc_limits_from_flags,
 )
+from tests.unit.test_credentials import FakeManager, gate_with
 
 # -- registrations ---------------------------------------------------------------------------
 
@@ -315,3 +317,21 @@ def test_worker_flags_set_its_rpc_limits() -> None:
     assert rpc_limits_from_flags(build_parser().parse_args(base)) == WORKER_RPC_LIMITS
     args = build_parser().parse_args([*base, "--max-rpcs", "9", "--max-rpcs-per-peer", "3"])
     assert rpc_limits_from_flags(args) == RpcLimits(max_concurrent=9, max_per_peer=3)
+
+
+# -- the admission path ----------------------------------------------------------------------
+
+
+def test_admission_refuses_past_the_rate_and_stores_nothing_of_the_refused() -> None:
+    manager = FakeManager()
+    manager.limits = CoordinatorLimits(registration=RegistrationLimits(per_address_per_minute=2))
+    gate = gate_with()
+    admission = WorkerAdmission(gate.registry, manager, gate=gate)  # type: ignore[arg-type]
+    for i in range(2):
+        asyncio.run(
+            admission.admit(Registration(f"w{i}", f"127.0.0.1:{7100 + i}", 1.0, 1, "cpu", 1))
+        )
+    with pytest.raises(LimitExceeded, match=r"\(--registrations-per-minute 2\)$"):
+        asyncio.run(admission.admit(Registration("w2", "127.0.0.1:7102", 1.0, 1, "cpu", 1)))
+    assert sorted(w.name for w in gate.registry.workers.values()) == ["w0", "w1"]
+    assert len(manager.saved) == 2
