@@ -59,8 +59,9 @@ ACCUSATIONS_KEY = "quarantine/accusations"
 # Accusers remembered at most (the oldest forgotten first): the blob stays small.
 MAX_ACCUSERS = 10_000
 # A reported loss is believed when finite, below the ceiling, and (after the warm-up) not
-# above LOSS_JUMP times the median of the job's last LOSS_WINDOW believed losses.
-LOSS_CEILING = 1e6
+# above LOSS_JUMP times the median of the job's last LOSS_WINDOW believed losses (or of its
+# first LOSS_WARMUP ones, when larger).
+LOSS_CEILING = 1e12
 LOSS_JUMP = 100.0
 LOSS_WARMUP = 5
 LOSS_WINDOW = 32
@@ -90,6 +91,7 @@ class Quarantine:
         self._against: dict[str, dict[str, float]] = {}  # accused -> accuser -> weight
         self._loaded = False
         self._losses: dict[str, deque[float]] = {}  # job id -> its recent believed losses
+        self._first_losses: dict[str, list[float]] = {}  # job id -> its first believed ones
 
     async def load(self) -> None:
         """Read the stored accusations (at coordinator start; else at the first report)."""
@@ -279,19 +281,24 @@ class Quarantine:
     def loss_problem(self, job: Job, p: Progress) -> str:
         """Why the loss `p` reports is not believed ("" when it is): not finite, beyond
         `LOSS_CEILING`, or, once the job reported `LOSS_WARMUP` losses, above `LOSS_JUMP`
-        times the median of its recent ones. A believed loss joins the recent ones."""
+        times the larger of the median of its recent ones and that of its first ones (a
+        loss that trained down near zero may still move by more than 100x, never past its
+        start). A believed loss joins the recent ones."""
         loss = p.loss
         if loss is None:
             return ""
         recent = self._losses.setdefault(job.job_id, deque(maxlen=LOSS_WINDOW))
+        first = self._first_losses.setdefault(job.job_id, [])
         what = (
             f"stage {p.stage} of replica {p.replica} reported a loss of {loss:.4g} at step {p.step}"
         )
         if not math.isfinite(loss) or abs(loss) >= LOSS_CEILING:
             return what
-        if len(recent) >= LOSS_WARMUP:
-            median = statistics.median(recent)
-            if abs(loss) > LOSS_JUMP * max(abs(median), 1e-12):
-                return f"{what}, over {LOSS_JUMP:g} x the median {median:.4g} of its recent ones"
+        if len(first) >= LOSS_WARMUP:
+            typical = max(abs(statistics.median(recent)), abs(statistics.median(first)), 1e-12)
+            if abs(loss) > LOSS_JUMP * typical:
+                return f"{what}, over {LOSS_JUMP:g} x its typical {typical:.4g}"
         recent.append(loss)
+        if len(first) < LOSS_WARMUP:
+            first.append(loss)
         return ""

@@ -174,11 +174,17 @@ def test_losses_that_are_not_finite_or_jump_are_not_believed(store: StateStore) 
     assert q.loss_problem(job, report("b", loss=None)) == ""
     assert "reported a loss of nan" in q.loss_problem(job, report("b", loss=math.nan))
     assert "loss of inf" in q.loss_problem(job, report("b", loss=math.inf))
-    assert "loss of 1e+07" in q.loss_problem(job, report("b", loss=1e7))
+    assert "loss of 1e+13" in q.loss_problem(job, report("b", loss=1e13))
     for loss in (4.0, 3.9, 3.8, 3.7, 3.6):  # the warm-up: believed
         assert q.loss_problem(job, report("b", loss=loss)) == ""
     assert q.loss_problem(job, report("b", loss=300.0)) == ""  # under 100 x 3.8
-    assert "over 100 x the median" in q.loss_problem(job, report("b", loss=400.0))
+    assert "over 100 x its typical 3.8" in q.loss_problem(job, report("b", loss=400.0))
+    # A loss trained down near zero may move by more than 100x, never past its start.
+    mse = job_on(("a", "b"), job_id="j2")
+    for loss in (1.0, 0.9, 0.8, 0.7, 0.6, *[1e-6] * 40):
+        assert q.loss_problem(mse, report("b", loss=loss)) == ""
+    assert q.loss_problem(mse, report("b", loss=1e-3)) == ""
+    assert "over 100 x its typical 0.8" in q.loss_problem(mse, report("b", loss=81.0))
 
 
 def test_a_bad_loss_backs_its_reporter_off(store: StateStore) -> None:
