@@ -7,7 +7,10 @@ or more first looks for outliers among its shares, then combines the others coor
   median of all shares below `MIN_COSINE` (0), or its norm above `NORM_SPREAD` (10) times
   the median of the shares' norms. Measured on a small GPT's gradients of different
   micro-batches: honest shares have cosines of 0.2 to 1 with that median, a share with its
-  sign flipped -0.8 to 0.1 (it is found at most steps, not always at the first);
+  sign flipped -0.8 to 0.1 (it is found at most steps, not always at the first). Shares of
+  independent noise have cosines of about +0.5 with their median (each is the median in a
+  third of the coordinates), so an honest share falls below 0 only by pointing against
+  the others;
 - `median`: per coordinate, the median of the kept shares (the mean of the middle two for
   an even count); `trimmed-mean`: per coordinate, the mean of the kept shares without the
   largest and the smallest (`trim` = a quarter of them, at least one, when three or more
