@@ -5,9 +5,9 @@ of its sync group: `worker.value_guard`) names the sender in a report (`Progress
 with the evidence. The coordinator cannot check that evidence: the value is gone, and a
 peer's values carry no signature. So it weighs who says it:
 
-- It hears a report only from a worker of the job's current plan, about a worker that
-  plan has send it values: another stage of its own replica (activations, gradients), or
-  its own stage in another replica (shares of an average). Anyone else's word is dropped.
+- It hears a report only from a worker of the job's current plan, about a worker the plan
+  has sending it values: another stage of its own replica (activations, gradients), or its
+  own stage in another replica (shares of an average). Anyone else's word is dropped.
 - Each accusation weighs 1 / (the number of distinct workers its accuser ever named). A
   worker is quarantined for good (`Exclusions.exclude(..., until=None)`) once the weights
   of its distinct accusers reach 1: one accuser naming its first culprit, two naming their
@@ -26,13 +26,14 @@ planned again without the excluded workers, from its last validated checkpoint
 (`coordinator.checkpoints`). Each verdict is an event of the job with its evidence, and the
 job's error says it.
 
-What this costs a liar: a hostile worker can get one honest neighbour quarantined (its
-first accusation), a second one backed off, and is then quarantined itself; it has to be
-placed next to its victims by the planner first, and a new identity has to register again
-(rate-limited, capped). What it costs an honest worker: one that meets three hostile
-neighbours in turn is quarantined with the third, and the second of them is only backed off
-unless someone else names it too. Accusations are kept in the store, so a restarted
-coordinator weighs them the same.
+A quarantine holds in every job: the worker is left out of all planning. What this costs a
+liar: a hostile worker can get one honest neighbour quarantined (its first accusation), a
+second and a third backed off (weights 1/2 and 1/3), and is quarantined itself with the
+third; it has to be placed next to each victim by the planner first, and a new identity
+has to register again (rate-limited, capped). What it costs an honest worker: one that
+meets three hostile neighbours in turn is quarantined with the third, and the second and
+third of them are only backed off unless someone else names them too. Accusations are kept
+in the store, so a restarted coordinator weighs them the same.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ log = logging.getLogger("archipelago.coordinator")
 ACCUSER_LIMIT = 3
 # Where the accusations are kept (a blob: the store has no table for them).
 ACCUSATIONS_KEY = "quarantine/accusations"
-# Accusers remembered at most (the oldest forgotten first): the blob stays small.
+# Accusers (and accused) remembered at most, the oldest forgotten first: the blob stays small.
 MAX_ACCUSERS = 10_000
 # A reported loss is believed when finite, below the ceiling, and (after the warm-up) not
 # above LOSS_JUMP times the median of the job's last LOSS_WINDOW believed losses (or of its
@@ -110,8 +111,9 @@ class Quarantine:
             log.warning("stored accusations unreadable, starting afresh: %s", e)
 
     async def _save(self) -> None:
-        while len(self._named) > MAX_ACCUSERS:
-            self._named.pop(next(iter(self._named)))
+        for held in (self._named, self._against):  # the oldest first (insertion order)
+            while len(held) > MAX_ACCUSERS:
+                held.pop(next(iter(held)))
         blob = json.dumps({"named": self._named, "against": self._against}).encode()
         try:
             await asyncio.to_thread(self.store.put_blob, ACCUSATIONS_KEY, blob)
