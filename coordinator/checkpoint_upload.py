@@ -33,6 +33,9 @@ if TYPE_CHECKING:  # the job manager's modules import the serde that imports thi
 
 # |x| at or above this in a checkpoint is refused, as in any value a worker receives.
 VALUE_CEILING = 1e30
+# The prefix of the outer optimizer's state kinds (`worker.replica_sync`: outer_anchor,
+# outer_velocity), which every trainable parameter has, with a gradient or not.
+OUTER_STATE = "outer_"
 
 
 class CheckpointValuesRefused(JobError):
@@ -80,7 +83,9 @@ def check_checkpoint_part(
                     f"is {spec.dtype}{list(spec.shape)}"
                 )
         else:
-            optim_keys.setdefault(owner, set()).add(name.rpartition("/")[2])
+            key = name.rpartition("/")[2]
+            if not key.startswith(OUTER_STATE):  # local SGD's outer state: every parameter
+                optim_keys.setdefault(owner, set()).add(key)
             if tuple(t.shape) != tuple(spec.shape) and t.numel() != 1:
                 raise JobError(
                     f"{what}: optimizer state {name!r} shaped {list(t.shape)} is neither "
