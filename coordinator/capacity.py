@@ -15,6 +15,10 @@ claims no machine has (`check_claim`) and plans with a figure it believes
 
 A claim far above the measurement (`DOUBT_FACTOR`) is an event. The achieved rates are
 stored, so a restarted coordinator believes what its predecessor measured.
+
+A worker's address is a claim too: with the link survey on, the planner uses a worker only
+once a call of the coordinator's was answered at that address (`reachable`), so workers
+registered at addresses where nothing listens never get a stage.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ class Capacity:
         # changed since the last store write.
         self._pending: list[tuple[str, str, float, float]] = []
         self._dirty = False
+        # Where the coordinator last reached each worker (memory only: a coordinator that
+        # takes over reaches them again). Checked only when something reaches them: the
+        # link survey (`coordinator.link_survey`) sets `require_reached`.
+        self._reached: dict[str, str] = {}
+        self.require_reached = False
 
     async def load(self) -> None:
         """Take back the measurements a previous coordinator stored."""
@@ -164,6 +173,17 @@ class Capacity:
             await asyncio.to_thread(self.store.put_blob, STORE_KEY, json.dumps(records).encode())
         except (StoreError, ValueError) as e:
             log.warning("capacity measurements not stored: %s", e)
+
+    # -- reachability: a worker's address is believed once the coordinator reached it ----
+
+    def reachable(self, worker_id: str, address: str) -> bool:
+        """Whether the planner may use the worker at `address`: the coordinator's own call
+        reached it there (always, when nothing checks: `require_reached` off)."""
+        return not self.require_reached or self._reached.get(worker_id) == address
+
+    def mark_reached(self, worker_id: str, address: str) -> None:
+        """A call of the coordinator's was answered by the worker at `address`."""
+        self._reached[worker_id] = address
 
     def rows(self) -> dict[str, float]:
         """Every measured worker's figure (matmul GFLOP/s), for status and the dashboard."""

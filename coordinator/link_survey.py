@@ -14,6 +14,11 @@ Each figure is one end's word: the planner is given a pair's figure only once bo
 measured it, at the slower of the two (`coordinator.planning.links.cross_checked`), and a
 figure no link can reach is refused. Among hundreds of idle workers a scan looks at two
 blocks of them at a time, in turn, so every pair is measured in the end.
+
+A worker's address is only its word too: each new one is first asked to measure its link
+to itself (the cheapest call there is), and until some call of the coordinator's is
+answered there the planner leaves it out (`coordinator.capacity`); one that answers none
+of REACH_FAILURES tries is backed off (`coordinator.exclusions`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ from coordinator.worker_client import WorkerCallError, WorkerClient
 log = logging.getLogger("archipelago.coordinator")
 
 STORE_KEY = "links"
+# The smallest measurement a worker accepts: what reaching a new worker costs it. A worker
+# that does not answer REACH_FAILURES calls in a row, REACH_RETRY_S apart, is backed off.
+FIRST_REACH_BYTES = 64 << 10
+REACH_FAILURES = 2
+REACH_RETRY_S = 2.0
 # A failed measurement is tried again after this long, not at every scheduler pass.
 RETRY_FAILED_S = 30.0
 # What is due is worked out again at most this often (it is quadratic in the workers).
@@ -88,6 +98,11 @@ class LinkProber:
         self._due: list[tuple[str, str]] = []
         self._next_scan = 0.0
         self._scans = 0  # which pair of blocks of idle workers the next scan considers
+        # Reaching new workers: failed calls in a row, when to try again (monotonic), and
+        # each worker's last call error.
+        self._reach_failures: dict[str, int] = {}
+        self._reach_after: dict[str, float] = {}
+        self._last_error: dict[str, str] = {}
 
     async def load(self) -> None:
         blob = await asyncio.to_thread(self.store.get_blob, STORE_KEY)
@@ -157,7 +172,7 @@ class LinkProber:
         """Pairs of idle workers to measure, most useful first: the way back of a link
         measured one way only (its figure is believed once both ends agree), then the
         never-measured, then the oldest."""
-        idle = self._window([w.worker_id for w in self.registry.free()])
+        idle = self._window([w.worker_id for w in self.registry.free(unreached=True)])
         now = time.time()
         wanted: list[tuple[int, float, str, str]] = []
         for a in idle:
@@ -189,6 +204,7 @@ class LinkProber:
         now = time.monotonic()
         if now >= self._next_scan:
             self._due, self._next_scan = self._wanted(), now + RESCAN_S
+        self._reach_new()
         for a, b in list(self._due):
             if len(self._tasks) >= self.config.concurrency:
                 return
@@ -203,24 +219,90 @@ class LinkProber:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _reach_new(self) -> None:
+        """Call each idle worker not reached at its address yet (a cheap measurement of its
+        link to itself): until one answers, the planner does not use it."""
+        capacity = self.registry.capacity
+        if capacity is None:
+            return
+        for slot in self.registry.free(unreached=True):
+            if len(self._tasks) >= self.config.concurrency:
+                return
+            wid = slot.worker_id
+            if wid in self._busy or capacity.reachable(wid, slot.address):
+                continue
+            if time.monotonic() < self._reach_after.get(wid, 0.0):
+                continue
+            self._busy.add(wid)
+            task = asyncio.create_task(self._reach(wid, slot.address))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reach(self, worker_id: str, address: str) -> None:
+        try:
+            answered = await self._call(
+                worker_id, address, worker_id, address, FIRST_REACH_BYTES, 0.01
+            )
+            if answered:
+                self._reach_failures.pop(worker_id, None)
+                return
+            # Tried again shortly: a worker may take a moment to answer its first call
+            # (its server's own certificate arrives with its registration).
+            failures = self._reach_failures[worker_id] = self._reach_failures.get(worker_id, 0) + 1
+            self._reach_after[worker_id] = time.monotonic() + REACH_RETRY_S
+            w = self.registry.get(worker_id)
+            if (
+                failures >= REACH_FAILURES
+                and w is not None
+                and self.registry.exclusions is not None
+            ):
+                await self.registry.exclusions.back_off(
+                    worker_id,
+                    w.name,
+                    reason=f"unreachable at {address}: {self._last_error.get(worker_id, '')}",
+                    address=address,
+                )
+        finally:
+            self._busy.discard(worker_id)
+
+    async def _call(
+        self,
+        src: str,
+        src_address: str,
+        dst: str,
+        dst_address: str,
+        max_bytes: int,
+        target_seconds: float,
+    ) -> tuple[float, float, str] | None:
+        """MeasureLinks on `src`: the figures, or None if the call reached no one. An
+        answer (even a refusal) proves the coordinator reaches `src` at that address."""
+        try:
+            fig = await self.workers.measure_link(
+                src, src_address, dst, dst_address, max_bytes, target_seconds
+            )
+        except WorkerCallError as e:
+            self._last_error[src] = str(e)
+            if e.unreachable:
+                return None
+            self._reached(src, src_address)
+            return 0.0, 0.0, str(e)
+        self._reached(src, src_address)
+        return fig
+
+    def _reached(self, worker_id: str, address: str) -> None:
+        if self.registry.capacity is not None:
+            self.registry.capacity.mark_reached(worker_id, address)
+
     async def _measure(self, src: str, dst: str) -> None:
         try:
             a, b = self.registry.get(src), self.registry.get(dst)
             if a is None or b is None:
                 return
             cfg = self.config
-            try:
-                fig = await self.workers.measure_link(
-                    src, a.address, dst, b.address, cfg.max_bytes, cfg.target_seconds
-                )
-                bandwidth, rtt, error = fig
-            except WorkerCallError as e:
-                bandwidth, rtt, error = 0.0, 0.0, str(e)
-                if e.unreachable and self.registry.exclusions is not None:
-                    # The coordinator itself cannot reach it: it would stall any plan.
-                    await self.registry.exclusions.back_off(
-                        src, a.name, reason=f"unreachable at {a.address}: {e}", address=a.address
-                    )
+            fig = await self._call(
+                src, a.address, dst, b.address, cfg.max_bytes, cfg.target_seconds
+            )
+            bandwidth, rtt, error = fig or (0.0, 0.0, self._last_error.get(src, "unreachable"))
             if bandwidth > MAX_BELIEVED_BANDWIDTH_BPS:
                 # No volunteer's link is that fast: the figure is refused, and the worker
                 # that reported it is lying or broken.

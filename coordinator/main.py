@@ -129,6 +129,8 @@ async def serve(cfg: CoordinatorConfig) -> int:
     capacity = Capacity(store, manager.events)
     await capacity.load()
     registry.capacity = capacity
+    # With the link survey on, a worker is planned only once the coordinator reached it.
+    capacity.require_reached = cfg.probes.concurrency > 0
     manager.lifecycle.progress.timeout_s = cfg.progress_timeout_s
     await manager.restore()
     await links.load()

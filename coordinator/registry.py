@@ -171,9 +171,14 @@ class Registry:
                 lost.append(w)
         return lost
 
-    def free(self) -> list[WorkerSlot]:
-        """Live, idle workers that are not leaving nor excluded, in registration order."""
+    def free(self, *, unreached: bool = False) -> list[WorkerSlot]:
+        """Live, idle workers that are not leaving nor excluded, in registration order; only
+        those the coordinator has reached at their address (`coordinator.capacity`) unless
+        `unreached` (the link survey, which reaches them)."""
         idle = [w for w in self.workers.values() if w.state == WorkerStatus.IDLE and not w.leaving]
+        if self.capacity is not None and not unreached:
+            reach = self.capacity
+            idle = [w for w in idle if reach.reachable(w.worker_id, w.address)]
         if self.exclusions is not None:
             out = self.exclusions
             idle = [

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.capacity import Capacity
 from coordinator.events import CLUSTER, EventLog
 from coordinator.exclusions import Exclusions
 from coordinator.link_survey import MAX_PROBED_WORKERS, LinkProber
 from coordinator.planning.links import MAX_BELIEVED_BANDWIDTH_BPS, cross_checked
 from coordinator.registry import Registry, WorkerState
 from coordinator.store import open_store
-from coordinator.worker_client import WorkerClient
+from coordinator.worker_client import WorkerCallError, WorkerClient
 
 pytestmark = pytest.mark.unit
 
@@ -93,5 +94,43 @@ def test_a_79_tbit_report_is_refused_and_its_reporter_backed_off(tmp_path: Path)
             assert [w.worker_id for w in registry.free()] == ["honest"]
             [event] = await EventLog(store).since(CLUSTER)
             assert event["kind"] == "excluded" and event["worker_id"] == "liar"
+
+    asyncio.run(run())
+
+
+class DeadOrAlive(WorkerClient):
+    """A worker client that reaches every worker but the one named "dead"."""
+
+    async def measure_link(
+        self, worker_id: str, address: str, *args: object, **kwargs: object
+    ) -> tuple[float, float, str]:
+        if worker_id == "dead":
+            raise WorkerCallError(worker_id, "UNAVAILABLE: connection refused", unreachable=True)
+        return 1e9, 1e-4, ""
+
+
+def test_a_worker_is_planned_only_once_reached_and_backed_off_if_never(tmp_path: Path) -> None:
+    async def run() -> None:
+        with open_store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            registry = Registry(timeout_s=5.0)
+            registry.exclusions = Exclusions(store, EventLog(store))
+            registry.capacity = Capacity(store)
+            registry.capacity.require_reached = True
+            for port, wid in enumerate(("live", "dead")):
+                registry.workers[wid] = WorkerState(
+                    worker_id=wid, name=wid, address=f"127.0.0.1:{port + 1}", gflops=1.0
+                )
+            prober = LinkProber(registry, DeadOrAlive(token="t", tls=None), store)
+            assert registry.free() == []  # nobody reached yet
+            await prober._reach("live", "127.0.0.1:1")
+            await prober._reach("dead", "127.0.0.1:2")
+            assert [w.worker_id for w in registry.free()] == ["live"]
+            assert not registry.exclusions.excluded("dead")  # one failure: tried again
+            await prober._reach("dead", "127.0.0.1:2")
+            assert registry.exclusions.excluded("dead")
+            assert "unreachable at 127.0.0.1:2" in (registry.exclusions.reason("dead") or "")
+            # A worker that moves is reached again at its new address before it is planned.
+            registry.workers["live"].address = "127.0.0.1:3"
+            assert registry.free() == []
 
     asyncio.run(run())
