@@ -113,6 +113,8 @@ class Gatekeeper:
         self.token = token
         self.operator_token = operator_token
         self._key = coordinator_key
+        # What an unknown id's credential is compared with: the same work as a known one's.
+        self._absent = secret_hash(new_secret())
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -150,8 +152,9 @@ class Gatekeeper:
         given = metadata_value(metadata, WORKER_CREDENTIAL_HEADER)
         w = self.registry.get(worker_id)
         expected = w.credential_hash if w is not None else ""
-        # Hash first, so the comparison takes the same time whatever was given.
-        if not secret_matches(secret_hash(given or ""), expected):
+        # Hashed and compared the same way whatever was given, for a known id or not.
+        matches = secret_matches(secret_hash(given or ""), expected or self._absent)
+        if not (given and expected and matches):
             raise Unauthenticated(f"worker {worker_id[:64]!r}: unknown id or wrong credential")
         return worker_id
 

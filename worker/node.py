@@ -5,7 +5,9 @@ thread so the asyncio loop stays free to receive and send while a stage computes
 
 A peer's transfer is taken only with the secret of its stage pair: each stage is given the
 secrets it shares with every other stage of its replica, so a sender cannot claim a stage
-it does not hold. A replica's share is taken with its sync group's secret.
+it does not hold. A replica's share is taken with its sync group's secret: one for the
+group (a share is sent to every member alike), so a member could claim another member's
+replica number, never another stage's (the group's robust aggregate bounds one share).
 """
 
 from __future__ import annotations
