@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from archipelago.errors import UsageError
@@ -34,6 +35,12 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         "--token",
         default=os.environ.get("ARCHIPELAGO_TOKEN"),
         help="the join token (default: $ARCHIPELAGO_TOKEN, else a new one, printed)",
+    )
+    q.add_argument(
+        "--operator-token",
+        default=os.environ.get("ARCHIPELAGO_OPERATOR_TOKEN"),
+        help="the operator token, to submit, cancel and read jobs (default: "
+        "$ARCHIPELAGO_OPERATOR_TOKEN, else a new one, written to a file only you can read)",
     )
     q.add_argument(
         "--port", type=int, default=7070, help="host port of the coordinator on 127.0.0.1 (0: any)"
@@ -103,11 +110,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from deploy.image import IMAGE, ImageError
 
     token = args.token or secrets.token_urlsafe(18)
+    operator_token = args.operator_token or secrets.token_urlsafe(32)
     try:
         spec = ClusterSpec(
             name=args.name,
             workers=args.workers,
             token=token,
+            operator_token=operator_token,
             image=args.image or IMAGE,
             coordinator_port=args.port,
             dashboard_port=args.dashboard_port,
@@ -124,8 +133,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     _print_up(view, spec.workers)
     if not args.token:
         _say(f"  a new join token: {token}")
+    if not args.operator_token:
+        # A secret that opens every job: into a file of the operator's own, not the terminal.
+        path = operator_token_path(args.name)
+        write_private(path, operator_token + "\n")
+        _say(f"  a new operator token, in {path} (the dashboard's login and every command's)")
+        _say(f"  export ARCHIPELAGO_OPERATOR_TOKEN=$(cat {path})")
     _say(f"  export ARCHIPELAGO_COORDINATOR={view.coordinator} ARCHIPELAGO_TOKEN=...")
     return 0
+
+
+def operator_token_path(cluster: str) -> Path:
+    """Where `cluster up` keeps the operator token it made for `cluster`."""
+    return Path.home() / ".archipelago" / f"cluster-{cluster}-operator-token"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret readable by its owner only, with no moment of wider access."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _build(client: DockerClient, image: str, base: str | None) -> None:

@@ -50,6 +50,8 @@ class ClusterSpec:
     name: str = "main"
     workers: int = 2
     token: str = ""
+    # Submits, cancels and reads jobs: given to the coordinator only, never to a worker.
+    operator_token: str = ""
     image: str = IMAGE
     # Published on the host's 127.0.0.1 (0: a free port the engine picks).
     coordinator_port: int = COORDINATOR_PORT
@@ -68,6 +70,10 @@ class ClusterSpec:
             raise ClusterError("--workers must be 0 or more")
         if len(self.token) < 8:
             raise ClusterError("the join token must be at least 8 characters")
+        if len(self.operator_token) < 16:
+            raise ClusterError("the operator token must be at least 16 characters")
+        if self.operator_token == self.token:
+            raise ClusterError("the operator token must differ from the join token")
         for port in (self.coordinator_port, self.dashboard_port):
             if not 0 <= port < 65536:
                 raise ClusterError(f"port {port} is not a port")
@@ -131,8 +137,13 @@ def worker_command(spec: ClusterSpec, index: int) -> list[str]:
     return command
 
 
-def environment(spec: ClusterSpec) -> dict[str, str]:
-    return {"ARCHIPELAGO_TOKEN": spec.token}
+def environment(spec: ClusterSpec, role: str) -> dict[str, str]:
+    """A container's secrets: the join token for all, the operator token for the
+    coordinator alone (a worker is a volunteer's, and may not submit or read jobs)."""
+    env = {"ARCHIPELAGO_TOKEN": spec.token}
+    if role == "coordinator":
+        env["ARCHIPELAGO_OPERATOR_TOKEN"] = spec.operator_token
+    return env
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -234,7 +245,7 @@ def _start(
         hostname=container_name(spec.name, role, index),
         labels=labels(spec.name, role),
         network=network_name(spec.name),
-        environment=environment(spec) if role != "redis" else {},
+        environment=environment(spec, role) if role != "redis" else {},
         ports=ports or {},
         # A crashed process comes back (a few times): what operators expect of a service.
         restart_policy={"Name": "on-failure", "MaximumRetryCount": 3},

@@ -31,6 +31,7 @@ from deploy.image import LABEL_ROLE
 pytestmark = pytest.mark.docker
 
 TOKEN = "docker-cluster-token"
+OPERATOR = "docker-cluster-operator-token"
 SPEC = """
 name: in-containers
 model: {zoo: gpt, args: {layers: 1, d_model: 32, heads: 2, context: 16}}
@@ -119,6 +120,7 @@ def test_cluster_up_runs_a_job_from_the_host_and_down_removes_all_it_made(
     started = time.monotonic()
     up = archipelago(
         "cluster", "up", "--workers", "2", "--name", name, "--token", TOKEN,
+        "--operator-token", OPERATOR,
         "--port", "0", "--dashboard-port", "0", "--threads", "1",
         timeout=UP_TIMEOUT_S,
     )  # fmt: skip
@@ -135,11 +137,11 @@ def test_cluster_up_runs_a_job_from_the_host_and_down_removes_all_it_made(
 
         spec = tmp_path / "job.yaml"
         spec.write_text(SPEC)
-        common = ("--coordinator", view.coordinator, "--token", TOKEN)
+        common = ("--coordinator", view.coordinator, "--operator-token", OPERATOR)
         submit = archipelago("submit", str(spec), *common, "--watch", timeout=300)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         job_id = submit.stdout.split()[0]
-        client = CoordinatorClient(view.coordinator, token=TOKEN)
+        client = CoordinatorClient(view.coordinator, operator_token=OPERATOR)
         try:
             job = client.job(job_id, with_metrics=True)
             workers = {w.name for w in client.workers()}

@@ -42,10 +42,12 @@ pytestmark = pytest.mark.unit
 
 ROOT = source_root()
 TOKEN = "cluster-test-token"
+OPERATOR = "cluster-test-operator-token"
 
 
 def spec(**overrides: object) -> ClusterSpec:
-    return ClusterSpec(**{"name": "main", "workers": 2, "token": TOKEN, **overrides})  # type: ignore[arg-type]
+    fields = {"name": "main", "workers": 2, "token": TOKEN, "operator_token": OPERATOR}
+    return ClusterSpec(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
 # -- the build context ------------------------------------------------------------------
@@ -173,7 +175,16 @@ def test_names_and_labels_say_which_cluster_and_role() -> None:
     assert labels("main", "worker") == {LABEL_CLUSTER: "main", LABEL_ROLE: "worker"}
 
 
-@pytest.mark.parametrize("bad", [{"name": "Main"}, {"name": "a b"}, {"token": "short"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "Main"},
+        {"name": "a b"},
+        {"token": "short"},
+        {"operator_token": "short-operator"},
+        {"operator_token": TOKEN * 2, "token": TOKEN * 2},
+    ],
+)
 def test_spec_refuses_bad_names_and_short_tokens(bad: dict[str, str]) -> None:
     with pytest.raises(ClusterError):
         spec(**bad)
@@ -195,7 +206,11 @@ def test_coordinator_serves_every_interface_on_redis_with_the_token_from_env(
     assert args["store"] == "redis://archipelago-main-redis:6379/0"
     assert args["dashboard"] == "0.0.0.0:7080"
     assert TOKEN not in command  # on no command line the host's ps shows
-    assert environment(spec()) == {"ARCHIPELAGO_TOKEN": TOKEN}
+    assert OPERATOR not in command
+    assert environment(spec(), "coordinator") == {
+        "ARCHIPELAGO_TOKEN": TOKEN,
+        "ARCHIPELAGO_OPERATOR_TOKEN": OPERATOR,
+    }
     assert parsed(coordinator_command(spec(dashboard=False)), monkeypatch)["dashboard"] == "off"
 
 
@@ -210,6 +225,8 @@ def test_worker_joins_by_container_name_and_advertises_its_own(
     assert args["name"] == "main-worker-1"
     assert args["threads"] == 1 and args["gflops"] == 50.0
     assert TOKEN not in command
+    # A worker's container is a volunteer's: it holds the join token, never the operator's.
+    assert environment(spec(), "worker") == {"ARCHIPELAGO_TOKEN": TOKEN}
     assert "--gflops" not in worker_command(spec(), 0)
 
 
@@ -243,6 +260,8 @@ def test_compose_starts_the_same_services_the_same_way() -> None:
     assert all(p.startswith("127.0.0.1:") for p in services["coordinator"]["ports"])
     assert "ports" not in services["worker"] and "ports" not in services["redis"]
     assert "ARCHIPELAGO_TOKEN" in services["coordinator"]["environment"]
+    assert "ARCHIPELAGO_OPERATOR_TOKEN" in services["coordinator"]["environment"]
+    assert set(services["worker"]["environment"]) == {"ARCHIPELAGO_TOKEN"}
 
 
 def test_no_engine_is_one_line_naming_where_it_looked(
