@@ -24,6 +24,7 @@ from coordinator.checkpoint_upload import receive_checkpoint
 from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.jobs import JobManager
+from coordinator.planning.spec_limits import FLAGS as SPEC_FLAGS
 from coordinator.registry import Registry
 from coordinator.roles import Caller, Gatekeeper, Role, Unauthenticated, check_assigned
 from coordinator.worker_admission import WorkerAdmission
@@ -33,7 +34,6 @@ from proto.rpc import Network, abort, require_token
 
 log = logging.getLogger("archipelago.coordinator")
 
-MAX_SPEC_BYTES = 64 << 10
 # Events one ListEvents answer holds at most (a client pages on with after_seq).
 MAX_EVENTS_PER_CALL = 500
 # Step records per page of a JobRecords stream (each page stays far below a message's limit).
@@ -184,8 +184,15 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     ) -> serde.JobInfo:
         await self._operator(context, "SubmitJob")
         spec_yaml = serde.spec_yaml_from_pb(request)
-        if len(spec_yaml.encode()) > MAX_SPEC_BYTES:
-            await abort(context, INVALID, f"the job spec exceeds {MAX_SPEC_BYTES} bytes")
+        # The parser checks this bound as well; refusing a huge spec here keeps it off the
+        # thread pool.
+        max_bytes = self.manager.limits.spec.max_bytes
+        if len(spec_yaml.encode()) > max_bytes:
+            await abort(
+                context,
+                INVALID,
+                f"job refused: the job spec exceeds {max_bytes} bytes ({SPEC_FLAGS['max_bytes']})",
+            )
         try:
             job = await self.manager.submit(spec_yaml)
         except OpDagError as e:
