@@ -148,6 +148,9 @@ def worker_views(pb: coordinator_pb2.WorkerList) -> list[WorkerView]:
             w.resources.memory_bytes,
             w.resources.device,
             w.last_seen_s,
+            w.excluded,
+            w.excluded_for_s,
+            w.planned_gflops,
         )
         for w in pb.workers
     ]

@@ -384,10 +384,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"workers ({len(workers)}):")
     for w in workers:
         on_job = f" job {w.job_id}" if w.job_id else ""
+        # The speed planned with; a claim the planner does not believe is shown beside it.
+        claim = f" (claims {w.gflops:.1f})" if abs(w.planned_gflops - w.gflops) > 0.05 else ""
         print(
-            f"  {w.worker_id}  {w.name:<20} {w.address:<22} {w.state:<6} {w.gflops:6.1f} GFLOP/s "
-            f"{human_bytes(w.memory_bytes):>9}{on_job}"
+            f"  {w.worker_id}  {w.name:<20} {w.address:<22} {w.state:<6} "
+            f"{w.planned_gflops:6.1f} GFLOP/s{claim} {human_bytes(w.memory_bytes):>9}{on_job}"
         )
+        if w.excluded:
+            until = f"for {w.excluded_for_s:.0f} s more" if w.excluded_for_s else "quarantined"
+            print(f"      excluded from planning ({until}): {w.excluded}")
     return 0
 
 

@@ -102,6 +102,10 @@ class WorkerView:
     memory_bytes: int
     device: str
     last_seen_s: float
+    # Why it is left out of planning now ("": it is not), for how long (0: for good).
+    excluded: str = ""
+    excluded_for_s: float = 0.0
+    planned_gflops: float = 0.0  # what the planner counts on (its claim is `gflops`)
 
 
 @dataclass(frozen=True)

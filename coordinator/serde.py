@@ -419,12 +419,28 @@ def job_list_pb(jobs: Sequence[Job]) -> JobList:
     return JobList(jobs=[job_info_pb(j) for j in jobs])
 
 
-def worker_list_pb(workers: Sequence[WorkerState]) -> WorkerList:
-    return WorkerList(workers=[worker_info_pb(w) for w in workers])
+# An exclusion's reason as listed (it quotes a refused value's evidence; a message stays small).
+MAX_REASON_CHARS = 500
 
 
-def worker_info_pb(w: WorkerState) -> coordinator_pb2.WorkerInfo:
+def worker_list_pb(workers: Sequence[WorkerState], registry: Registry | None = None) -> WorkerList:
+    return WorkerList(workers=[worker_info_pb(w, registry) for w in workers])
+
+
+def worker_info_pb(w: WorkerState, registry: Registry | None = None) -> coordinator_pb2.WorkerInfo:
+    """A worker as listed; with `registry`, also its exclusion and the speed planned with."""
+    excluded, excluded_for_s, planned = "", 0.0, w.gflops
+    if registry is not None:
+        planned = registry.planning_gflops(w)
+        exclusion = registry.exclusions.get(w.worker_id) if registry.exclusions else None
+        if exclusion is not None:
+            excluded = exclusion.reason[:MAX_REASON_CHARS]
+            if exclusion.until is not None:
+                excluded_for_s = max(0.0, exclusion.until - time.time())
     return coordinator_pb2.WorkerInfo(
+        excluded=excluded,
+        excluded_for_s=excluded_for_s,
+        planned_gflops=planned,
         worker_id=w.worker_id,
         name=w.name,
         address=w.address,

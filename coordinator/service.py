@@ -242,7 +242,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
     ) -> serde.WorkerList:
         await self._operator(context, "ListWorkers")
         workers = sorted(self.registry.workers.values(), key=lambda w: w.registered_at)
-        return serde.worker_list_pb(workers)
+        return serde.worker_list_pb(workers, self.registry)
 
     async def ListLinks(
         self, request: serde.ListLinksRequest, context: grpc.aio.ServicerContext

@@ -11,6 +11,8 @@ submitted meanwhile completes on the honest workers.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -169,7 +171,22 @@ def test_fake_capacity_does_not_win_placement_nor_stall_a_job(cluster: Cluster) 
         if grpc.StatusCode.INVALID_ARGUMENT in refused:
             assert any("claimed speed 1e+09 GFLOP/s is above" in d for d in details), details
         # Nobody new was let in: the workers are the ones there were.
-        assert {w.name for w in cluster.workers_safe()} == {"w0", "w1", "ghost", "liar"}
+        listed = {w.name: w for w in cluster.workers_safe()}
+        assert set(listed) == {"w0", "w1", "ghost", "liar"}
+        # The listing says who is left out and why, and plans no claim it does not believe.
+        for name in ("ghost", "liar"):
+            assert listed[name].excluded and listed[name].excluded_for_s > 0, listed[name]
+            assert listed[name].planned_gflops < 900000.0
+        assert not listed["w0"].excluded and listed["w0"].planned_gflops > 0
+        shown = subprocess.run(
+            [sys.executable, "-m", "archipelago.cli", "status", "--coordinator",
+             cluster.address, "--operator-token", cluster.operator_token],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        status = shown.stdout
+        assert "excluded from planning (for" in status and "implausible" in status, status
+        assert "(claims 900000.0)" in status, status
     finally:
         stop.set()
         liar_server.stop(grace=0)
