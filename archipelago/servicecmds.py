@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, LinkView
+from archipelago.coordinator_flags import add_exclusion_flags, with_exclusion_flags
 from archipelago.credential_args import (
     add_join_token_arg,
     add_operator_arg,
@@ -53,6 +54,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         metavar="S",
         help="a worker silent this long is lost and its job re-planned",
     )
+    add_exclusion_flags(p)
     p.add_argument(
         "--worker-networks",
         default="",
@@ -255,6 +257,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     )
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
         raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
+    cfg = with_exclusion_flags(cfg, args)
     try:
         return asyncio.run(serve(cfg))
     except (OSError, TlsError, ValueError) as e:
