@@ -178,11 +178,16 @@ class Cluster:
         return proc
 
     def _wait_joined(self, proc: Proc, name: str) -> None:
+        """Until the worker is idle and the planner may use it (the coordinator reached its
+        address), or it was left out (a worker at a dead address is backed off)."""
         wait_for(
             f"worker {name} to join",
             lambda: (
                 not proc.alive
-                or any(w.name == name and w.state == "idle" for w in self.workers_safe())
+                or any(
+                    w.name == name and w.state == "idle" and (w.reachable or w.excluded)
+                    for w in self.workers_safe()
+                )
             ),
             60,
         )

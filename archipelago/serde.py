@@ -151,6 +151,7 @@ def worker_views(pb: coordinator_pb2.WorkerList) -> list[WorkerView]:
             w.excluded,
             w.excluded_for_s,
             w.planned_gflops,
+            w.reachable,
         )
         for w in pb.workers
     ]

@@ -393,6 +393,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {w.worker_id}  {w.name:<20} {w.address:<22} {w.state:<6} "
             f"{w.planned_gflops:6.1f} GFLOP/s{claim} {human_bytes(w.memory_bytes):>9}{on_job}"
         )
+        if not w.reachable and not w.excluded and w.state == "idle":
+            print("      not planned yet: the coordinator has not reached its address")
         if w.excluded:
             until = f"for {w.excluded_for_s:.0f} s more" if w.excluded_for_s else "quarantined"
             print(f"      excluded from planning ({until}): {w.excluded}")

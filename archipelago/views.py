@@ -106,6 +106,7 @@ class WorkerView:
     excluded: str = ""
     excluded_for_s: float = 0.0
     planned_gflops: float = 0.0  # what the planner counts on (its claim is `gflops`)
+    reachable: bool = True  # the coordinator's call was answered at its address
 
 
 @dataclass(frozen=True)

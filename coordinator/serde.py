@@ -429,9 +429,11 @@ def worker_list_pb(workers: Sequence[WorkerState], registry: Registry | None = N
 
 def worker_info_pb(w: WorkerState, registry: Registry | None = None) -> coordinator_pb2.WorkerInfo:
     """A worker as listed; with `registry`, also its exclusion and the speed planned with."""
-    excluded, excluded_for_s, planned = "", 0.0, w.gflops
+    excluded, excluded_for_s, planned, reachable = "", 0.0, w.gflops, True
     if registry is not None:
         planned = registry.planning_gflops(w)
+        if registry.capacity is not None:
+            reachable = registry.capacity.reachable(w.worker_id, w.address)
         exclusion = registry.exclusions.get(w.worker_id) if registry.exclusions else None
         if exclusion is not None:
             excluded = exclusion.reason[:MAX_REASON_CHARS]
@@ -441,6 +443,7 @@ def worker_info_pb(w: WorkerState, registry: Registry | None = None) -> coordina
         excluded=excluded,
         excluded_for_s=excluded_for_s,
         planned_gflops=planned,
+        reachable=reachable,
         worker_id=w.worker_id,
         name=w.name,
         address=w.address,
