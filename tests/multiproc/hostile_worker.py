@@ -5,8 +5,9 @@ patched to corrupt what it sends from a given step on. Nothing in the product kn
 
 MODE is what it does to the float tensors it sends from step FROM_STEP on:
 - `nan`: every activation, gradient and replica share holds NaN;
-- `scale`: the gradients it sends back (to earlier stages) and its replica shares are
-  scaled by 1e4;
+- `scale`: the gradients it sends back (to earlier stages), the activations it sends on
+  (so that it is hostile wherever the planner puts it) and its replica shares are scaled
+  by 1e4;
 - `flip`: the same, with their sign flipped.
 Its own training, reports and checkpoints are left honest: what it corrupts is only what
 its peers receive from it.
@@ -57,7 +58,7 @@ def patch(mode: str, from_step: int) -> None:
         values: dict[str, Value],
         sent: dict[int, int],
     ) -> Any:
-        if step >= from_step and (mode == "nan" or kind == TransferKind.BACKWARD):
+        if step >= from_step and (mode in ("nan", "scale") or kind == TransferKind.BACKWARD):
             values = {k: corrupt(v, mode) for k, v in values.items()}
         return send(self, kind, dst, step, mb, values, sent)
 

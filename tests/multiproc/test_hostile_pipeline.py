@@ -113,6 +113,7 @@ def test_a_worker_scaling_its_gradients_is_quarantined_and_the_job_ends_as_witho
     assert w1.popen.wait(timeout=60) == 0
     cluster.start_worker("scaler")
     job = run_to_the_end(cluster)
-    assert {s.worker_name for s in job.stages} == {"w0"}  # planned again on w0 alone
+    # Planned again on w0 alone.
+    assert {s.worker_name for s in job.stages} == {"w0"}, (job.epoch, job.error, job.stages)
     assert_quarantined(cluster, job, "scaler", "x median")
     assert job.val_loss == pytest.approx(clean_val_loss, rel=0.03)

@@ -48,7 +48,7 @@ def test_idle_workers_get_every_directed_link_measured(cluster: Cluster) -> None
         cluster.start_worker(f"w{i}")
     links = wait_for(
         "6 directed links to be measured",
-        lambda: (found if len(found := links_of(cluster)) == 6 else None),
+        lambda: found if len(found := links_of(cluster)) == 6 else None,
         60,
     )
     pairs = {(x.src_name, x.dst_name) for x in links}

@@ -264,7 +264,7 @@ def test_metrics_refuses_an_output_it_cannot_write_before_asking(
     a_file = tmp_path / "file"
     a_file.write_text("x")
     # No coordinator listens on port 1: the refusal comes before any call.
-    common = ["metrics", "job", "--token", "t" * 16, "--coordinator", "127.0.0.1:1"]
+    common = ["metrics", "job", "--operator-token", "t" * 16, "--coordinator", "127.0.0.1:1"]
     cases = [
         (["--csv", str(a_file / "m.csv")], "is not a directory"),
         (["--csv", str(tmp_path)], "is a directory"),
