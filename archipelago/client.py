@@ -15,7 +15,8 @@ import grpc
 
 from archipelago import serde
 from archipelago.views import EventView, JobView, LinkView, PlanView, RecordView, WorkerView
-from proto.rpc import TlsConfig, open_blocking_channel, operator_metadata, token_metadata
+from proto.cluster_tls import ClientTls
+from proto.rpc import open_blocking_channel, operator_metadata, token_metadata
 
 Reply = TypeVar("Reply")
 
@@ -33,7 +34,7 @@ class CoordinatorClient:
         *,
         operator_token: str = "",
         token: str = "",
-        tls: TlsConfig | None = None,
+        tls: ClientTls | None = None,
         timeout_s: float = 30.0,
     ) -> None:
         """`operator_token` authenticates the calls; without one they carry `token` (the

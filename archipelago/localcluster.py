@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self, TypeVar
 
 from archipelago.client import ClientError, CoordinatorClient, JobView, WorkerView
+from proto.cluster_tls import ClientTls
 
 if TYPE_CHECKING:
     from deploy.wan import Testbed
@@ -91,6 +92,11 @@ class Cluster:
     # Serve the coordinator's web dashboard on a free loopback port (`dashboard_url`); off
     # by default, so clusters started side by side do not contend for one address.
     dashboard: bool = False
+    # Plain text between the processes (`--insecure`) instead of the default mutual TLS
+    # with the coordinator's authority.
+    insecure: bool = False
+    # The authority's fingerprint, as the coordinator printed it at start.
+    ca_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -134,8 +140,23 @@ class Cluster:
             self.probe_networks,
             "--dashboard",
             "127.0.0.1:0" if self.dashboard else "off",
+            *(["--insecure"] if self.insecure else ["--ca-file", str(self.ca_file)]),
             *self.extra_coordinator_args,
         ]
+
+    @property
+    def ca_file(self) -> Path:
+        """Where the coordinator writes its TLS authority's certificate."""
+        return self.workdir / "ca.pem"
+
+    def _printed_fingerprint(self, proc: Proc) -> str:
+        """The authority's fingerprint as coordinator `proc` printed it ("" before it did)."""
+        found = re.findall(r"tls authority (sha256:[0-9a-f]{64})", proc.tail(400))
+        return found[-1] if found else ""
+
+    def client_tls(self) -> ClientTls | None:
+        """How a client of this cluster's coordinator trusts it (None: plain text)."""
+        return None if self.insecure else ClientTls(self.ca_file.read_bytes())
 
     def _operator_token_file(self) -> Path:
         """The operator token in a file of the work directory only its owner reads."""
@@ -157,6 +178,8 @@ class Cluster:
             "1",
             "--probe-networks",
             self.probe_networks,
+            # A volunteer's way in: the fingerprint the coordinator printed.
+            *(["--insecure"] if self.insecure else ["--ca-fingerprint", self.ca_fingerprint]),
             *self.extra_worker_args,
         ]
 
@@ -198,6 +221,10 @@ class Cluster:
         proc = self._spawn(name, self._coordinator_args())
         self.coordinator = proc
         wait_for(f"{name} to listen", lambda: not proc.alive or "listening on" in proc.tail(), 60)
+        if proc.alive and not self.insecure:
+            self.ca_fingerprint = self._printed_fingerprint(proc)
+            if not self.ca_fingerprint:
+                raise RuntimeError(f"{name} printed no TLS authority:\n{proc.tail()}")
         if self.dashboard:
             wait_for(f"{name}'s dashboard", lambda: not proc.alive or self.dashboard_url, 30)
         if not proc.alive:
@@ -221,9 +248,12 @@ class Cluster:
     def client(self, token: str | None = None) -> CoordinatorClient:
         """A client presenting the operator token (`token`: presenting that token instead, as
         a join token)."""
+        tls = self.client_tls()
         if token is not None:
-            return CoordinatorClient(self.address, token=token, timeout_s=30)
-        return CoordinatorClient(self.address, operator_token=self.operator_token, timeout_s=30)
+            return CoordinatorClient(self.address, token=token, tls=tls, timeout_s=30)
+        return CoordinatorClient(
+            self.address, operator_token=self.operator_token, tls=tls, timeout_s=30
+        )
 
     def workers_safe(self) -> list[WorkerView]:
         try:

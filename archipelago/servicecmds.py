@@ -25,10 +25,16 @@ from archipelago.credential_args import (
 )
 from archipelago.errors import UsageError
 from archipelago.job_lines import eta, job_line, replica_lines
+from archipelago.tls_args import (
+    add_client_tls_args,
+    add_coordinator_tls_args,
+    client_tls,
+    worker_trust,
+)
 from coordinator.limits import add_coordinator_limit_flags, coordinator_limits_from_flags
 from opdag.report import human_bytes, human_count
+from proto.certificates import CertificateError
 from proto.concurrency import WORKER_RPC_LIMITS, add_rpc_limit_flags, rpc_limits_from_flags
-from proto.rpc import TlsConfig, TlsError
 
 DEFAULT_COORDINATOR = "127.0.0.1:7070"
 
@@ -45,7 +51,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="state store URL: sqlite:///PATH (default "
         "~/.archipelago/coordinator.db) or redis://HOST:PORT/DB",
     )
-    _tls_args(p, server=True)
+    add_coordinator_tls_args(p)
     p.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
     p.add_argument(
         "--worker-timeout",
@@ -109,7 +115,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="only measure links to workers inside these networks (default: any)",
     )
     add_rpc_limit_flags(p, WORKER_RPC_LIMITS)
-    _tls_args(p, server=True)
+    add_client_tls_args(p)
     _log_arg(p)
     p.set_defaults(func=cmd_worker)
 
@@ -117,7 +123,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="the job spec file")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
     p.set_defaults(func=cmd_submit)
 
@@ -125,7 +131,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job", nargs="?", help="a job id")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--links", action="store_true", help="the measured bandwidth between workers")
     p.set_defaults(func=cmd_status)
@@ -136,7 +142,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan_show)
 
@@ -144,14 +150,14 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("events", help="a job's timeline, or the cluster's (joins, losses)")
     p.add_argument("job", nargs="?", default="", help="a job id (none: the cluster's events)")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.add_argument("--follow", action="store_true", help="keep printing new events")
     p.set_defaults(func=cmd_events)
 
@@ -159,7 +165,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("metrics", help="export a job's step metrics as CSV or for TensorBoard")
@@ -169,7 +175,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     to.add_argument("--tensorboard", type=Path, metavar="DIR", help="a TensorBoard run")
     _coordinator_arg(p)
     add_operator_arg(p)
-    _tls_args(p, server=False)
+    add_client_tls_args(p)
     p.set_defaults(func=cmd_metrics)
 
 
@@ -182,29 +188,8 @@ def _coordinator_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
-    if server:
-        p.add_argument("--tls-cert", type=Path, help="PEM certificate this process presents")
-        p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--tls-ca", type=Path, help="PEM certificate(s) to trust (enables TLS as a client)"
-    )
-
-
 def _log_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def _tls(args: argparse.Namespace) -> TlsConfig | None:
-    cert, key, ca = (getattr(args, a, None) for a in ("tls_cert", "tls_key", "tls_ca"))
-    if not (cert or key or ca):
-        return None
-    for path in (cert, key, ca):
-        if path is not None and not path.is_file():
-            raise UsageError(f"TLS file {path} does not exist")
-    if bool(cert) != bool(key):
-        raise UsageError("--tls-cert and --tls-key go together")
-    return TlsConfig(cert=cert, key=key, ca=ca)
 
 
 def _logging(args: argparse.Namespace) -> None:
@@ -216,7 +201,9 @@ def _logging(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace) -> CoordinatorClient:
-    return CoordinatorClient(args.coordinator, operator_token=operator_token(args), tls=_tls(args))
+    return CoordinatorClient(
+        args.coordinator, operator_token=operator_token(args), tls=client_tls(args)
+    )
 
 
 # -- daemons -----------------------------------------------------------------------------
@@ -243,7 +230,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         store=args.store or DEFAULT_STORE,
-        tls=_tls(args),
+        insecure=args.insecure,
+        ca_file=args.ca_file,
         heartbeat_s=args.heartbeat_interval,
         worker_timeout_s=args.worker_timeout,
         worker_networks=tuple(n for n in args.worker_networks.split(",") if n.strip()),
@@ -260,7 +248,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     cfg = with_exclusion_flags(cfg, args)
     try:
         return asyncio.run(serve(cfg))
-    except (OSError, TlsError, ValueError) as e:
+    except (OSError, CertificateError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 
@@ -269,13 +257,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import WorkerConfig, serve
 
     _logging(args)
+    fingerprint, ca_file, insecure = worker_trust(args)
     cfg = WorkerConfig(
         coordinator=args.coordinator,
         token=join_token(args),
         name=args.name,
         listen=args.listen,
         advertise=args.advertise,
-        tls=_tls(args),
+        ca_fingerprint=fingerprint,
+        ca_file=ca_file,
+        insecure=insecure,
         threads=args.threads,
         gflops=args.gflops,
         device=args.device,
@@ -284,7 +275,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     try:
         return asyncio.run(serve(cfg))
-    except (RefusedError, OSError, TlsError, ValueError) as e:
+    except (RefusedError, OSError, CertificateError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.authority import CERTIFICATE_FILE, load_authority, write_certificate
 from coordinator.capacity import Capacity
 from coordinator.dashboard.prometheus import CoordinatorMetrics
 from coordinator.dashboard.server import (
@@ -35,8 +36,10 @@ from coordinator.service import CoordinatorService
 from coordinator.store import open_store
 from coordinator.store.timed import TimedStore
 from coordinator.worker_client import WorkerClient
+from proto.certificates import COORDINATOR_CLIENT_NAME
+from proto.cluster_tls import MemberTls, coordinator_server_credentials
 from proto.concurrency import bounded_server
-from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
+from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks
 
 log = logging.getLogger("archipelago.coordinator")
 
@@ -52,7 +55,11 @@ class CoordinatorConfig:
     port: int = 7070
     host: str = "127.0.0.1"
     store: str = DEFAULT_STORE
-    tls: TlsConfig | None = None
+    # Plain text instead of the coordinator's own TLS (loopback development only).
+    insecure: bool = False
+    # Where the TLS authority's certificate is written for local clients (None: `ca.pem`
+    # in the state directory).
+    ca_file: Path | None = None
     heartbeat_s: float = 1.0
     # A worker silent for this long is lost and its job re-planned.
     worker_timeout_s: float = 5.0
@@ -91,6 +98,8 @@ def state_dir(store: str) -> Path:
 
 async def serve(cfg: CoordinatorConfig) -> int:
     networks = parse_networks(cfg.worker_networks, "--worker-networks")
+    if cfg.insecure:
+        check_plain_text_host(cfg.host, "--host")
     if cfg.probes.concurrency < 0:
         raise ValueError("--link-probes must be 0 or more")
     if cfg.store.startswith("sqlite:///") and cfg.store != "sqlite:///:memory:":
@@ -109,7 +118,13 @@ async def serve(cfg: CoordinatorConfig) -> int:
     )
     if generated is not None:
         log.info("the operator token is in %s (readable by its owner only)", generated)
-    workers = WorkerClient(token=cfg.token, tls=cfg.tls, gate=gate)
+    # TLS by default: the authority certifies every worker at registration; the
+    # coordinator's own calls to workers present its control identity.
+    authority = None if cfg.insecure else await load_authority(store)
+    control = (
+        None if authority is None else MemberTls.for_coordinator(authority, COORDINATOR_CLIENT_NAME)
+    )
+    workers = WorkerClient(token=cfg.token, tls=control, gate=gate)
     links = LinkProber(registry, workers, store, cfg.probes)
     manager = JobManager(store, registry, workers, drain_timeout_s=cfg.drain_timeout_s, links=links)
     manager.limits = cfg.limits  # before the service, whose registrations it bounds too
@@ -144,18 +159,30 @@ async def serve(cfg: CoordinatorConfig) -> int:
             gate=gate,
             heartbeat_s=cfg.heartbeat_s,
             worker_networks=networks,
+            authority=authority,
         ),
     )
     address = f"{cfg.host}:{cfg.port}"
-    credentials = cfg.tls.server_credentials() if cfg.tls else None
     port = (
-        server.add_secure_port(address, credentials)
-        if credentials
+        server.add_secure_port(address, coordinator_server_credentials(authority))
+        if authority is not None
         else server.add_insecure_port(address)
     )
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    if authority is not None:
+        ca_file = cfg.ca_file or state_dir(cfg.store) / CERTIFICATE_FILE
+        await asyncio.to_thread(write_certificate, authority, ca_file)
     await server.start()
+    if authority is not None:
+        # Before the line below, so whoever waits for that one finds this one too.
+        print(
+            f"tls authority {authority.fingerprint} (its certificate: {ca_file}; workers "
+            f"join with --ca-fingerprint {authority.fingerprint})",
+            flush=True,
+        )
+    else:
+        log.warning("serving plain text (--insecure): no TLS between this cluster's processes")
     # The one line scripts and tests wait for (the port matters when --port 0 was asked).
     print(f"coordinator listening on {cfg.host}:{port} (store {store.url})", flush=True)
     log.info(

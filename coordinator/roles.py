@@ -90,11 +90,12 @@ class Unauthenticated(Exception):
 
 @dataclass(frozen=True)
 class WorkerKeys:
-    """What a registration hands the worker: its own credential, and the coordinator's
-    toward it."""
+    """What a registration hands the worker: its own credential, the coordinator's toward
+    it, and over TLS the certificate the authority signed for its server's key."""
 
     credential: str
     coordinator: str
+    certificate: bytes = b""
 
 
 class Gatekeeper:

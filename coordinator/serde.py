@@ -69,14 +69,14 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         graph=graph_serde.graph_to_pb(stage.graph),
         # The other stages of this replica's pipeline, and this stage in the other replicas.
         peers=[
-            worker_pb2.Peer(stage=p.stage, address=p.address)
+            worker_pb2.Peer(stage=p.stage, address=p.address, worker_id=p.worker_id)
             for p in plan.placements
             if p.stage != stage.index and p.replica == h.replica
         ],
         replica=h.replica,
         replicas=plan.replicas,
         sync_peers=[
-            worker_pb2.ReplicaPeer(replica=p.replica, address=p.address)
+            worker_pb2.ReplicaPeer(replica=p.replica, address=p.address, worker_id=p.worker_id)
             for p in plan.placements
             if p.stage == stage.index and p.replica != h.replica
         ],
@@ -218,6 +218,7 @@ def registration_from_pb(r: RegisterRequest) -> Registration:
         device=res.device,
         threads=res.threads,
         worker_id=r.worker_id,
+        csr=r.csr,
     )
 
 
@@ -227,6 +228,7 @@ def register_reply_pb(w: WorkerState, heartbeat_s: float, keys: WorkerKeys) -> R
         heartbeat_interval_s=heartbeat_s,
         credential=keys.credential,
         coordinator_credential=keys.coordinator,
+        certificate=keys.certificate,
     )
 
 

@@ -29,6 +29,7 @@ from coordinator.registry import Registry
 from coordinator.roles import Caller, Gatekeeper, Role, Unauthenticated, check_assigned
 from coordinator.worker_admission import WorkerAdmission
 from opdag.errors import OpDagError
+from proto.certificates import CertificateAuthority
 from proto.errors import WireError
 from proto.rpc import Network, abort, require_token
 
@@ -54,12 +55,16 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         gate: Gatekeeper,
         heartbeat_s: float,
         worker_networks: tuple[Network, ...] = (),
+        authority: CertificateAuthority | None = None,
     ) -> None:
         self.manager = manager
         self.registry = registry
         self.gate = gate
         self.heartbeat_s = heartbeat_s
-        self.admission = WorkerAdmission(registry, manager, worker_networks, gate=gate)
+        # With an authority (TLS), registration certifies each worker's server key.
+        self.admission = WorkerAdmission(
+            registry, manager, worker_networks, gate=gate, authority=authority
+        )
 
     async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, *roles: Role) -> Caller:
         """The caller, if it holds one of `roles`; else the call ends refused."""

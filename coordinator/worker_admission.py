@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from coordinator.capacity import check_claim
@@ -23,6 +23,12 @@ from coordinator.events import CLUSTER, EventKind
 from coordinator.limits import RegistrationLimiter
 from coordinator.registry import Registry, WorkerState
 from coordinator.roles import Gatekeeper, WorkerKeys
+from proto.certificates import (
+    CertificateAuthority,
+    CertificateError,
+    check_signing_request,
+    worker_name,
+)
 from proto.concurrency import caller_host
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 
@@ -44,6 +50,8 @@ class Registration:
     device: str
     threads: int
     worker_id: str = ""
+    # Over TLS: the PEM signing request for the key of the worker's server.
+    csr: bytes = b""
 
 
 def check_registration(r: Registration, networks: Sequence[Network]) -> None:
@@ -75,8 +83,11 @@ class WorkerAdmission:
         networks: Sequence[Network] = (),
         *,
         gate: Gatekeeper,
+        authority: CertificateAuthority | None = None,
     ) -> None:
         self.registry = registry
+        # Over TLS, each admitted worker's server key is certified under its name.
+        self.authority = authority
         self.manager = manager
         self.networks = tuple(networks)
         self.gate = gate
@@ -89,6 +100,16 @@ class WorkerAdmission:
         `check_registration`, PermissionError for an existing id that `claimed` (the
         worker id the call's credential proved, if any) is not."""
         check_registration(r, self.networks)
+        if self.authority is not None:
+            if not r.csr:
+                raise ValueError(
+                    "this coordinator speaks TLS: Register must carry a certificate signing "
+                    "request for the worker's server key"
+                )
+            try:
+                check_signing_request(r.csr)  # before anything changes
+            except CertificateError as e:
+                raise ValueError(str(e)) from None
         known = self.registry.get(r.worker_id[:64]) if r.worker_id else None
         if known is not None and claimed != known.worker_id:
             raise PermissionError(
@@ -106,6 +127,8 @@ class WorkerAdmission:
             worker_id=r.worker_id[:64],
         )
         keys = self.gate.issue(w)
+        if self.authority is not None:
+            keys = replace(keys, certificate=self.authority.sign(r.csr, worker_name(w.worker_id)))
         await self.manager.save_workers([w])
         log.info(
             "worker %s (%s) at %s joined: %.1f GFLOP/s", w.name, w.worker_id, w.address, w.gflops

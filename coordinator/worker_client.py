@@ -21,7 +21,9 @@ from coordinator.serde import (
     measured_links_from_pb,
     worker_stub,
 )
-from proto.rpc import Metadata, TlsConfig, coordinator_metadata, open_channel
+from proto.certificates import CertificateError
+from proto.cluster_tls import ClientTls
+from proto.rpc import Metadata, coordinator_metadata, worker_channel
 
 log = logging.getLogger("archipelago.coordinator")
 
@@ -44,7 +46,7 @@ class WorkerClient:
         self,
         *,
         token: str,
-        tls: TlsConfig | None,
+        tls: ClientTls | None,
         call_timeout_s: float = 30.0,
         gate: Gatekeeper | None = None,
     ) -> None:
@@ -52,7 +54,7 @@ class WorkerClient:
         self.tls = tls
         self.call_timeout_s = call_timeout_s
         self.gate = gate
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
     def _metadata(self, worker_id: str, address: str) -> Metadata:
         """The coordinator's credential toward the worker (found by address without an id)."""
@@ -60,11 +62,22 @@ class WorkerClient:
             return ()
         return coordinator_metadata(self.gate.coordinator_credential(worker_id, address))
 
-    def _stub(self, address: str) -> WorkerStub:
-        channel = self._channels.get(address)
+    def _stub(self, address: str, worker_id: str = "") -> WorkerStub:
+        """A stub on the channel to the worker at `address`: over TLS the channel verifies
+        the name of the worker registered there (`worker_id`, or found by the address)."""
+        if not worker_id and self.gate is not None:
+            found = self.gate.registry.at_address(address)
+            worker_id = found.worker_id if found is not None else ""
+        key = (address, worker_id)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = open_channel(address, self.tls)
-            self._channels[address] = channel
+            try:
+                channel = worker_channel(address, self.tls, worker_id)
+            except CertificateError as e:
+                raise WorkerCallError(
+                    worker_id, f"calling {address}: {e}", unreachable=True
+                ) from None
+            self._channels[key] = channel
         return worker_stub(channel)
 
     def _error(self, worker_id: str, what: str, e: grpc.aio.AioRpcError) -> WorkerCallError:
@@ -81,7 +94,7 @@ class WorkerClient:
     ) -> None:
         parts = load_stage_parts(handover)
         try:
-            await self._stub(address).LoadStage(
+            await self._stub(address, worker_id).LoadStage(
                 parts,
                 metadata=self._metadata(worker_id, address),
                 timeout=10 * self.call_timeout_s,
@@ -93,7 +106,7 @@ class WorkerClient:
 
     async def start(self, worker_id: str, address: str, job_id: str, epoch: int) -> None:
         try:
-            await self._stub(address).StartJob(
+            await self._stub(address, worker_id).StartJob(
                 job_control_pb(job_id, epoch),
                 metadata=self._metadata(worker_id, address),
                 timeout=self.call_timeout_s,
@@ -123,6 +136,9 @@ class WorkerClient:
         except grpc.aio.AioRpcError as e:
             log.info("stop of job %s on %s: %s", job_id, address, e.code().name)
             return False
+        except WorkerCallError as e:
+            log.info("stop of job %s on %s: %s", job_id, address, e)
+            return False
 
     async def measure_link(
         self,
@@ -143,7 +159,7 @@ class WorkerClient:
             ticket=ticket,
         )
         try:
-            reply = await self._stub(address).MeasureLinks(
+            reply = await self._stub(address, worker_id).MeasureLinks(
                 request,
                 metadata=self._metadata(worker_id, address),
                 timeout=self.call_timeout_s,

@@ -127,6 +127,30 @@ def signing_request(key_pem: bytes) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def check_signing_request(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a member's signing request, once the request is well formed, small, of
+    the one key type members use and signed by that key (CertificateError naming the fault).
+    What `CertificateAuthority.sign` checks, callable before anything else changes."""
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CertificateError(f"the signing request exceeds {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise CertificateError(f"the signing request is not a PEM CSR: {e}") from None
+    try:
+        public = csr.public_key()
+    except (ValueError, TypeError) as e:
+        raise CertificateError(f"the signing request's key cannot be read: {e}") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise CertificateError("the signing request's key must be EC P-256")
+    try:
+        if not csr.is_signature_valid:
+            raise CertificateError("the signing request's signature is not valid")
+    except InvalidSignature:
+        raise CertificateError("the signing request's signature is not valid") from None
+    return public
+
+
 class CertificateAuthority:
     """The coordinator's authority: its key, its certificate, and signing members' requests."""
 
@@ -143,22 +167,47 @@ class CertificateAuthority:
         cert_path, key_path = directory / "ca.pem", directory / "ca.key"
         if cert_path.exists() or key_path.exists():
             try:
-                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-            except (OSError, ValueError) as e:
+                cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+            except OSError as e:
                 raise CertificateError(
                     f"cannot load the certificate authority in {directory}: {e}"
                 ) from None
-            if not isinstance(key, ec.EllipticCurvePrivateKey) or (
-                key.public_key().public_numbers() != cert.public_key().public_numbers()  # type: ignore[union-attr]
-            ):
-                raise CertificateError(f"{key_path} is not the key of {cert_path}")
-            return cls(key, cert)
+            return cls.from_pem(cert_pem, key_pem, where=str(directory))
         directory.mkdir(parents=True, exist_ok=True)
         ca = cls.create()
         _write_private(key_path, ca.key_pem)
         cert_path.write_bytes(ca.cert_pem)
         return ca
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, *, where: str) -> CertificateAuthority:
+        """The authority whose certificate and key these are (`where`: named in errors)."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except ValueError as e:
+            raise CertificateError(
+                f"cannot load the certificate authority in {where}: {e}"
+            ) from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+            key.public_key().public_numbers() != cert.public_key().public_numbers()  # type: ignore[union-attr]
+        ):
+            raise CertificateError(f"the key in {where} is not the authority certificate's")
+        return cls(key, cert)
+
+    @classmethod
+    def from_blob(cls, blob: bytes, *, where: str) -> CertificateAuthority:
+        """The authority stored as one blob (`blob`): key, then certificate, both PEM."""
+        marker = b"-----BEGIN CERTIFICATE-----"
+        at = blob.find(marker)
+        if at < 0:
+            raise CertificateError(f"the certificate authority in {where} has no certificate")
+        return cls.from_pem(blob[at:], blob[:at], where=where)
+
+    @property
+    def blob(self) -> bytes:
+        """Key and certificate as one blob, for a store (`from_blob` reads it back)."""
+        return self.key_pem + self.cert_pem
 
     @classmethod
     def create(cls) -> CertificateAuthority:
@@ -201,24 +250,7 @@ class CertificateAuthority:
 
         The request only proves the member holds the key; every name and use in the
         certificate is chosen here."""
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise CertificateError(f"the signing request exceeds {MAX_CSR_BYTES} bytes")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise CertificateError(f"the signing request is not a PEM CSR: {e}") from None
-        try:
-            public = csr.public_key()
-        except (ValueError, TypeError) as e:
-            raise CertificateError(f"the signing request's key cannot be read: {e}") from None
-        if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
-            raise CertificateError("the signing request's key must be EC P-256")
-        try:
-            if not csr.is_signature_valid:
-                raise CertificateError("the signing request's signature is not valid")
-        except InvalidSignature:
-            raise CertificateError("the signing request's signature is not valid") from None
-        return self._issue(public, name, days)
+        return self._issue(check_signing_request(csr_pem), name, days)
 
     def issue(self, name: str, *, days: int = MEMBER_DAYS) -> KeyPair:
         """A key and certificate made here (for the coordinator's own client identity)."""

@@ -40,6 +40,10 @@ from proto.certificates import (
 FETCH_TIMEOUT_S = 10.0
 
 
+class CoordinatorUnreachable(CertificateError):
+    """No TLS answer at the coordinator's address (yet): worth trying again."""
+
+
 def fetch_coordinator_certificate(
     address: str, expected: str, *, timeout_s: float = FETCH_TIMEOUT_S
 ) -> bytes:
@@ -59,7 +63,7 @@ def fetch_coordinator_certificate(
         ):
             der = tls.getpeercert(binary_form=True)
     except (OSError, ValueError) as e:
-        raise CertificateError(
+        raise CoordinatorUnreachable(
             f"cannot read the coordinator's certificate at {address}: {e}"
         ) from None
     if not der:

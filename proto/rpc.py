@@ -18,7 +18,7 @@ Peer transfers carry their stage pair's secret in their header instead. Every se
 compared in constant time (`secret_matches`); the coordinator stores only hashes of the
 workers' credentials (`secret_hash`) and derives the rest with `ticket` (an HMAC).
 
-Part of the wire: it imports nothing of ours, so every side may use it.
+Part of the wire: it imports nothing of ours but `proto.*`, so every side may use it.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+
+from proto.certificates import COORDINATOR_NAME, worker_name
+from proto.cluster_tls import ClientTls
 
 TOKEN_HEADER = "x-archipelago-token"
 WORKER_ID_HEADER = "x-archipelago-worker-id"
@@ -68,6 +69,21 @@ def parse_networks(items: Sequence[str], option: str) -> tuple[Network, ...]:
     return tuple(out)
 
 
+def check_plain_text_host(host: str, option: str) -> None:
+    """Refuse plain text (`--insecure`) on anything but a loopback address: it is for
+    development on one machine (ValueError naming `option`)."""
+    name = host.strip("[]")
+    try:
+        loopback = name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"--insecure (plain text) is for loopback development only, not {option} {host}: "
+            "drop --insecure to use the coordinator's TLS"
+        )
+
+
 def address_in_networks(address: str, networks: Sequence[Network]) -> bool:
     """Whether HOST:PORT may be contacted under a restriction to `networks` (none: any).
     With networks given, only a literal IP inside one of them passes: no name is looked
@@ -98,59 +114,33 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-class TlsError(Exception):
-    """A TLS file is missing or unreadable."""
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS files. A server presents `cert`/`key`; a client trusts `ca` (which may be the
-    server's own self-signed certificate)."""
-
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.cert is not None or self.ca is not None
-
-    def _read(self, path: Path | None, what: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return path.read_bytes()
-        except OSError as e:
-            raise TlsError(f"cannot read the TLS {what} {path}: {e.strerror}") from None
-
-    def server_credentials(self) -> grpc.ServerCredentials | None:
-        if self.cert is None and self.key is None:
-            return None
-        if self.cert is None or self.key is None:
-            raise TlsError("TLS needs both --tls-cert and --tls-key")
-        key = self._read(self.key, "key")
-        cert = self._read(self.cert, "certificate")
-        assert key is not None and cert is not None
-        return grpc.ssl_server_credentials([(key, cert)])
-
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self._read(self.ca or self.cert, "CA")
-        )
-
-
-def open_channel(address: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to `address`, over TLS when configured."""
-    if tls is not None and tls.enabled:
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+def open_channel(
+    address: str, tls: ClientTls | None, *, name: str = COORDINATOR_NAME
+) -> grpc.aio.Channel:
+    """An asyncio channel to `address`. Over TLS (`tls`) the far end must present a
+    certificate of the cluster's authority carrying `name`: the coordinator's, or
+    `worker_name(id)` of the worker the plan put at that address. `tls` None is plain text,
+    which only `--insecure` asks for."""
+    if tls is not None:
+        return tls.channel(address, CHANNEL_OPTIONS, name)
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def open_blocking_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
-    """A blocking channel (for the command-line client)."""
-    if tls is not None and tls.enabled:
-        return grpc.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+def open_blocking_channel(
+    address: str, tls: ClientTls | None, *, name: str = COORDINATOR_NAME
+) -> grpc.Channel:
+    """A blocking channel (for the command-line client), as `open_channel`."""
+    if tls is not None:
+        return tls.blocking_channel(address, CHANNEL_OPTIONS, name)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def worker_channel(address: str, tls: ClientTls | None, worker_id: str) -> grpc.aio.Channel:
+    """A channel to the worker the plan put at `address`: over TLS its certificate must
+    carry `worker_name(worker_id)` (CertificateError for an id that names none)."""
+    if tls is None:
+        return open_channel(address, None)
+    return open_channel(address, tls, name=worker_name(worker_id))
 
 
 Metadata = tuple[tuple[str, str], ...]

@@ -25,8 +25,10 @@ from functools import partial
 import grpc
 import torch
 
+from proto.certificates import CertificateError, certificate_name, worker_name
+from proto.cluster_tls import ClientTls, MemberTls
 from proto.retry import RetryPolicy, retry
-from proto.rpc import Metadata, TlsConfig, open_channel, token_metadata
+from proto.rpc import Metadata, open_channel, token_metadata
 from worker.coordinator_serde import (
     ProgressReport,
     checkpoint_parts,
@@ -78,7 +80,7 @@ class CoordinatorLink:
         address: str,
         *,
         token: str,
-        tls: TlsConfig | None,
+        tls: ClientTls | None,
         name: str,
         resources: Resources,
         retry_policy: RetryPolicy = COORDINATOR_RETRY,
@@ -92,6 +94,8 @@ class CoordinatorLink:
         self.advertise = ""
         self.worker_id = ""
         self.heartbeat_s = 1.0
+        # Over TLS this worker's own identity too: registration certifies its key.
+        self.tls = tls
         self._channel = open_channel(address, tls)
         self._stub = coordinator_stub(self._channel)
         self._token_metadata = token_metadata(token)
@@ -114,11 +118,13 @@ class CoordinatorLink:
 
     async def register(self) -> str:
         """Register (again), retrying until the coordinator answers; returns the worker id."""
+        member = self.tls if isinstance(self.tls, MemberTls) else None
         request = register_request_pb(
             name=self.name,
             address=self.advertise,
             worker_id=self.worker_id,
             resources=self.resources,
+            csr=member.signing_request() if member is not None else b"",
         )
         try:
             reply = await retry(
@@ -145,6 +151,8 @@ class CoordinatorLink:
                 raise RefusedError(f"the coordinator refused to register: {e.details()}") from None
             raise
         registration = registration_from_pb(reply)
+        if member is not None:
+            self._take_certificate(member, registration.worker_id, registration.certificate)
         self._unreachable_logged = False
         self.credentials.admit(
             registration.worker_id, registration.credential, registration.coordinator_credential
@@ -153,6 +161,21 @@ class CoordinatorLink:
         self.heartbeat_s = registration.heartbeat_s
         log.info("registered with %s as %s (%s)", self.address, self.name, self.worker_id)
         return self.worker_id
+
+    @staticmethod
+    def _take_certificate(member: MemberTls, worker_id: str, cert_pem: bytes) -> None:
+        """Serve with the certificate the coordinator's authority signed for this worker,
+        once it carries this worker's name (a coordinator that sends none or another's
+        is refused: peers would refuse this worker anyway)."""
+        try:
+            name = certificate_name(cert_pem)
+        except (CertificateError, ValueError) as e:
+            raise RefusedError(f"the coordinator sent no usable certificate: {e}") from None
+        if name != worker_name(worker_id):
+            raise RefusedError(
+                f"the coordinator's certificate names {name[:80]!r}, not this worker"
+            )
+        member.set_certificate(cert_pem)
 
     def _log_unreachable(self, e: grpc.aio.AioRpcError, wait_s: float = 0.0) -> None:
         if not self._unreachable_logged:

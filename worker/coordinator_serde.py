@@ -37,6 +37,7 @@ class Registration:
     heartbeat_s: float
     credential: str = ""
     coordinator_credential: str = ""
+    certificate: bytes = b""  # over TLS: this worker's server certificate
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,13 @@ class HeartbeatAnswer:
 
 
 def register_request_pb(
-    *, name: str, address: str, worker_id: str, resources: Resources
+    *, name: str, address: str, worker_id: str, resources: Resources, csr: bytes = b""
 ) -> coordinator_pb2.RegisterRequest:
     return coordinator_pb2.RegisterRequest(
         name=name,
         address=address,
         worker_id=worker_id,
+        csr=csr,
         resources=coordinator_pb2.WorkerResources(
             gflops=resources.gflops,
             memory_bytes=resources.memory_bytes,
@@ -70,6 +72,7 @@ def registration_from_pb(reply: coordinator_pb2.RegisterReply) -> Registration:
         heartbeat_s=reply.heartbeat_interval_s or 1.0,
         credential=reply.credential,
         coordinator_credential=reply.coordinator_credential,
+        certificate=reply.certificate,
     )
 
 

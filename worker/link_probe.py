@@ -16,7 +16,9 @@ import time
 
 import grpc
 
-from proto.rpc import TlsConfig, open_channel, probe_metadata, token_metadata
+from proto.certificates import CertificateError
+from proto.cluster_tls import ClientTls
+from proto.rpc import probe_metadata, token_metadata, worker_channel
 from worker.link_measurement import LinkFigure
 from worker.serde import probe_request_pb, worker_stub
 
@@ -49,7 +51,7 @@ async def measure_link(
     address: str,
     *,
     token: str,
-    tls: TlsConfig | None,
+    tls: ClientTls | None,
     max_bytes: int,
     target_seconds: float,
     prober_id: str = "",
@@ -58,7 +60,10 @@ async def measure_link(
     """Round trip and bandwidth from here to the worker at `address`; each probe carries the
     join token and the coordinator's `ticket` for this worker (`prober_id`) to probe it."""
     metadata = token_metadata(token) + probe_metadata(prober_id, ticket)
-    channel = open_channel(address, tls)
+    try:
+        channel = worker_channel(address, tls, worker_id)
+    except CertificateError as e:
+        return LinkFigure(worker_id, 0.0, 0.0, 0, str(e))
     stub = worker_stub(channel)
     sent = 0
 

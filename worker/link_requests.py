@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from proto.rpc import ADDRESS_PATTERN, Network, TlsConfig, address_in_networks
+from proto.cluster_tls import ClientTls
+from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 from worker.link_measurement import LinkFigure, LinkRequest
 from worker.link_probe import check_request, measure_link
 
@@ -38,7 +39,7 @@ def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> Non
 
 
 async def measure_links(
-    request: LinkRequest, *, token: str, tls: TlsConfig | None, prober_id: str = ""
+    request: LinkRequest, *, token: str, tls: ClientTls | None, prober_id: str = ""
 ) -> list[LinkFigure]:
     """Each requested link measured, in the order asked (a failed one says why)."""
     figures = []

@@ -14,11 +14,14 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from proto.certificates import CertificateError, check_fingerprint, fingerprint
+from proto.cluster_tls import CoordinatorUnreachable, MemberTls, fetch_coordinator_certificate
 from proto.concurrency import WORKER_RPC_LIMITS, RpcLimits, bounded_server
-from proto.rpc import SERVER_OPTIONS, TlsConfig, parse_networks
+from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.credentials import NodeCredentials
 from worker.node import WorkerNode
@@ -39,7 +42,12 @@ class WorkerConfig:
     listen: str = "127.0.0.1:0"
     # The address peers and the coordinator use to reach this worker (default: listen).
     advertise: str = ""
-    tls: TlsConfig | None = None
+    # How this worker knows the coordinator's TLS authority: the fingerprint the
+    # coordinator prints at start (its certificate is read from the coordinator and
+    # checked), or the certificate's file. `insecure`: plain text (loopback development).
+    ca_fingerprint: str = ""
+    ca_file: Path | None = None
+    insecure: bool = False
     threads: int = 0
     device: str = "cpu"
     # A declared speed (GFLOP/s) in place of the one measured at start; 0: measure.
@@ -50,6 +58,38 @@ class WorkerConfig:
     probe_networks: tuple[str, ...] = ()
     # The calls this worker serves at once, in all and per peer address.
     rpc_limits: RpcLimits = WORKER_RPC_LIMITS
+
+
+async def coordinator_authority(cfg: WorkerConfig) -> bytes:
+    """The PEM certificate of the coordinator's authority, from `--ca` or read from the
+    coordinator and checked against `--ca-fingerprint` (waiting for a coordinator not up
+    yet); ValueError when neither is given or they do not agree."""
+    if cfg.ca_file is not None:
+        try:
+            pem = cfg.ca_file.read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read --ca {cfg.ca_file}: {e.strerror}") from None
+        if cfg.ca_fingerprint and fingerprint(pem) != check_fingerprint(cfg.ca_fingerprint):
+            raise ValueError(f"--ca {cfg.ca_file} is not the authority --ca-fingerprint names")
+        return pem
+    if not cfg.ca_fingerprint:
+        raise ValueError(
+            "the coordinator's TLS authority is unknown: pass --ca-fingerprint (the "
+            "coordinator prints it at start) or --ca FILE (--insecure: plain text, loopback only)"
+        )
+    expected = check_fingerprint(cfg.ca_fingerprint)
+    wait_s, logged = 0.5, False
+    while True:
+        try:
+            return await asyncio.to_thread(fetch_coordinator_certificate, cfg.coordinator, expected)
+        except CoordinatorUnreachable as e:
+            if not logged:
+                log.warning("%s; retrying", e)
+                logged = True
+        except CertificateError as e:
+            raise ValueError(str(e)) from None
+        await asyncio.sleep(wait_s)
+        wait_s = min(2 * wait_s, 10.0)
 
 
 def _advertised(listen: str, port: int, advertise: str) -> str:
@@ -70,20 +110,31 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             raise ValueError(f"--gflops {cfg.gflops} is not a speed in GFLOP/s")
         resources = replace(resources, gflops=cfg.gflops)
     name = cfg.name or f"{socket.gethostname()}-{id(cfg) % 10000:04d}"
+    # Mutual TLS by default: this worker's key, certified by the coordinator's authority
+    # at registration; its server accepts only callers the same authority certified.
+    tls: MemberTls | None = None
+    if cfg.insecure:
+        check_plain_text_host(cfg.listen.rpartition(":")[0], "--listen")
+        check_plain_text_host(cfg.coordinator.rpartition(":")[0], "--coordinator")
+    else:
+        try:
+            tls = MemberTls(await coordinator_authority(cfg))
+        except CertificateError as e:  # a malformed fingerprint
+            raise ValueError(str(e)) from None
     # What registration gives this worker: the link proves itself with it, the node checks
     # the coordinator's calls with it.
     identity = NodeCredentials()
     link = CoordinatorLink(
         cfg.coordinator,
         token=cfg.token,
-        tls=cfg.tls,
+        tls=tls,
         name=name,
         resources=resources,
         credentials=identity,
     )
     node = WorkerNode(
         token=cfg.token,
-        tls=cfg.tls,
+        tls=tls,
         reporter=link,
         device=torch.device(resources.device),
         credentials=identity,
@@ -98,9 +149,8 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             probe_networks=parse_networks(cfg.probe_networks, "--probe-networks"),
         ),
     )
-    credentials = cfg.tls.server_credentials() if cfg.tls else None
-    if credentials is not None:
-        port = server.add_secure_port(cfg.listen, credentials)
+    if tls is not None:
+        port = server.add_secure_port(cfg.listen, tls.server_credentials())
     else:
         port = server.add_insecure_port(cfg.listen)
     if port == 0:

@@ -22,7 +22,8 @@ import torch
 
 from opdag.errors import OpDagError
 from opdag.values import Value
-from proto.rpc import TlsConfig, secret_matches
+from proto.cluster_tls import ClientTls
+from proto.rpc import secret_matches
 from worker.credentials import NodeCredentials
 from worker.peers import PeerLinks
 from worker.replica_sync import ReplicaSync
@@ -56,7 +57,7 @@ class WorkerNode:
         self,
         *,
         token: str,
-        tls: TlsConfig | None,
+        tls: ClientTls | None,
         reporter: Reporter,
         device: torch.device | None = None,
         credentials: NodeCredentials | None = None,

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 import grpc
 
 from opdag.values import Value
+from proto.cluster_tls import ClientTls
 from proto.retry import RetryPolicy, retry
-from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.rpc import token_metadata, worker_channel
 from proto.tensor_stream import EncodedTensor
 from worker.serde import StagePlan, WorkerStub, transfer_parts, worker_stub
 from worker.transfer_kind import TransferKind
@@ -38,7 +39,7 @@ class PeerLinks:
         plan: StagePlan,
         *,
         token: str,
-        tls: TlsConfig | None,
+        tls: ClientTls | None,
         retry_policy: RetryPolicy = PEER_RETRY,
     ) -> None:
         self.plan = plan
@@ -51,7 +52,9 @@ class PeerLinks:
     def _stub(self, stage: int) -> WorkerStub:
         stub = self._stubs.get(stage)
         if stub is None:
-            channel = open_channel(self.plan.peers[stage], self.tls)
+            channel = worker_channel(
+                self.plan.peers[stage], self.tls, self.plan.peer_ids.get(stage, "")
+            )
             self._channels.append(channel)
             stub = worker_stub(channel)
             self._stubs[stage] = stub

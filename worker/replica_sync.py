@@ -52,8 +52,9 @@ import torch
 
 from opdag.errors import CodecError, OpDagError
 from opdag.optim import OPTIM_PREFIX
+from proto.cluster_tls import ClientTls
 from proto.retry import RetryPolicy, retry
-from proto.rpc import TlsConfig, open_channel, token_metadata
+from proto.rpc import token_metadata, worker_channel
 from worker.peers import PEER_RETRY, RETRYABLE
 from worker.robust_aggregate import Shares, robust_combine
 from worker.serde import WorkerStub, gradient_share_parts, worker_stub
@@ -86,7 +87,7 @@ class ReplicaSync:
         plan: StagePlan,
         *,
         token: str,
-        tls: TlsConfig | None,
+        tls: ClientTls | None,
         timeout_s: float = SYNC_TIMEOUT_S,
         retry_policy: RetryPolicy = PEER_RETRY,
     ) -> None:
@@ -480,7 +481,11 @@ class ReplicaSync:
     def _stub(self, replica: int) -> WorkerStub:
         stub = self._stubs.get(replica)
         if stub is None:
-            channel = open_channel(self.plan.sync_peers[replica], self.tls)
+            channel = worker_channel(
+                self.plan.sync_peers[replica],
+                self.tls,
+                self.plan.sync_peer_ids.get(replica, ""),
+            )
             self._channels.append(channel)
             stub = self._stubs[replica] = worker_stub(channel)
         return stub

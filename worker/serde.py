@@ -23,6 +23,7 @@ from opdag.data import DataConfig
 from opdag.errors import CodecError, OpDagError
 from opdag.optim import OptimizerConfig
 from proto import tensor_pb2, worker_pb2, worker_pb2_grpc
+from proto.certificates import CertificateError, worker_name
 from proto.rpc import MAX_DETAILS_CHARS, MIN_SECRET_CHARS
 from proto.streams import IncomingTensors, open_stream, stream_parts
 from proto.tensor_stream import encode_values, header_of
@@ -38,6 +39,17 @@ def _fail(what: str) -> CodecError:
     return CodecError(f"stage assignment: {what}")
 
 
+def _peer_id(worker_id: str) -> str:
+    """A peer's worker id as the plan names it ("" where it names none: such a peer can be
+    reached over plain text only)."""
+    if worker_id:
+        try:
+            worker_name(worker_id)
+        except CertificateError as e:
+            raise _fail(f"a peer's {e}") from None
+    return worker_id
+
+
 def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
     """Decode and check a stage assignment (the graph is fully validated)."""
     if not a.job_id or len(a.job_id) > 100:
@@ -48,6 +60,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
     peers = {p.stage: p.address for p in a.peers}
     if any(s >= a.num_stages for s in peers):
         raise _fail("a peer's stage is out of range")
+    peer_ids = {p.stage: _peer_id(p.worker_id) for p in a.peers}
 
     def routes(items: object, what: str) -> dict[str, tuple[int, ...]]:
         out: dict[str, tuple[int, ...]] = {}
@@ -120,6 +133,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
             "is out of range"
         )
     sync_peers = {p.replica: p.address for p in a.sync_peers}
+    sync_peer_ids = {p.replica: _peer_id(p.worker_id) for p in a.sync_peers}
     if set(sync_peers) != set(range(replicas)) - {a.replica} or len(a.sync_peers) != replicas - 1:
         raise _fail("the sync peers must be the other replicas, once each")
     if replicas > 1 and len(a.sync_secret) < MIN_SECRET_CHARS:
@@ -131,6 +145,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         num_stages=a.num_stages,
         graph=graph,
         peers=peers,
+        peer_ids=peer_ids,
         sends=sends,
         receives=receives,
         data_routes=data_routes,
@@ -147,6 +162,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         replica=a.replica,
         replicas=replicas,
         sync_peers=sync_peers,
+        sync_peer_ids=sync_peer_ids,
         sync_kind=a.sync_kind or "sync",  # an assignment from before sync policies
         sync_period=a.sync_period or 1,
         sync_values=a.sync_values or "fp32",

@@ -59,6 +59,10 @@ class StagePlan:
     replica: int = 0
     replicas: int = 1
     sync_peers: Mapping[int, str] = field(default_factory=dict)
+    # Who the plan put at each peer's address (stage -> worker id; replica -> worker id):
+    # a TLS channel verifies that worker's name ("" for none).
+    peer_ids: Mapping[int, str] = field(default_factory=dict)
+    sync_peer_ids: Mapping[int, str] = field(default_factory=dict)
     # How the replicas keep together: "sync" (gradients averaged every step), "local-sgd"
     # (each replica steps alone; parameters averaged every `sync_period` steps) or
     # "partial-local-sgd" (each of `sync_layers` averaged at its own iterations).

@@ -22,8 +22,15 @@ import pytest
 
 from archipelago.client import ClientError
 from proto import coordinator_pb2
-from proto.rpc import CHANNEL_OPTIONS, token_metadata
-from tests.multiproc.cluster import Cluster, wait_for
+from proto.cluster_tls import MemberTls
+from proto.rpc import token_metadata
+from tests.multiproc.cluster import (
+    Cluster,
+    coordinator_channel,
+    joining_tls,
+    signing_request_of,
+    wait_for,
+)
 from tests.unit.test_spec_limits import alias_bomb
 from worker.coordinator_link import CoordinatorLink
 from worker.coordinator_serde import heartbeat_request_pb
@@ -45,8 +52,8 @@ class HeartbeatProbe:
     """A worker of the test's own, in a thread: it registers, then heart-beats every 10 ms
     and times each round trip, the measure of how promptly the coordinator answers."""
 
-    def __init__(self, address: str, token: str) -> None:
-        self.address, self.token = address, token
+    def __init__(self, address: str, token: str, tls: MemberTls | None) -> None:
+        self.address, self.token, self.tls = address, token, tls
         self.loop = asyncio.new_event_loop()
         self.samples: list[tuple[float, float]] = []  # (sent at, round trip), monotonic
         self.errors: list[str] = []
@@ -62,7 +69,7 @@ class HeartbeatProbe:
     async def _join(self) -> CoordinatorLink:
         resources = Resources(gflops=1.0, memory_bytes=1 << 30, device="cpu", threads=1)
         link = CoordinatorLink(
-            self.address, token=self.token, tls=None, name="probe", resources=resources
+            self.address, token=self.token, tls=self.tls, name="probe", resources=resources
         )
         link.advertise = "127.0.0.1:9"  # nothing listens: no job can use it
         await link.register()
@@ -124,7 +131,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def probe(cluster: Cluster) -> Iterator[HeartbeatProbe]:
-    p = HeartbeatProbe(cluster.address, cluster.token)
+    p = HeartbeatProbe(cluster.address, cluster.token, joining_tls(cluster))
     try:
         yield p
     finally:
@@ -266,7 +273,8 @@ def test_a_registration_flood_is_refused_past_the_rate_of_its_address(cluster: C
         client.close()
     outcomes: list[grpc.StatusCode] = []
     details: list[str] = []
-    with grpc.insecure_channel(cluster.address, options=CHANNEL_OPTIONS) as channel:
+    tls = joining_tls(cluster)
+    with coordinator_channel(cluster) as channel:
         register = channel.unary_unary(
             "/archipelago.v1.Coordinator/Register",
             request_serializer=coordinator_pb2.RegisterRequest.SerializeToString,
@@ -279,6 +287,7 @@ def test_a_registration_flood_is_refused_past_the_rate_of_its_address(cluster: C
                 resources=coordinator_pb2.WorkerResources(
                     gflops=1.0, memory_bytes=1 << 30, device="cpu", threads=1
                 ),
+                csr=signing_request_of(tls),
             )
             try:
                 register(request, metadata=token_metadata(cluster.token), timeout=10)

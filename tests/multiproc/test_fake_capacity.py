@@ -22,8 +22,15 @@ import grpc
 import pytest
 
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from proto.rpc import CHANNEL_OPTIONS, token_metadata
-from tests.multiproc.cluster import Cluster, free_port
+from proto.cluster_tls import MemberTls
+from proto.rpc import token_metadata
+from tests.multiproc.cluster import (
+    Cluster,
+    coordinator_channel,
+    free_port,
+    joining_tls,
+    signing_request_of,
+)
 
 pytestmark = pytest.mark.multiproc
 
@@ -75,16 +82,23 @@ def register(
     *,
     gflops: float,
     memory_bytes: int,
+    tls: MemberTls | None,
 ) -> coordinator_pb2.RegisterReply:
-    """Register by hand, claiming what the caller says."""
+    """Register by hand, claiming what the caller says (over TLS with `tls`'s key, whose
+    certificate it then holds)."""
     resources = coordinator_pb2.WorkerResources(
         gflops=gflops, memory_bytes=memory_bytes, device="cpu", threads=1
     )
-    return stub.Register(
-        coordinator_pb2.RegisterRequest(name=name, address=address, resources=resources),
+    reply = stub.Register(
+        coordinator_pb2.RegisterRequest(
+            name=name, address=address, resources=resources, csr=signing_request_of(tls)
+        ),
         metadata=token_metadata(token),
         timeout=10,
     )
+    if tls is not None:
+        tls.set_certificate(reply.certificate)
+    return reply
 
 
 def heart_beat(
@@ -113,9 +127,12 @@ def test_fake_capacity_does_not_win_placement_nor_stall_a_job(cluster: Cluster) 
     cluster.start_coordinator()
     for name in ("w0", "w1"):
         cluster.start_worker(name)
-    channel = grpc.insecure_channel(cluster.address, options=CHANNEL_OPTIONS)
+    channel = coordinator_channel(cluster)
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     stop = threading.Event()
+    # The liar is a volunteer like any: it serves the cluster's mutual TLS with the
+    # certificate its registration gets, so the coordinator reaches what it says.
+    liar_tls = joining_tls(cluster)
     liar_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     try:
         # A "fast" worker at an address where nothing listens (a real worker process that
@@ -124,12 +141,16 @@ def test_fake_capacity_does_not_win_placement_nor_stall_a_job(cluster: Cluster) 
         cluster.extra_worker_args = ["--gflops", "900000", "--advertise", dead]
         cluster.start_worker("ghost")
         cluster.extra_worker_args = []
-        liar_port = liar_server.add_insecure_port("127.0.0.1:0")
+        liar_port = (
+            liar_server.add_insecure_port("127.0.0.1:0")
+            if liar_tls is None
+            else liar_server.add_secure_port("127.0.0.1:0", liar_tls.server_credentials())
+        )
         worker_pb2_grpc.add_WorkerServicer_to_server(LinkLiar(), liar_server)
         liar_server.start()
         reply = register(
             stub, cluster.token, "liar", f"127.0.0.1:{liar_port}", gflops=900000.0,
-            memory_bytes=1 << 40,
+            memory_bytes=1 << 40, tls=liar_tls,
         )  # fmt: skip
         threading.Thread(
             target=heart_beat, args=(stub, cluster.token, reply, stop), daemon=True
@@ -158,7 +179,7 @@ def test_fake_capacity_does_not_win_placement_nor_stall_a_job(cluster: Cluster) 
             try:
                 register(
                     stub, cluster.token, f"fake{i}", f"127.0.0.1:{20000 + i}",
-                    gflops=1e9, memory_bytes=2**63,
+                    gflops=1e9, memory_bytes=2**63, tls=joining_tls(cluster),
                 )  # fmt: skip
             except grpc.RpcError as e:
                 refused[e.code()] = refused.get(e.code(), 0) + 1
@@ -180,7 +201,8 @@ def test_fake_capacity_does_not_win_placement_nor_stall_a_job(cluster: Cluster) 
         assert not listed["w0"].excluded and listed["w0"].planned_gflops > 0
         shown = subprocess.run(
             [sys.executable, "-m", "archipelago.cli", "status", "--coordinator",
-             cluster.address, "--operator-token", cluster.operator_token],
+             cluster.address, "--operator-token", cluster.operator_token,
+             "--ca", str(cluster.ca_file)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr

@@ -36,8 +36,8 @@ from google.protobuf.message import Message
 from archipelago.client import ClientError
 from coordinator.planning.jobspec import parse_job_spec
 from proto import coordinator_pb2, worker_pb2
+from proto.certificates import new_key, signing_request
 from proto.rpc import (
-    CHANNEL_OPTIONS,
     Metadata,
     coordinator_metadata,
     operator_metadata,
@@ -46,7 +46,14 @@ from proto.rpc import (
     worker_metadata,
 )
 from proto.tensor_stream import encode_values, header_of, iter_chunks
-from tests.multiproc.cluster import Cluster, coordinator_credential, probe_ticket, wait_for
+from tests.multiproc.cluster import (
+    Cluster,
+    coordinator_channel,
+    coordinator_credential,
+    probe_ticket,
+    wait_for,
+    worker_channel,
+)
 from tests.multiproc.test_worker_rejects_bad_messages import build_stage_hand_out
 
 pytestmark = pytest.mark.multiproc
@@ -473,6 +480,7 @@ def coordinator_methods(worker_id: str = "0123456789ab") -> list[Method]:
             resources=coordinator_pb2.WorkerResources(
                 gflops=12.5, memory_bytes=1 << 33, device="cpu", threads=2
             ),
+            csr=signing_request(new_key()[0]),
         ),
         "Heartbeat": coordinator_pb2.HeartbeatRequest(
             worker_id=worker_id, job_id="0123456789", epoch=1, step=3, state="running"
@@ -653,7 +661,9 @@ def register_fuzz_worker(channel: grpc.Channel, ids: Identities) -> Identities:
         request_serializer=coordinator_pb2.RegisterRequest.SerializeToString,
         response_deserializer=coordinator_pb2.RegisterReply.FromString,
     )
-    request = coordinator_pb2.RegisterRequest(name="fuzz-identity", address="127.0.0.1:9")
+    request = coordinator_pb2.RegisterRequest(
+        name="fuzz-identity", address="127.0.0.1:9", csr=signing_request(new_key()[0])
+    )
     first = register(request, metadata=token_metadata(ids.token), timeout=30)
     request.worker_id = first.worker_id
     again = register(
@@ -697,7 +707,7 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
         _assert_outcomes(outcomes, method)
         results[method.path] = Counter(o.code for o in outcomes)
 
-    with grpc.insecure_channel(cluster.address, options=CHANNEL_OPTIONS) as channel:
+    with coordinator_channel(cluster) as channel:
         fuzz(channel, coordinator_methods()[0])  # Register
         # A worker of the fuzz's own, registered twice: its first credential is stale.
         ids = register_fuzz_worker(channel, ids)
@@ -731,7 +741,7 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
     methods, load_stage = worker_methods(real.address)
     valid_transfers: Counter[grpc.StatusCode] = Counter()
     valid_details: set[str] = set()
-    with grpc.insecure_channel(real.address, options=CHANNEL_OPTIONS) as channel:
+    with worker_channel(cluster, real.address, real.worker_id) as channel:
         load = channel.stream_unary(
             "/archipelago.v1.Worker/LoadStage",
             request_serializer=worker_pb2.LoadStagePart.SerializeToString,
@@ -819,7 +829,7 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
             assert 0 < len(w.name) <= 100 and w.name.isprintable(), w
             assert ADDRESS.match(w.address), w
             assert w.state in ("lost", "left"), w
-    with grpc.insecure_channel(real.address, options=CHANNEL_OPTIONS) as channel:
+    with worker_channel(cluster, real.address, real.worker_id) as channel:
         status = channel.unary_unary(
             "/archipelago.v1.Worker/Status",
             request_serializer=worker_pb2.StatusRequest.SerializeToString,

@@ -14,14 +14,16 @@ import pytest
 
 from archipelago.client import LinkView
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
-from proto.rpc import coordinator_metadata, open_blocking_channel, token_metadata
+from proto.rpc import coordinator_metadata, token_metadata
 from tests.multiproc.cluster import (
     OPERATOR_TOKEN,
     TOKEN,
     Cluster,
+    coordinator_channel,
     coordinator_credential,
     probe_ticket,
     wait_for,
+    worker_channel,
 )
 
 pytestmark = pytest.mark.multiproc
@@ -65,6 +67,8 @@ def test_idle_workers_get_every_directed_link_measured(cluster: Cluster) -> None
         cluster.address,
         "--operator-token",
         OPERATOR_TOKEN,
+        "--ca",
+        str(cluster.ca_file),
     ]
     out = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
@@ -88,7 +92,7 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
     cluster.start_coordinator()
     cluster.start_worker("w0")
     (worker,) = cluster.workers_safe()
-    channel = open_blocking_channel(worker.address, None)
+    channel = worker_channel(cluster, worker.address, worker.worker_id)
     stub = worker_pb2_grpc.WorkerStub(channel)
     as_coordinator = coordinator_metadata(coordinator_credential(cluster, worker.worker_id))
     try:
@@ -114,8 +118,10 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
             stub.MeasureLinks(request, metadata=as_coordinator, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "max_bytes" in (info.value.details() or "")
-        # Within bounds, a worker measures even its link to itself.
+        # Within bounds, a worker measures even its link to itself (named as the worker
+        # there: over TLS the probe verifies who answers).
         request.max_bytes = 1 << 20
+        request.targets[0].worker_id = worker.worker_id
         request.targets[0].ticket = probe_ticket(cluster, worker.worker_id, worker.worker_id)
         reply = stub.MeasureLinks(request, metadata=as_coordinator, timeout=30)
         assert reply.links[0].bandwidth > 0 and not reply.links[0].error
@@ -125,7 +131,7 @@ def test_worker_refuses_to_probe_outside_its_networks(cluster: Cluster) -> None:
 
 def test_coordinator_refuses_workers_outside_its_networks(cluster: Cluster) -> None:
     cluster.start_coordinator()  # the cluster's coordinator accepts 127.0.0.0/8 only
-    channel = open_blocking_channel(cluster.address, None)
+    channel = coordinator_channel(cluster)
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     try:
         for address in ("192.0.2.1:7100", "worker.example:7100"):

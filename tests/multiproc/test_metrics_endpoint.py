@@ -149,7 +149,7 @@ def test_metrics_during_a_job_and_the_export_after_it(cluster: Cluster, tmp_path
         assert refused.value.code == 401
 
     final = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
-    check_export(job_id, cluster.job(job_id, with_metrics=True), cluster.address, tmp_path)
+    check_export(job_id, cluster.job(job_id, with_metrics=True), cluster, tmp_path)
     assert final.steps_done == STEPS
 
     # A worker killed: lost once the coordinator notices.
@@ -166,9 +166,17 @@ def test_metrics_during_a_job_and_the_export_after_it(cluster: Cluster, tmp_path
     assert value(m, "archipelago_worker_info", worker_id=ids["w1"], state="lost") == 1
 
 
-def check_export(job_id: str, job: JobView, address: str, tmp_path: Path) -> None:
+def check_export(job_id: str, job: JobView, cluster: Cluster, tmp_path: Path) -> None:
     """`archipelago metrics` of the finished job: CSV and TensorBoard, and its refusals."""
-    common = ["--coordinator", address, "--operator-token", OPERATOR_TOKEN]
+    address = cluster.address
+    common = [
+        "--coordinator",
+        address,
+        "--operator-token",
+        OPERATOR_TOKEN,
+        "--ca",
+        str(cluster.ca_file),
+    ]
     losses = {s.step: s.loss for s in job.metrics}
     assert sorted(losses) == list(range(STEPS))
 

@@ -57,7 +57,14 @@ def test_every_replica_reports_and_status_and_watch_print_a_line_for_each(
     assert (group.stage, group.replicas, group.rounds, group.shares) == (0, (0, 1), 3, 2)
     assert group.sync_bytes_per_step == r0.sync_bytes_per_step + r1.sync_bytes_per_step
 
-    command = ["--coordinator", cluster.address, "--operator-token", OPERATOR_TOKEN]
+    command = [
+        "--coordinator",
+        cluster.address,
+        "--operator-token",
+        OPERATOR_TOKEN,
+        "--ca",
+        str(cluster.ca_file),
+    ]
     assert main(["status", job_id, *command]) == 0
     out = capsys.readouterr().out
     assert "2 replicas" in out.splitlines()[0]

@@ -17,14 +17,21 @@ import pytest
 
 from coordinator.store import open_store
 from proto import coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from proto.certificates import worker_name
 from proto.rpc import (
     CHANNEL_OPTIONS,
     coordinator_metadata,
+    open_blocking_channel,
     operator_metadata,
     token_metadata,
     worker_metadata,
 )
-from tests.multiproc.cluster import Cluster, coordinator_credential
+from tests.multiproc.cluster import (
+    Cluster,
+    coordinator_credential,
+    joining_tls,
+    signing_request_of,
+)
 from tests.multiproc.test_service import SPEC, assert_losses_match_reference
 
 pytestmark = pytest.mark.multiproc
@@ -52,20 +59,36 @@ class Attacker:
         self.cluster = cluster
         self.channels: dict[str, grpc.Channel] = {}
         self.join = token_metadata(cluster.token)
+        # Over the cluster's TLS, as any volunteer: it trusts the authority and, once
+        # registered, holds a certificate of its own for calling workers.
+        self.tls = joining_tls(cluster)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel(cluster.address))
         # A worker of the attacker's own (at an address where nothing listens): a real
         # credential, to try outside its worker's role.
         reply = self.coordinator.Register(
-            coordinator_pb2.RegisterRequest(name="attacker", address="127.0.0.1:9"),
+            coordinator_pb2.RegisterRequest(
+                name="attacker", address="127.0.0.1:9", csr=signing_request_of(self.tls)
+            ),
             metadata=self.join,
             timeout=10,
         )
         self.worker_id = reply.worker_id
         self.own = worker_metadata(reply.worker_id, reply.credential)
+        if self.tls is not None:
+            self.tls.set_certificate(reply.certificate)
 
     def _channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self.tls is None:
+                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            elif address == self.cluster.address:
+                channel = open_blocking_channel(address, self.tls)
+            else:
+                (there,) = [w for w in self.cluster.workers_safe() if w.address == address]
+                channel = open_blocking_channel(
+                    address, self.tls, name=worker_name(there.worker_id)
+                )
+            self.channels[address] = channel
         return self.channels[address]
 
     def worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
@@ -198,7 +221,9 @@ def test_a_join_token_holder_can_neither_steer_workers_nor_speak_for_them(
         refused(DENIED, "its checkpoint is refused", c.UploadCheckpoint, iter(empty), metadata=own)
         # Another worker's identity: re-registering its id elsewhere, leaving for it.
         w0 = stages[0].worker_id
-        theft = coordinator_pb2.RegisterRequest(name="w0", address="127.0.0.1:9", worker_id=w0)
+        theft = coordinator_pb2.RegisterRequest(
+            name="w0", address="127.0.0.1:9", worker_id=w0, csr=signing_request_of(a.tls)
+        )
         refused(DENIED, "registered already", c.Register, theft, metadata=join)
         guessed = join + worker_metadata(w0, "x" * 43)
         refused(UNAUTHENTICATED, "wrong credential", c.Register, theft, metadata=guessed)

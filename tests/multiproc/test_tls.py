@@ -1,110 +1,45 @@
-"""The service over TLS: a coordinator and two workers presenting a self-signed certificate
-train a two-stage job (worker to worker traffic included), and callers that do not speak
-TLS, or do not trust the certificate, are refused."""
+"""Mutual TLS, on by default, with the coordinator's own authority: a coordinator and two
+workers that joined by the fingerprint it printed train a two-stage job (worker to worker
+traffic included); callers that speak plain text, trust another authority, present no
+certificate or one from another authority, or dial a worker under another's name are
+refused; a worker pinned to another authority never joins."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 
 from archipelago.client import ClientError, CoordinatorClient
 from proto import worker_pb2, worker_pb2_grpc
-from proto.rpc import TlsConfig, coordinator_metadata, open_blocking_channel
-from tests.multiproc.cluster import Cluster, coordinator_credential, wait_for
+from proto.certificates import CertificateAuthority, fingerprint, worker_name
+from proto.cluster_tls import ClientTls, MemberTls
+from proto.rpc import CHANNEL_OPTIONS, coordinator_metadata, open_blocking_channel
+from tests.multiproc.cluster import Cluster, coordinator_credential, wait_for, worker_channel
 from tests.multiproc.test_service import SPEC
 
 pytestmark = pytest.mark.multiproc
 
 
-def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate (and its key) for 127.0.0.1 and localhost."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.fail("the `openssl` command is needed to make the TLS test's certificate")
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
-@dataclass
-class TlsCluster(Cluster):
-    """A `Cluster` whose own client (used to wait for workers and jobs) speaks TLS."""
-
-    tls: TlsConfig | None = None
-
-    def client(self, token: str | None = None) -> CoordinatorClient:
-        if token is not None:
-            return CoordinatorClient(self.address, token=token, tls=self.tls, timeout_s=30)
-        return CoordinatorClient(
-            self.address, operator_token=self.operator_token, tls=self.tls, timeout_s=30
-        )
-
-
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_certificate(tmp_path_factory.mktemp("tls"), "archipelago-test")
-
-
-@pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, certificate: tuple[Path, Path]
-) -> Iterator[TlsCluster]:
-    cert, key = certificate
-    serve = ["--tls-cert", str(cert), "--tls-key", str(key)]
-    c = TlsCluster(
-        tmp_path_factory.mktemp("tls-cluster"),
-        extra_coordinator_args=serve,
-        extra_worker_args=[*serve, "--tls-ca", str(cert)],
-        tls=TlsConfig(ca=cert),
-    )
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("tls-cluster"))  # TLS is the default
     try:
         c.start_coordinator()
-        workers = [c.start_worker(f"w{i}", wait=False) for i in range(2)]
-        wait_for(
-            "both workers to join over TLS",
-            lambda: (
-                any(not w.alive for w in workers)
-                or {w.name for w in c.workers_safe() if w.state == "idle"} == {"w0", "w1"}
-            ),
-            90,
-        )
-        assert all(w.alive for w in workers), c.logs()
+        for i in range(2):
+            c.start_worker(f"w{i}")
         yield c
     finally:
         c.close()
 
 
-def test_two_stage_job_completes_over_tls(cluster: TlsCluster) -> None:
+def test_two_stage_job_completes_over_mutual_tls(cluster: Cluster) -> None:
+    assert not cluster.insecure and cluster.ca_fingerprint.startswith("sha256:")
+    # The authority's certificate is where the coordinator wrote it, with that fingerprint.
+    assert fingerprint(cluster.ca_file.read_bytes()) == cluster.ca_fingerprint
     job_id = cluster.submit(SPEC.format(steps=6, stages=2, every=3))
     job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
     assert {s.worker_name for s in job.stages} == {"w0", "w1"}
@@ -114,7 +49,7 @@ def test_two_stage_job_completes_over_tls(cluster: TlsCluster) -> None:
     assert sorted(m.step for m in metrics) == list(range(6))
 
 
-def test_plaintext_client_cannot_talk_to_the_tls_coordinator(cluster: TlsCluster) -> None:
+def test_plaintext_client_cannot_talk_to_the_coordinator(cluster: Cluster) -> None:
     plain = CoordinatorClient(cluster.address, operator_token=cluster.operator_token, timeout_s=5)
     try:
         with pytest.raises(ClientError, match="cannot reach"):
@@ -123,18 +58,15 @@ def test_plaintext_client_cannot_talk_to_the_tls_coordinator(cluster: TlsCluster
         plain.close()
 
 
-def test_client_that_does_not_trust_the_certificate_is_refused(
-    cluster: TlsCluster, tmp_path: Path
-) -> None:
-    other_ca, _ = make_certificate(tmp_path, "some-other-ca")
+def test_client_that_trusts_another_authority_is_refused(cluster: Cluster) -> None:
     stranger = CoordinatorClient(
         cluster.address,
         operator_token=cluster.operator_token,
-        tls=TlsConfig(ca=other_ca),
+        tls=ClientTls(CertificateAuthority.create().cert_pem),
         timeout_s=5,
     )
     try:
-        with pytest.raises(ClientError):
+        with pytest.raises(ClientError, match="cannot reach"):
             stranger.workers()
     finally:
         stranger.close()
@@ -145,9 +77,8 @@ def test_client_that_does_not_trust_the_certificate_is_refused(
         trusting.close()
 
 
-def _worker_status(address: str, credential: str, tls: TlsConfig | None) -> worker_pb2.WorkerStatus:
-    """The worker's Status, asked as its coordinator (with `credential`)."""
-    channel = open_blocking_channel(address, tls)
+def _status(channel: grpc.Channel, credential: str) -> worker_pb2.WorkerStatus:
+    """A worker's Status, asked as its coordinator (with `credential`)."""
     try:
         return worker_pb2_grpc.WorkerStub(channel).Status(
             worker_pb2.StatusRequest(), metadata=coordinator_metadata(credential), timeout=5
@@ -156,14 +87,53 @@ def _worker_status(address: str, credential: str, tls: TlsConfig | None) -> work
         channel.close()
 
 
-def test_workers_serve_only_tls(cluster: TlsCluster, certificate: tuple[Path, Path]) -> None:
-    cert, _ = certificate
-    workers = cluster.workers_safe()
-    assert len(workers) == 2
-    for worker in workers:
-        credential = coordinator_credential(cluster, worker.worker_id)
-        with pytest.raises(grpc.RpcError) as plaintext:
-            _worker_status(worker.address, credential, None)
-        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE, worker.name
-        tls = TlsConfig(ca=cert)
-        assert _worker_status(worker.address, credential, tls).name == worker.name
+def _refused_handshake(channel: grpc.Channel, credential: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        _status(channel, credential)
+    # The handshake fails, so no call reaches the worker's service at all.
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+
+
+def test_workers_serve_only_mutual_tls_with_the_clusters_authority(cluster: Cluster) -> None:
+    workers = {w.name: w for w in cluster.workers_safe()}
+    assert set(workers) == {"w0", "w1"}
+    authority = ClientTls(cluster.ca_file.read_bytes())
+    other = CertificateAuthority.create()
+    for w in workers.values():
+        credential = coordinator_credential(cluster, w.worker_id)
+        name = worker_name(w.worker_id)
+        # As the coordinator (its control identity from the cluster's authority): answered.
+        assert _status(worker_channel(cluster, w.address, w.worker_id), credential).name == w.name
+        # Plain text; TLS without a client certificate; a certificate of another authority,
+        # even one named like a worker or the coordinator: all refused in the handshake.
+        _refused_handshake(grpc.insecure_channel(w.address, options=CHANNEL_OPTIONS), credential)
+        _refused_handshake(open_blocking_channel(w.address, authority, name=name), credential)
+        for as_name in (worker_name("impostor"), "control.coordinator.archipelago"):
+            forged = MemberTls.for_coordinator(other, as_name)
+            forged.ca_pem = authority.ca_pem  # it trusts the real authority, to get that far
+            _refused_handshake(open_blocking_channel(w.address, forged, name=name), credential)
+    # Dialling one worker's address while expecting another's name: the client refuses.
+    w0, w1 = workers["w0"], workers["w1"]
+    _refused_handshake(
+        worker_channel(cluster, w0.address, w1.worker_id),
+        coordinator_credential(cluster, w0.worker_id),
+    )
+
+
+def test_a_worker_pinned_to_another_authority_never_joins(cluster: Cluster) -> None:
+    other = CertificateAuthority.create().fingerprint
+    args = cluster._worker_args("pinned-elsewhere", None)
+    args[args.index("--ca-fingerprint") + 1] = other
+    run = subprocess.run(
+        [sys.executable, "-m", "archipelago.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cluster._env(),
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("archipelago: error:")]
+    assert len(lines) == 1, run.stderr
+    assert f"presents certificate {cluster.ca_fingerprint}, not {other}" in lines[0]
+    assert "pinned-elsewhere" not in {w.name for w in cluster.workers_safe()}
+    wait_for("the cluster to stay as it was", lambda: len(cluster.workers_safe()) == 2, 5)

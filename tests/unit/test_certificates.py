@@ -40,11 +40,22 @@ def test_the_authority_is_created_once_and_kept_private(tmp_path: Path) -> None:
 def test_a_key_that_is_not_the_certificates_is_refused(tmp_path: Path) -> None:
     CertificateAuthority.open(tmp_path)
     (tmp_path / "ca.key").write_bytes(CertificateAuthority.create().key_pem)
-    with pytest.raises(CertificateError, match="is not the key of"):
+    with pytest.raises(CertificateError, match="is not the authority certificate's"):
         CertificateAuthority.open(tmp_path)
     (tmp_path / "ca.key").write_bytes(b"garbage")
     with pytest.raises(CertificateError, match="cannot load"):
         CertificateAuthority.open(tmp_path)
+
+
+def test_an_authority_kept_as_one_blob_comes_back_whole() -> None:
+    ca = CertificateAuthority.create()
+    again = CertificateAuthority.from_blob(ca.blob, where="the store")
+    assert again.fingerprint == ca.fingerprint and again.key_pem == ca.key_pem
+    other = CertificateAuthority.create()
+    with pytest.raises(CertificateError, match="not the authority certificate's"):
+        CertificateAuthority.from_blob(other.key_pem + ca.cert_pem, where="the store")
+    with pytest.raises(CertificateError, match="the store has no certificate"):
+        CertificateAuthority.from_blob(ca.key_pem, where="the store")
 
 
 def test_a_member_gets_the_name_the_authority_chooses() -> None:
