@@ -122,6 +122,20 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.close()
 
 
+@pytest.fixture(scope="module")
+def four_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One coordinator and workers w0..w3, shared by the tests that only run jobs to
+    completion on them (each its own job, read by its own id): none stops a process."""
+    c = Cluster(tmp_path_factory.mktemp("local-sgd") / "cluster")
+    try:
+        c.start_coordinator()
+        for i in range(4):
+            c.start_worker(f"w{i}")
+        yield c
+    finally:
+        c.close()
+
+
 def run_job(cluster: Cluster, spec_yaml: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Run a job to completion: its losses by step and its final checkpoint's tensors."""
     job_id = cluster.submit(spec_yaml)
@@ -157,10 +171,8 @@ def relative_difference(state: dict[str, torch.Tensor], want: dict[str, torch.Te
     return diff / norm
 
 
-def test_local_sgd_with_period_1_and_plain_sgd_trains_like_sync(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
+def test_local_sgd_with_period_1_and_plain_sgd_trains_like_sync(four_workers: Cluster) -> None:
+    cluster = four_workers
     steps = 6
     sync_losses, sync_state = run_job(cluster, job_spec(PLAIN_SGD, "sync", steps))
     local_losses, local_state = run_job(
@@ -175,10 +187,8 @@ def test_local_sgd_with_period_1_and_plain_sgd_trains_like_sync(cluster: Cluster
     assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
 
 
-def test_local_sgd_with_period_3_equals_a_plain_pytorch_simulation(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
+def test_local_sgd_with_period_3_equals_a_plain_pytorch_simulation(four_workers: Cluster) -> None:
+    cluster = four_workers
     steps, period = 8, 3  # rounds after steps 2, 5 and the last, 7
     spec_yaml = job_spec(ADAMW, f"{{kind: local-sgd, period: {period}}}", steps)
     losses, state = run_job(cluster, spec_yaml)
@@ -197,10 +207,8 @@ def test_local_sgd_with_period_3_equals_a_plain_pytorch_simulation(cluster: Clus
     assert relative_difference(state, unaveraged) > 10 * max(worst, 1e-6)
 
 
-def test_local_sgd_with_fp16_values_averages_what_travels_in_fp16(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
+def test_local_sgd_with_fp16_values_averages_what_travels_in_fp16(four_workers: Cluster) -> None:
+    cluster = four_workers
     steps, period = 6, 2
     spec_yaml = job_spec(ADAMW, f"{{kind: local-sgd, period: {period}, values: fp16}}", steps)
     losses, state = run_job(cluster, spec_yaml)
@@ -218,10 +226,8 @@ def test_local_sgd_with_fp16_values_averages_what_travels_in_fp16(cluster: Clust
     assert relative_difference(state, fp32_params) > 10 * max(worst, 1e-6)  # fp16 did travel
 
 
-def test_local_sgd_with_an_outer_nesterov_equals_a_diloco_simulation(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
+def test_local_sgd_with_an_outer_nesterov_equals_a_diloco_simulation(four_workers: Cluster) -> None:
+    cluster = four_workers
     steps, period = 6, 2
     sync = (
         f"{{kind: local-sgd, period: {period}, outer: {{name: nesterov, lr: 0.7, momentum: 0.9}}}}"
@@ -266,11 +272,9 @@ def logged_rounds(
 
 
 def test_partial_local_sgd_averages_each_layer_once_per_period_like_a_simulation(
-    cluster: Cluster,
+    four_workers: Cluster,
 ) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
+    cluster = four_workers
     steps, period = 7, 3  # two whole periods, then the last step averages everything
     spec_yaml = job_spec(ADAMW, f"{{kind: partial-local-sgd, period: {period}}}", steps)
     job_id = cluster.submit(spec_yaml)
