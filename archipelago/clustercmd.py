@@ -139,7 +139,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         write_private(path, operator_token + "\n")
         _say(f"  a new operator token, in {path} (the dashboard's login and every command's)")
         _say(f"  export ARCHIPELAGO_OPERATOR_TOKEN=$(cat {path})")
-    _say(f"  export ARCHIPELAGO_COORDINATOR={view.coordinator} ARCHIPELAGO_TOKEN=...")
+    _say(
+        f"  export ARCHIPELAGO_COORDINATOR={view.coordinator} "
+        f"ARCHIPELAGO_CA_FINGERPRINT={view.ca_fingerprint} ARCHIPELAGO_TOKEN=..."
+    )
     return 0
 
 
@@ -190,6 +193,7 @@ def _print_up(view: ClusterView, workers: int) -> None:
         f"redis, a coordinator and {workers} worker(s)"
     )
     _say(f"  coordinator  {view.coordinator}")
+    _say(f"  TLS authority {view.ca_fingerprint} (commands and volunteers: --ca-fingerprint)")
     if view.dashboard:
         _say(f"  dashboard    http://{view.dashboard}/")
 

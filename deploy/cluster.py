@@ -137,13 +137,26 @@ def worker_command(spec: ClusterSpec, index: int) -> list[str]:
     return command
 
 
-def environment(spec: ClusterSpec, role: str) -> dict[str, str]:
+def environment(spec: ClusterSpec, role: str, ca_fingerprint: str = "") -> dict[str, str]:
     """A container's secrets: the join token for all, the operator token for the
-    coordinator alone (a worker is a volunteer's, and may not submit or read jobs)."""
+    coordinator alone (a worker is a volunteer's, and may not submit or read jobs); a
+    worker also gets the fingerprint of the coordinator's TLS authority, as a volunteer
+    would be told it."""
     env = {"ARCHIPELAGO_TOKEN": spec.token}
     if role == "coordinator":
         env["ARCHIPELAGO_OPERATOR_TOKEN"] = spec.operator_token
+    if role == "worker" and ca_fingerprint:
+        env["ARCHIPELAGO_CA_FINGERPRINT"] = ca_fingerprint
     return env
+
+
+FINGERPRINT_LINE = re.compile(r"tls authority (sha256:[0-9a-f]{64})")
+
+
+def printed_fingerprint(container: Any) -> str:
+    """The TLS authority's fingerprint the coordinator in `container` printed ("": none)."""
+    found = FINGERPRINT_LINE.findall(container.logs().decode(errors="replace"))
+    return found[-1] if found else ""
 
 
 # -- the engine ---------------------------------------------------------------------------
@@ -178,6 +191,8 @@ class ClusterView:
     network: str
     coordinator: str = ""  # HOST:PORT on the host's loopback
     dashboard: str = ""
+    # The coordinator's TLS authority, as it printed it (clients check it: `--ca-fingerprint`).
+    ca_fingerprint: str = ""
     containers: list[ContainerRow] = field(default_factory=list)
 
 
@@ -219,6 +234,7 @@ def describe(client: docker.DockerClient, cluster: str) -> ClusterView:
         if container.labels.get(LABEL_ROLE) == "coordinator":
             view.coordinator = _published(container, COORDINATOR_PORT)
             view.dashboard = _published(container, DASHBOARD_PORT)
+            view.ca_fingerprint = printed_fingerprint(container)
     return view
 
 
@@ -237,6 +253,7 @@ def _start(
     *,
     index: int | None = None,
     ports: dict[str, tuple[str, int | None]] | None = None,
+    ca_fingerprint: str = "",
 ) -> Any:
     return client.containers.run(
         spec.image,
@@ -245,7 +262,7 @@ def _start(
         hostname=container_name(spec.name, role, index),
         labels=labels(spec.name, role),
         network=network_name(spec.name),
-        environment=environment(spec, role) if role != "redis" else {},
+        environment=environment(spec, role, ca_fingerprint) if role != "redis" else {},
         ports=ports or {},
         # A crashed process comes back (a few times): what operators expect of a service.
         restart_policy={"Name": "on-failure", "MaximumRetryCount": 3},
@@ -305,9 +322,20 @@ def up(
             ports[f"{DASHBOARD_PORT}/tcp"] = ("127.0.0.1", spec.dashboard_port or None)
         coordinator = _start(client, spec, "coordinator", coordinator_command(spec), ports=ports)
         _wait_ready(coordinator, "coordinator", ready_timeout_s, running=(redis,))
+        # The workers join by the authority's fingerprint, as volunteers do.
+        fingerprint = printed_fingerprint(coordinator)
+        if not fingerprint:
+            raise _failure(coordinator, "printed no TLS authority")
         progress(f"starting {spec.workers} worker(s)")
         workers = [
-            _start(client, spec, "worker", worker_command(spec, i), index=i)
+            _start(
+                client,
+                spec,
+                "worker",
+                worker_command(spec, i),
+                index=i,
+                ca_fingerprint=fingerprint,
+            )
             for i in range(spec.workers)
         ]
         for worker in workers:

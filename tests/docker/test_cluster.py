@@ -27,6 +27,7 @@ import pytest
 from archipelago.client import CoordinatorClient
 from deploy.cluster import DEFAULT_ENGINE, LABEL_CLUSTER, describe
 from deploy.image import LABEL_ROLE
+from proto.cluster_tls import ClientTls, fetch_coordinator_certificate
 
 pytestmark = pytest.mark.docker
 
@@ -134,14 +135,23 @@ def test_cluster_up_runs_a_job_from_the_host_and_down_removes_all_it_made(
         assert all(c.status == "running" for c in containers)
         view = describe(engine, name)
         assert view.coordinator.startswith("127.0.0.1:") and view.dashboard.startswith("127.0.0.1:")
+        # Over TLS by default: the host's commands check the authority the coordinator printed.
+        assert view.ca_fingerprint.startswith("sha256:"), up.stdout
+        assert f"TLS authority {view.ca_fingerprint}" in up.stdout
 
         spec = tmp_path / "job.yaml"
         spec.write_text(SPEC)
-        common = ("--coordinator", view.coordinator, "--operator-token", OPERATOR)
+        common = (
+            "--coordinator", view.coordinator, "--operator-token", OPERATOR,
+            "--ca-fingerprint", view.ca_fingerprint,
+        )  # fmt: skip
         submit = archipelago("submit", str(spec), *common, "--watch", timeout=300)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         job_id = submit.stdout.split()[0]
-        client = CoordinatorClient(view.coordinator, operator_token=OPERATOR)
+        authority = fetch_coordinator_certificate(view.coordinator, view.ca_fingerprint)
+        client = CoordinatorClient(
+            view.coordinator, operator_token=OPERATOR, tls=ClientTls(authority)
+        )
         try:
             job = client.job(job_id, with_metrics=True)
             workers = {w.name for w in client.workers()}

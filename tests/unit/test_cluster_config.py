@@ -227,6 +227,13 @@ def test_worker_joins_by_container_name_and_advertises_its_own(
     assert TOKEN not in command
     # A worker's container is a volunteer's: it holds the join token, never the operator's.
     assert environment(spec(), "worker") == {"ARCHIPELAGO_TOKEN": TOKEN}
+    # With the authority's fingerprint the coordinator printed: how the worker trusts it.
+    fingerprint = "sha256:" + "ab" * 32
+    assert environment(spec(), "worker", fingerprint) == {
+        "ARCHIPELAGO_TOKEN": TOKEN,
+        "ARCHIPELAGO_CA_FINGERPRINT": fingerprint,
+    }
+    assert "ARCHIPELAGO_CA_FINGERPRINT" not in environment(spec(), "coordinator", fingerprint)
     assert "--gflops" not in worker_command(spec(), 0)
 
 
