@@ -1,12 +1,12 @@
-"""Data-parallel replicas end to end: a real coordinator and four real worker processes on
-loopback, two replicas of a two-stage pipeline whose gradients are averaged every step,
-checked against one plain PyTorch process training the full batch."""
+"""Data-parallel replicas end to end: a real coordinator and real worker processes on
+loopback (four in the plan, a fifth spare), two replicas of a two-stage pipeline whose
+gradients are averaged every step, checked against one plain PyTorch process training the
+full batch."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,11 +50,19 @@ def largest_loss_difference(cluster: Cluster, job_id: str, want: list[float]) ->
     return max(abs(losses[s] - want[s]) for s in range(len(want)))
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster")
-    yield c
-    c.close()
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A coordinator and workers w0..w4, shared by this module's tests in their order: each
+    runs its own job on it (`even` places 2 x 2 on the first four in registration order);
+    the Ctrl-C test's w2 leaves for good, so the coordinator's restart comes after it."""
+    c = Cluster(tmp_path_factory.mktemp("replicas") / "cluster")
+    try:
+        c.start_coordinator()
+        for i in range(5):
+            c.start_worker(f"w{i}")
+        yield c
+    finally:
+        c.close()
 
 
 def stored_state(cluster: Cluster, job_id: str, step: int) -> dict[str, torch.Tensor]:
@@ -71,9 +79,6 @@ def stored_state(cluster: Cluster, job_id: str, step: int) -> dict[str, torch.Te
 
 
 def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
     job_id = cluster.submit(SPEC.format(steps=STEPS, every=5))
     job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
     assert len(job.stages) == 4
@@ -103,32 +108,10 @@ def test_two_replicas_of_two_stages_train_exactly_like_one_process(cluster: Clus
     print(f"largest loss difference {loss_diff:.3g}, relative parameter difference {worst:.3g}")
 
 
-def test_a_restarted_coordinator_takes_back_a_job_of_replicas(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(4):
-        cluster.start_worker(f"w{i}")
-    steps = 60
-    job_id = cluster.submit(SPEC.format(steps=steps, every=10))
-    cluster.wait_job(
-        job_id, lambda j: j.state == "running" and j.steps_done >= 12, "the job to pass step 12"
-    )
-    assert cluster.coordinator is not None
-    cluster.kill(cluster.coordinator)
-    cluster.start_coordinator("coordinator-2")
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
-    assert len(job.stages) == 4
-    want, _ = reference(steps)
-    loss_diff = largest_loss_difference(cluster, job_id, want)
-    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
-
-
 def test_ctrl_c_of_a_replica_worker_drains_the_job_without_losing_a_step(
     cluster: Cluster,
 ) -> None:
-    cluster.start_coordinator()
-    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
+    workers = {p.name: p for p in cluster.procs if p.name != "coordinator"}
     steps = 60
     # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
     job_id = cluster.submit(SPEC.format(steps=steps, every=1000))
@@ -147,6 +130,24 @@ def test_ctrl_c_of_a_replica_worker_drains_the_job_without_losing_a_step(
     drained_at = min(m.step for m in metrics if m.epoch == 2)
     # The new plan starts exactly where the old one stopped: no step ran twice.
     assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
+    want, _ = reference(steps)
+    loss_diff = largest_loss_difference(cluster, job_id, want)
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+
+
+def test_a_restarted_coordinator_takes_back_a_job_of_replicas(cluster: Cluster) -> None:
+    steps = 60
+    job_id = cluster.submit(SPEC.format(steps=steps, every=10))
+    cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 12, "the job to pass step 12"
+    )
+    assert cluster.coordinator is not None
+    cluster.kill(cluster.coordinator)
+    cluster.start_coordinator("coordinator-2")
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert len(job.stages) == 4
     want, _ = reference(steps)
     loss_diff = largest_loss_difference(cluster, job_id, want)
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
