@@ -112,6 +112,10 @@ def _distributed(args: argparse.Namespace) -> int:
         token_file = workdir / "operator-token"
         print(f"  coordinator on {cluster.address} (logs in {workdir})")
         print(
+            "  mutual TLS between every process: the workers join by the fingerprint of the "
+            f"coordinator's own authority, {cluster.ca_fingerprint}"
+        )
+        print(
             f"  dashboard on {cluster.dashboard_url} while the demo runs "
             f"(log in with the operator token in {token_file})"
         )
