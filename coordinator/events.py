@@ -46,6 +46,10 @@ class EventKind(StrEnum):
     SUSPECTED = "suspected"
     # A job's: a stage reported a loss that is not finite or not plausible.
     BAD_LOSS = "bad_loss"
+    # A job's: the coordinator recomputed a stage's micro-batch (`coordinator.spot_checks`):
+    # passed, mismatch (the sender is accused: a `suspected` or `quarantined` event
+    # follows) or skipped, with the figures.
+    SPOT_CHECK = "spot_check"
     # The cluster's log.
     JOINED = "joined"
     LEAVING = "leaving"

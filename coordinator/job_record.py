@@ -154,7 +154,9 @@ class Job:
 class Suspect:
     """A sender whose value a stage refused, as the stage reports it: which stage of which
     replica sent it (`kind` "activation" or "gradient": a stage of the reporter's replica;
-    "share": the reporter's stage in another replica), at which step, and the evidence."""
+    "share": the reporter's stage in another replica; "spot-check": a stage of the
+    reporter's replica whose recomputed micro-batch differs from what the reporter received,
+    `coordinator.spot_checks`), at which step, and the evidence."""
 
     kind: str
     stage: int

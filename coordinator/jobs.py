@@ -32,6 +32,7 @@ from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.quarantine import Quarantine
 from coordinator.registry import Registry, WorkerState
 from coordinator.replica_metrics import WINDOW_STEPS
+from coordinator.spot_checks import SpotChecks
 from coordinator.states import STAGE_ACTIVE, STAGE_BROKEN, JobState, WorkerStatus
 from coordinator.step_metrics import StepMetrics
 from coordinator.store import StateStore
@@ -72,6 +73,14 @@ class JobManager:
         self.validation = CheckpointValidation(self.checkpoints, self.events)
         # Reports of refused values and implausible losses, weighed (`coordinator.quarantine`).
         self.quarantine = Quarantine(store, registry, self.events)
+        # The coordinator's recomputations of random micro-batches (`coordinator.spot_checks`).
+        self.spot_checks = SpotChecks(
+            workers,
+            self.events,
+            model_of=self.model_of,
+            accuse=self._on_suspects,
+            spawn=lambda c: self.lifecycle.spawn(c),
+        )
         # The compute model plans are made with, refit from every profiled stage.
         self.calibration = ComputeCalibration(store, registry, links)
         self.lifecycle = JobLifecycle(
@@ -237,6 +246,7 @@ class JobManager:
             self.lifecycle.spawn(self.calibration.save())
         if await self.step_metrics.record(job, p):
             await self.table.save(job)
+        self.spot_checks.observe(job, p)
 
     async def _on_suspects(self, p: Progress) -> None:
         """A stage refused values: exclude whom it blames, and re-plan without them. Heard

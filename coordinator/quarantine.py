@@ -16,6 +16,11 @@ peer's values carry no signature. So it weighs who says it:
 - An accuser that has named `ACCUSER_LIMIT` (3) distinct workers is quarantined itself: it
   is the common factor of all those refusals.
 
+A spot check's mismatch (`coordinator.spot_checks`: the coordinator recomputed a stage's
+micro-batch and it differs from what the next stage says it received) is heard the same
+way, as the receiver's accusation of the sender (kind `spot-check`): the receiver's word
+about what it received is what the coordinator compared with.
+
 A worker's own values are weighed without an accuser: a checkpoint part that is not
 finite quarantines its uploader (`own_values`); a reported loss that is not finite, or far
 above the job's recent ones (`loss_problem`), backs its reporter off (an honest job can
@@ -133,7 +138,8 @@ class Quarantine:
         if s.kind == "share":
             related = s.stage == me.stage and s.replica != me.replica
         else:
-            related = s.kind in ("activation", "gradient") and (
+            # A spot check's mismatch is heard as the receiver's word about its sender.
+            related = s.kind in ("activation", "gradient", "spot-check") and (
                 s.replica == me.replica and s.stage != me.stage
             )
         if not related:

@@ -84,6 +84,14 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         sync_period=spec.sync.period,
         sync_values=spec.sync.values,
         sync_aggregate=spec.sync.aggregate,
+        value_factor=spec.trust.values.factor,
+        value_warmup=spec.trust.values.warmup,
+        value_window=spec.trust.values.window,
+        value_ceiling=spec.trust.values.ceiling,
+        # Spot checks need a next stage to compare with: none in a plan of one stage.
+        spot_keep=spec.trust.spot_checks.keep
+        if spec.trust.spot_checks.on and plan.num_stages > 1
+        else 0,
         outer_name=spec.sync.outer.name if spec.sync.outer else "",
         outer_lr=spec.sync.outer.lr if spec.sync.outer else 0.0,
         outer_momentum=spec.sync.outer.momentum if spec.sync.outer else 0.0,
@@ -133,6 +141,33 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         sync_secret=ticket(secret, "sync", job_id, epoch, stage.index) if plan.replicas > 1 else "",
         tensors=[header_of(name, t) for name, t in tensors],
     )
+
+
+@dataclass(frozen=True)
+class SpotEvidenceHeader:
+    """Which stage, step and micro-batch a SpotEvidence answer says it is of."""
+
+    job_id: str
+    epoch: int
+    stage: int
+    step: int
+    micro_batch: int
+
+
+def spot_request_pb(
+    job_id: str, epoch: int, step: int, micro_batch: int, *, params: bool
+) -> worker_pb2.SpotRequest:
+    return worker_pb2.SpotRequest(
+        job_id=job_id, epoch=epoch, step=step, micro_batch=micro_batch, params=params
+    )
+
+
+async def open_spot_evidence(
+    parts: AsyncIterator[Any],
+) -> tuple[SpotEvidenceHeader, IncomingTensors]:
+    """A SpotEvidence answer's header and its tensors, still to be read (and bounded)."""
+    h, incoming = await open_stream(parts, "header")
+    return SpotEvidenceHeader(h.job_id, h.epoch, h.stage, h.step, h.micro_batch), incoming
 
 
 def load_stage_parts(h: StageHandover) -> AsyncIterator[LoadStagePart]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import torch
 
 from coordinator.handover import StageHandover
 from coordinator.roles import Gatekeeper
@@ -19,8 +20,11 @@ from coordinator.serde import (
     load_stage_parts,
     measure_link_pb,
     measured_links_from_pb,
+    open_spot_evidence,
+    spot_request_pb,
     worker_stub,
 )
+from opdag.values import Value
 from proto.certificates import CertificateError
 from proto.cluster_tls import ClientTls
 from proto.rpc import Metadata, coordinator_metadata, worker_channel
@@ -175,6 +179,45 @@ class WorkerClient:
         if not (0 < fig.bandwidth < 1e13 and 0 <= fig.rtt_s < 60):
             return 0.0, 0.0, f"implausible figures ({fig.bandwidth} B/s, rtt {fig.rtt_s} s)"
         return fig.bandwidth, fig.rtt_s, ""
+
+    async def spot_evidence(
+        self,
+        worker_id: str,
+        address: str,
+        *,
+        job_id: str,
+        epoch: int,
+        step: int,
+        micro_batch: int,
+        params: bool,
+        max_bytes: int,
+    ) -> dict[str, Value] | dict[str, torch.Tensor]:
+        """A stage's evidence for a spot check (`coordinator.spot_checks`): its inputs of
+        one micro-batch of `step` (named values), or (`params`) its parameters and buffers
+        at that step; at most `max_bytes` of tensors, else WireError before they are read."""
+        request = spot_request_pb(job_id, epoch, step, micro_batch, params=params)
+        what = f"{'parameters' if params else 'inputs'} of step {step} from {address}"
+        try:
+            call = self._stub(address, worker_id).SpotEvidence(
+                request,
+                metadata=self._metadata(worker_id, address),
+                timeout=self.call_timeout_s,
+            )
+            header, incoming = await open_spot_evidence(call.__aiter__())
+            if (header.job_id, header.epoch, header.step, header.micro_batch) != (
+                job_id,
+                epoch,
+                step,
+                micro_batch,
+            ):
+                raise WorkerCallError(
+                    worker_id, f"{what}: the answer is of another step", unreachable=False
+                )
+            if params:
+                return dict(await incoming.read(max_bytes=max_bytes))
+            return await incoming.read_values(max_bytes=max_bytes, device=torch.device("cpu"))
+        except grpc.aio.AioRpcError as e:
+            raise self._error(worker_id, what, e) from None
 
     async def close(self) -> None:
         for channel in self._channels.values():

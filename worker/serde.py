@@ -26,10 +26,12 @@ from proto import tensor_pb2, worker_pb2, worker_pb2_grpc
 from proto.certificates import CertificateError, worker_name
 from proto.rpc import MAX_DETAILS_CHARS, MIN_SECRET_CHARS
 from proto.streams import IncomingTensors, open_stream, stream_parts
-from proto.tensor_stream import encode_values, header_of
+from proto.tensor_stream import Wire, encode_values, header_of
 from worker.edge_compression import EdgeCodec
 from worker.link_measurement import LinkFigure, LinkRequest, LinkTarget
+from worker.spot_evidence import MAX_SPOT_KEEP
 from worker.stage_plan import StagePlan, SyncLayer
+from worker.value_guard import ValueBounds
 
 if TYPE_CHECKING:
     from worker.node import NodeStatus
@@ -138,6 +140,19 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         raise _fail("the sync peers must be the other replicas, once each")
     if replicas > 1 and len(a.sync_secret) < MIN_SECRET_CHARS:
         raise _fail("the sync group's secret is missing or too short")
+    try:
+        # An assignment from before value bounds sends none: the worker's own defaults.
+        default = ValueBounds()
+        bounds = ValueBounds(
+            factor=a.value_factor or default.factor,
+            warmup=a.value_warmup or default.warmup,
+            window=a.value_window or default.window,
+            ceiling=a.value_ceiling or default.ceiling,
+        )
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if a.spot_keep > MAX_SPOT_KEEP:
+        raise _fail(f"spot_keep {a.spot_keep} is above {MAX_SPOT_KEEP} steps")
     plan = StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
@@ -167,6 +182,8 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         sync_period=a.sync_period or 1,
         sync_values=a.sync_values or "fp32",
         sync_aggregate=a.sync_aggregate or "mean",
+        value_bounds=bounds,
+        spot_keep=a.spot_keep,
         outer=(a.outer_name, a.outer_lr, a.outer_momentum) if a.outer_name else None,
         sync_layers=tuple(
             SyncLayer(la.name, tuple(la.params), tuple(la.iterations)) for la in a.sync_layers
@@ -252,6 +269,8 @@ ProbeRequest = worker_pb2.ProbeRequest
 ProbeReply = worker_pb2.ProbeReply
 MeasureLinksRequest = worker_pb2.MeasureLinksRequest
 MeasureLinksReply = worker_pb2.MeasureLinksReply
+SpotRequest = worker_pb2.SpotRequest
+SpotEvidencePart = worker_pb2.SpotEvidencePart
 
 
 def add_worker_servicer(server: grpc.aio.Server, servicer: WorkerServicerBase) -> None:
@@ -412,3 +431,49 @@ def gradient_share_parts(
 def probe_request_pb(payload_bytes: int) -> worker_pb2.ProbeRequest:
     """A link probe carrying `payload_bytes` zero bytes, asking for nothing back."""
     return worker_pb2.ProbeRequest(payload=bytes(payload_bytes), reply_bytes=0)
+
+
+# -- spot checks: the evidence a stage hands the coordinator ----------------------------------
+
+
+@dataclass(frozen=True)
+class SpotAsk:
+    """What the coordinator asks a stage for: one micro-batch's inputs, or the stage's
+    parameters and buffers at one step."""
+
+    job_id: str
+    epoch: int
+    step: int
+    micro_batch: int
+    params: bool
+
+
+def spot_request_from_pb(r: SpotRequest) -> SpotAsk:
+    return SpotAsk(r.job_id, r.epoch, r.step, r.micro_batch, r.params)
+
+
+def spot_evidence_parts(
+    plan: StagePlan,
+    ask: SpotAsk,
+    *,
+    inputs: Mapping[str, object] | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> AsyncIterator[SpotEvidencePart]:
+    """The SpotEvidence stream: a header with the inputs' structure (or the parameters'
+    names), then the tensors' bytes."""
+    named: list[tensor_pb2.NamedValue] = []
+    tensors: list[tuple[str, Wire]] = []
+    if inputs is not None:
+        named, tensors = encode_values(inputs)
+    elif params is not None:
+        tensors = [(n, t.contiguous()) for n, t in params.items()]
+    header = worker_pb2.SpotEvidenceHeader(
+        job_id=plan.job_id,
+        epoch=plan.epoch,
+        stage=plan.stage,
+        step=ask.step,
+        micro_batch=ask.micro_batch,
+        values=named,
+        tensors=[header_of(n, t) for n, t in tensors],
+    )
+    return stream_parts(SpotEvidencePart, "header", header, [t for _, t in tensors])

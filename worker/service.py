@@ -4,8 +4,8 @@ Each method decodes its request through `worker.serde`, hands it to the node or 
 handler (`worker.inbound` for streams of tensors, `worker.link_requests` for link
 measurements) and encodes the answer; the only logic here is which refusal becomes which
 status. Who may call what (`worker.credentials`): the coordinator's calls (LoadStage,
-StartJob, StopJob, Status, MeasureLinks) need the coordinator's credential toward this
-worker; peer transfers need the join token and their stage pair's (or sync group's)
+StartJob, StopJob, Status, MeasureLinks, SpotEvidence) need the coordinator's credential
+toward this worker; peer transfers need the join token and their stage pair's (or sync group's)
 secret; a Probe, the join token and the coordinator's ticket for the prober. A refusal is
 UNAUTHENTICATED (no credential, or a wrong one) or PERMISSION_DENIED (a credential used
 outside its role). Anything malformed gets an error status naming the problem and changes
@@ -27,6 +27,7 @@ from worker.credentials import Unauthenticated
 from worker.inbound import receive_gradient_share, receive_stage, receive_transfer
 from worker.link_requests import check_link_request, measure_links
 from worker.node import JobStateError, WorkerNode
+from worker.spot_evidence import EvidenceGone
 from worker.stage_job import StageJob
 from worker.transfer_kind import TransferKind
 
@@ -214,3 +215,31 @@ class WorkerService(serde.WorkerServicerBase):
             prober_id=self.node.credentials.worker_id,
         )
         return serde.link_figures_pb(figures)
+
+    async def SpotEvidence(
+        self, request: serde.SpotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[serde.SpotEvidencePart]:
+        """The coordinator's spot check: this stage's inputs of one recent micro-batch, or
+        its parameters at that step (`worker.spot_evidence`)."""
+        await self._coordinator(context, "SpotEvidence")
+        ask = serde.spot_request_from_pb(request)
+        job = self.node.job
+        if job is None or job.plan.job_id != ask.job_id or job.plan.epoch != ask.epoch:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no stage of job {ask.job_id} epoch {ask.epoch} here",
+            )
+        evidence = job.evidence
+        if evidence is None:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, "spot checks are off here")
+        try:
+            if ask.params:
+                parts = serde.spot_evidence_parts(job.plan, ask, params=evidence.params(ask.step))
+            else:
+                inputs = evidence.inputs(ask.step, ask.micro_batch)
+                parts = serde.spot_evidence_parts(job.plan, ask, inputs=inputs)
+        except EvidenceGone as e:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+        async for part in parts:
+            yield part

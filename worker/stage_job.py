@@ -25,8 +25,10 @@ drain, or an interval that is not a multiple) holds replica 0's local parameters
 the other replicas learnt since the last round is not in it. A run resumed from any
 checkpoint starts every replica from that one copy, optimizer state included.
 
-Every received value passes `worker.value_guard` before the inbox or the group takes it: a
-refused one names its sender to the coordinator (a report with `suspects`).
+Every received value passes `worker.value_guard` (within the job's `trust.values` bounds)
+before the inbox or the group takes it: a refused one names its sender to the coordinator
+(a report with `suspects`). With spot checks on, the stage keeps its last steps' inputs and
+parameters for the coordinator to recompute one of its micro-batches (`worker.spot_evidence`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from worker.edge_compression import EdgeCodecs
 from worker.inbox import Inbox, check_value
 from worker.replica_sync import OUTER_KEYS, ReplicaSync
 from worker.serde import StagePlan
+from worker.spot_evidence import SpotEvidence, copy_state
 from worker.states import StageState
 from worker.step_report import Reporter, StepReport
 from worker.transfer_kind import TransferKind
@@ -102,10 +105,13 @@ class StageJob:
             senders=len(plan.forward_sources()) + len(plan.backward_sources()),
         )
         self.guard = ValueGuard(
-            on_refusal=lambda s: reporter.progress(self._report(s.step, None, 0.0, suspects=(s,)))
+            plan.value_bounds,
+            on_refusal=lambda s: reporter.progress(self._report(s.step, None, 0.0, suspects=(s,))),
         )
         if sync is not None:
             sync.guard = self.guard  # a replica's shares are checked the same way
+        # What the coordinator's spot checks ask for afterwards (None: they are off).
+        self.evidence = SpotEvidence(plan.spot_keep) if plan.spot_keep else None
         self.step = plan.start_step
         self.state = StageState.LOADED
         self.error = ""
@@ -348,6 +354,9 @@ class StageJob:
         micro: list[dict[str, torch.Tensor]] = []
         if plan.loads_data:
             micro = await self._compute(self._load_batch, step)
+        if self.evidence is not None:
+            state = await self._compute(copy_state, self.runner.module.state_dict())
+            self.evidence.begin(step, state)
         sends: list[asyncio.Task[int]] = []
         sent: dict[int, int] = {}
         losses: list[float] = []
@@ -369,6 +378,8 @@ class StageJob:
                         for name, dsts in plan.data_routes.items():
                             for dst in dsts:
                                 outbox.setdefault(dst, {})[name] = micro[mb][name]
+                    if self.evidence is not None:
+                        self.evidence.record(step, mb, inputs)
                     outputs = await self._compute(self.runner.forward, mb, inputs)
                     for name, dsts in plan.sends.items():
                         for dst in dsts:

@@ -13,6 +13,7 @@ from opdag.data import DataConfig
 from opdag.ir import Graph
 from opdag.optim import OptimizerConfig
 from worker.edge_compression import EdgeCodec
+from worker.value_guard import ValueBounds
 
 # The sync policies this worker carries out (`worker.replica_sync`).
 SYNC_KINDS_RUN = ("sync", "local-sgd", "partial-local-sgd")
@@ -79,6 +80,11 @@ class StagePlan:
     # How the group's shares are combined: mean, median or trimmed-mean (the robust two
     # leave out outliers first: `worker.robust_aggregate`).
     sync_aggregate: str = "mean"
+    # The bounds this stage puts on the values it receives (the job's `trust.values`).
+    value_bounds: ValueBounds = field(default_factory=ValueBounds)
+    # Steps whose inputs and parameters the stage keeps for the coordinator's spot checks
+    # (`worker.spot_evidence`); 0: none are kept.
+    spot_keep: int = 0
 
     @property
     def local_sgd(self) -> bool:

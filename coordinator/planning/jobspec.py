@@ -52,6 +52,7 @@ from coordinator.planning.spec_errors import (
 from coordinator.planning.spec_limits import SpecLimits
 from coordinator.planning.spec_yaml import read_spec_yaml
 from coordinator.planning.sync_spec import SyncSpec, sync_setting
+from coordinator.planning.trust_spec import TrustSpec
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
 from opdag.optim import OptimizerConfig, OptimizerError
 from opdag.zoo import ZOO_NAMES, ZooError, data_kind, model_config
@@ -388,6 +389,8 @@ class JobSpec:
         CompressionSpec()
     )
     sync: Annotated[SyncSpec, BeforeValidator(sync_setting)] = SyncSpec()
+    # What stages believe of each other: value bounds, spot checks (`trust_spec`).
+    trust: TrustSpec = TrustSpec()
     # A policy of a later feature: checked, then dropped (its off value changes nothing).
     moe: InitVar[_MoeForm] = _MoeForm(mode=_MOE_OFF)
 
@@ -441,6 +444,7 @@ class JobSpec:
             "seed": self.seed,
             "compression": self.compression.to_plain(),
             "sync": self.sync.to_plain(),
+            "trust": self.trust.to_plain(),
         }
 
     @classmethod

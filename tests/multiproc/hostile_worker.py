@@ -8,7 +8,9 @@ MODE is what it does to the float tensors it sends from step FROM_STEP on:
 - `scale`: the gradients it sends back (to earlier stages), the activations it sends on
   (so that it is hostile wherever the planner puts it) and its replica shares are scaled
   by 1e4;
-- `flip`: the same, with their sign flipped.
+- `flip`: the same, with their sign flipped;
+- `shift`: the activations it sends on have 0.05 added to every value, after it computed
+  them right (far inside the value guards' bounds: only a spot check finds it).
 Its own training, reports and checkpoints are left honest: what it corrupts is only what
 its peers receive from it.
 """
@@ -30,7 +32,9 @@ from worker.replica_sync import LOSS, ReplicaSync
 from worker.stage_job import StageJob
 from worker.transfer_kind import TransferKind
 
-MODES = ("nan", "scale", "flip")
+# What `shift` adds to every activation value it sends.
+SHIFT = 0.05
+MODES = ("nan", "scale", "flip", "shift")
 
 
 def corrupt(value: Any, mode: str) -> Any:
@@ -38,6 +42,8 @@ def corrupt(value: Any, mode: str) -> Any:
     if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
         if mode == "nan":
             return torch.full_like(value, float("nan"))
+        if mode == "shift":
+            return value + SHIFT
         return value * (1e4 if mode == "scale" else -1.0)
     if isinstance(value, (tuple, list)):
         return type(value)(corrupt(v, mode) for v in value)
@@ -58,14 +64,17 @@ def patch(mode: str, from_step: int) -> None:
         values: dict[str, Value],
         sent: dict[int, int],
     ) -> Any:
-        if step >= from_step and (mode in ("nan", "scale") or kind == TransferKind.BACKWARD):
+        forward = kind == TransferKind.FORWARD
+        if step >= from_step and (
+            mode in ("nan", "scale") or (forward if mode == "shift" else not forward)
+        ):
             values = {k: corrupt(v, mode) for k, v in values.items()}
         return send(self, kind, dst, step, mb, values, sent)
 
     async def hostile_share(
         self: ReplicaSync, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]
     ) -> None:
-        if step >= from_step:
+        if step >= from_step and mode != "shift":
             own = [(n, t if n == LOSS else corrupt(t, mode)) for n, t in own]
         await share(self, replica, step, own)
 

@@ -164,6 +164,15 @@ def test_a_join_token_holder_can_neither_steer_workers_nor_speak_for_them(
         refused(DENIED, "join token", head.Status, worker_pb2.StatusRequest(), metadata=join)
         measure = worker_pb2.MeasureLinksRequest()
         refused(DENIED, "join token", head.MeasureLinks, measure, metadata=join)
+        # A spot check's evidence (a stage's inputs or parameters) is the coordinator's alone.
+        spot = worker_pb2.SpotRequest(job_id=job_id, epoch=running.epoch, step=1, params=True)
+
+        def evidence(request: worker_pb2.SpotRequest, **kw: Any) -> list[Any]:
+            return list(head.SpotEvidence(request, **kw))
+
+        refused(DENIED, "SpotEvidence is the coordinator's to call", evidence, spot, metadata=join)
+        refused(UNAUTHENTICATED, "SpotEvidence: missing", evidence, spot, metadata=own)
+        refused(UNAUTHENTICATED, wrong_one, evidence, spot, metadata=forged)
         refused(DENIED, "probe ticket", head.Probe, worker_pb2.ProbeRequest(), metadata=join)
         # A peer transfer claiming stage 0, without the secret stages 0 and 1 share.
         tail = a.worker(stages[1].address)

@@ -1,0 +1,105 @@
+"""Spot checks in a three-stage pipeline (`coordinator.spot_checks`): the coordinator
+recomputes a random micro-batch of a stage after the step ran, from that stage's inputs and
+parameters, and compares it with what the next stage received.
+
+Honest workers: every check passes (none accuses anyone) over every step of the job. A
+hostile middle stage that computes right and then adds 0.05 to every activation it sends
+(`hostile_worker.py shift`: far inside the value guards' bounds) is found by a check,
+quarantined on the receiver's word with the evidence, and the job is planned again without
+it and completes.
+
+Who is where: the even planner places stages in registration order among live workers.
+The honest job runs on w0, w1, w2; then w1 and w2 leave and the shifter and w3 join, so the
+shifter is the middle stage, sending activations to w3.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from archipelago.views import EventView, JobView
+from tests.multiproc.hostile_cluster import HostileCluster
+
+pytestmark = pytest.mark.multiproc
+
+STEPS = 8
+SPEC = f"""
+name: spot
+model: {{zoo: gpt, args: {{layers: 2, d_model: 32, heads: 2, context: 16}}}}
+data: {{corpus: stdlib-text, batch_size: 4, micro_batches: 2, max_bytes: 200000}}
+optimizer: {{name: adamw, lr: 3.0e-3}}
+steps: {STEPS}
+parallel: {{planner: even}}
+checkpoint: {{every: 2}}
+trust: {{spot_checks: {{every: 1}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileCluster]:
+    c = HostileCluster(
+        tmp_path_factory.mktemp("spot") / "cluster", hostile={"shifter": ("shift", 0)}
+    )
+    try:
+        c.start_coordinator()
+        for name in ("w0", "w1", "w2"):
+            c.start_worker(name)
+        yield c
+    finally:
+        c.close()
+
+
+def run_to_the_end(cluster: HostileCluster) -> tuple[JobView, list[EventView]]:
+    job_id = cluster.submit(SPEC)
+    job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
+    client = cluster.client()
+    try:
+        return job, client.events(job_id)
+    finally:
+        client.close()
+
+
+def test_honest_stages_pass_every_spot_check(cluster: HostileCluster) -> None:
+    job, events = run_to_the_end(cluster)
+    assert [s.worker_name for s in sorted(job.stages, key=lambda s: s.stage)] == ["w0", "w1", "w2"]
+    checks = [e for e in events if e.kind == "spot_check"]
+    passed = [e for e in checks if " passed: " in e.text]
+    print(f"spot checks: {len(checks)}, passed {len(passed)}; " + "; ".join(e.text for e in checks))
+    assert passed, [e.text for e in checks]
+    # Both stages that send activations were checked.
+    assert {"stage 0 of", "stage 1 of"} <= {
+        s for e in passed for s in ("stage 0 of", "stage 1 of") if s in e.text
+    }
+    assert not [e for e in checks if "differs" in e.text]
+    assert not [e for e in events if e.kind in ("suspected", "quarantined")]
+    assert job.epoch == 1 and job.recoveries == 0
+
+
+def test_a_stage_sending_shifted_activations_is_caught_by_a_spot_check(
+    cluster: HostileCluster,
+) -> None:
+    for name in ("w1", "w2"):
+        w = next(p for p in cluster.procs if p.name == name)
+        cluster.kill(w, signal.SIGINT)
+        assert w.popen.wait(timeout=60) == 0
+    cluster.start_worker("shifter")
+    cluster.start_worker("w3")
+    job, events = run_to_the_end(cluster)
+    assert "shifter" not in {s.worker_name for s in job.stages}, job.stages
+    assert job.epoch >= 2 and job.recoveries >= 1
+    mismatches = [e for e in events if e.kind == "spot_check" and "differs" in e.text]
+    assert mismatches, [(e.kind, e.text) for e in events]
+    print("mismatch:", mismatches[0].text)
+    assert "stage 1 of replica 0" in mismatches[0].text
+    quarantines = [e for e in events if e.kind == "quarantined" and e.worker_name == "shifter"]
+    assert quarantines, [(e.kind, e.text) for e in events]
+    text = quarantines[0].text
+    assert "spot check of micro-batch" in text and "reported by w3" in text, text
+    assert "quarantined worker shifter: spot check" in job.error
+    # No honest worker was named.
+    assert not [
+        e for e in events if e.kind in ("suspected", "quarantined") and e.worker_name != "shifter"
+    ]
