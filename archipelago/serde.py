@@ -152,6 +152,7 @@ def worker_views(pb: coordinator_pb2.WorkerList) -> list[WorkerView]:
             w.excluded_for_s,
             w.planned_gflops,
             w.reachable,
+            w.relayed,
         )
         for w in pb.workers
     ]

@@ -25,6 +25,12 @@ from archipelago.credential_args import (
 )
 from archipelago.errors import UsageError
 from archipelago.job_lines import eta, job_line, replica_lines
+from archipelago.relay_flags import (  # -- relay
+    add_coordinator_relay_flags,
+    add_worker_relay_flags,
+    relay_config_from_flags,
+    worker_relay_fields,
+)
 from archipelago.tls_args import (
     add_client_tls_args,
     add_coordinator_tls_args,
@@ -88,6 +94,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "$ARCHIPELAGO_DASHBOARD_TOKEN; the operator token opens it too)",
     )
     add_coordinator_limit_flags(p)
+    add_coordinator_relay_flags(p)
     _log_arg(p)
     p.set_defaults(func=cmd_coordinator)
 
@@ -115,6 +122,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="only measure links to workers inside these networks (default: any)",
     )
     add_rpc_limit_flags(p, WORKER_RPC_LIMITS)
+    add_worker_relay_flags(p)
     add_client_tls_args(p)
     _log_arg(p)
     p.set_defaults(func=cmd_worker)
@@ -242,6 +250,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         operator_token=args.operator_token,
         operator_token_file=args.operator_token_file,
         limits=coordinator_limits_from_flags(args),
+        relay=relay_config_from_flags(args),
     )
     if cfg.worker_timeout_s <= cfg.heartbeat_s:
         raise UsageError("--worker-timeout must be longer than --heartbeat-interval")
@@ -272,6 +281,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         probe_networks=tuple(n for n in args.probe_networks.split(",") if n.strip()),
         rpc_limits=rpc_limits_from_flags(args),
+        **worker_relay_fields(args),
     )
     try:
         return asyncio.run(serve(cfg))
@@ -384,6 +394,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {w.worker_id}  {w.name:<20} {w.address:<22} {w.state:<6} "
             f"{w.planned_gflops:6.1f} GFLOP/s{claim} {human_bytes(w.memory_bytes):>9}{on_job}"
         )
+        if w.relayed:  # -- relay
+            print("      behind NAT: reached through the coordinator's relay at its address")
         if not w.reachable and not w.excluded and w.state == "idle":
             print("      not planned yet: the coordinator has not reached its address")
         if w.excluded:

@@ -107,6 +107,7 @@ class WorkerView:
     excluded_for_s: float = 0.0
     planned_gflops: float = 0.0  # what the planner counts on (its claim is `gflops`)
     reachable: bool = True  # the coordinator's call was answered at its address
+    relayed: bool = False  # reached through the coordinator's relay (`--outbound-only`)
 
 
 @dataclass(frozen=True)

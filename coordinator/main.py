@@ -30,6 +30,7 @@ from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber, ProbeConfig
 from coordinator.progress_watch import DEFAULT_PROGRESS_TIMEOUT_S
 from coordinator.registry import Registry
+from coordinator.relay import RelayConfig, add_relay_servicer, relay_hub
 from coordinator.roles import Gatekeeper, load_coordinator_key, operator_token
 from coordinator.serde import add_coordinator_servicer
 from coordinator.service import CoordinatorService
@@ -87,6 +88,8 @@ class CoordinatorConfig:
     progress_timeout_s: float = DEFAULT_PROGRESS_TIMEOUT_S
     # Every bound against cheap denial of service (coordinator.limits lists them).
     limits: CoordinatorLimits = field(default_factory=CoordinatorLimits)
+    # -- relay: workers behind NAT reached through this process (coordinator/relay.py).
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
 
 def state_dir(store: str) -> Path:
@@ -151,6 +154,11 @@ async def serve(cfg: CoordinatorConfig) -> int:
     await links.load()
 
     server = bounded_server(cfg.limits.rpc, options=SERVER_OPTIONS)
+    # -- relay
+    relay = relay_hub(cfg.relay, cfg.host, registry, gate)
+    registry.relayed = relay.relayed
+    add_relay_servicer(server, relay)
+    # -- end relay
     add_coordinator_servicer(
         server,
         CoordinatorService(

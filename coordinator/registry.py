@@ -105,6 +105,8 @@ class Registry:
         self.exclusions: Exclusions | None = None
         # The speeds the planner believes (measured, or claims bounded); None: the claims.
         self.capacity: Capacity | None = None
+        # Whether an address is one the coordinator relays (`coordinator.relay`).
+        self.relayed: Callable[[str], bool] = _not_relayed
 
     def load(self, records: list[dict[str, Any]]) -> None:
         """Take over the workers a previous coordinator knew; each gets a grace period to
@@ -209,3 +211,7 @@ class Registry:
                     w.state = WorkerStatus.LEFT if w.leaving else WorkerStatus.IDLE
                 changed.append(w)
         return changed
+
+
+def _not_relayed(address: str) -> bool:
+    return False

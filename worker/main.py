@@ -25,6 +25,7 @@ from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks
 from worker.coordinator_link import CoordinatorLink
 from worker.credentials import NodeCredentials
 from worker.node import WorkerNode
+from worker.relay_client import RelayClient, check_outbound_only, reach_through_relay
 from worker.resources import measure_resources
 from worker.serde import add_worker_servicer
 from worker.service import WorkerService
@@ -58,6 +59,10 @@ class WorkerConfig:
     probe_networks: tuple[str, ...] = ()
     # The calls this worker serves at once, in all and per peer address.
     rpc_limits: RpcLimits = WORKER_RPC_LIMITS
+    # -- relay (worker/relay_client.py): serve on loopback only and be reached through
+    # one outbound stream to `relay` (default: the coordinator).
+    outbound_only: bool = False
+    relay: str = ""
 
 
 async def coordinator_authority(cfg: WorkerConfig) -> bytes:
@@ -157,6 +162,19 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
         raise OSError(f"cannot listen on {cfg.listen}")
     link.advertise = _advertised(cfg.listen, port, cfg.advertise)
     await server.start()
+    # -- relay: the address peers dial is one the relay holds for this worker.
+    relay = None
+    if cfg.outbound_only:
+        check_outbound_only(cfg.listen, cfg.advertise)
+        relay = RelayClient(
+            cfg.relay or cfg.coordinator,
+            token=cfg.token,
+            tls=tls,
+            local=("127.0.0.1", port),
+            credentials=identity,
+        )
+        link.advertise = await relay.open_first()
+    # -- end relay
     log.info(
         "worker %s serving on %s (%.1f GFLOP/s, %d threads)",
         name,
@@ -189,6 +207,8 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
     tasks: list[asyncio.Task[None]] = []
     try:
         await link.register()
+        if relay is not None:  # -- relay
+            tasks.append(asyncio.create_task(reach_through_relay(relay, link)))
         tasks.append(asyncio.create_task(link.report_loop()))
 
         def status() -> tuple[str, int, int, str]:
@@ -215,4 +235,6 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             task.cancel()
         await node.close()
         await server.stop(grace=1)
+        if relay is not None:  # -- relay
+            await relay.close()
         await link.close()
