@@ -79,6 +79,7 @@ class JobManager:
             self.events,
             model_of=self.model_of,
             accuse=self._on_suspects,
+            withheld=self._withheld_evidence,
             spawn=lambda c: self.lifecycle.spawn(c),
         )
         # The compute model plans are made with, refit from every profiled stage.
@@ -260,6 +261,15 @@ class JobManager:
             job.error = "; ".join(v.text for v in verdicts)
             await self.table.save(job)
             self.lifecycle.recover_later(job, job.error)
+
+    async def _withheld_evidence(self, job: Job, worker_id: str, evidence: str) -> None:
+        """A stage kept its spot checks' evidence back: back its worker off and re-plan."""
+        if job.terminal or job.dropped(worker_id):
+            return
+        text = await self.quarantine.own_values(
+            job, worker_id, evidence, for_good=False, kind=EventKind.SUSPECTED
+        )
+        self.lifecycle.recover_later(job, text)
 
     async def _check_end(self, job: Job) -> None:
         assert job.plan is not None

@@ -254,9 +254,18 @@ class Quarantine:
 
     # -- a worker's own values ----------------------------------------------------------------
 
-    async def own_values(self, job: Job, worker_id: str, evidence: str, *, for_good: bool) -> str:
-        """A worker's own values are bad (its checkpoint: `for_good`; its reported loss: a
-        back-off, as an honest run can diverge too): exclude it; returns the job's line."""
+    async def own_values(
+        self,
+        job: Job,
+        worker_id: str,
+        evidence: str,
+        *,
+        for_good: bool,
+        kind: EventKind = EventKind.BAD_LOSS,
+    ) -> str:
+        """A worker's own values are bad (its checkpoint: `for_good`; its reported loss, or
+        spot checks' evidence it withheld, `kind`: a back-off, as an honest run can diverge
+        too): exclude it; returns the job's line."""
         name = next(
             (
                 p.worker_name
@@ -276,7 +285,7 @@ class Quarantine:
                 await exclusions.back_off(worker_id, name, reason=evidence)
         await self.events.record(
             job.job_id,
-            EventKind.QUARANTINED if for_good else EventKind.BAD_LOSS,
+            EventKind.QUARANTINED if for_good else kind,
             text,
             epoch=job.epoch,
             worker_id=worker_id,

@@ -29,11 +29,17 @@ with the same limited weight), with the evidence: step, stage, micro-batch, larg
 difference and its tolerance, who recomputed. Every check is an event of the job
 (`spot_check`: passed, mismatch, or skipped and why).
 
+A stage that does not produce its evidence while every receiver produced theirs (a stage
+keeps as many steps as its receivers, and it is asked right after it reported the step)
+has withheld it: `WITHHELD_LIMIT` (3) checks in a row withheld back it off
+(`Quarantine.own_values`) and the job is planned again without it. A passed check
+starts the count again. So a stage cannot escape checks by never answering them.
+
 Not checked: a link whose activations travel compressed (the receiver holds the decoded
 sparse values, which the coordinator would have to re-encode with the sender's state), a
 stage whose graph draws random numbers (dropout with p > 0), gradients sent back, and the
-data stage 0 passes on. A stage whose evidence is gone (asked after `keep` steps) is
-skipped, as is one that does not answer.
+data stage 0 passes on. A check whose receiver's evidence is missing too (the job moved
+on, ended or was planned again) is skipped.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ log = logging.getLogger("archipelago.coordinator")
 SPOT_CHECK = "spot-check"  # the Suspect kind of a mismatch
 # Room above the graph's own bytes for a stream's headers.
 SLACK_BYTES = 64 << 10
+# Checks in a row whose stage withheld its evidence (while its receivers gave theirs)
+# after which it is backed off.
+WITHHELD_LIMIT = 3
 
 
 class EvidenceError(Exception):
@@ -163,12 +172,16 @@ class SpotChecks:
         *,
         model_of: Callable[[Job], Awaitable[CapturedModel]],
         accuse: Callable[[Progress], Awaitable[None]],
+        withheld: Callable[[Job, str, str], Awaitable[None]],
         spawn: Callable[[Coroutine[Any, Any, None]], Any],
     ) -> None:
         self.workers = workers
         self.events = events
         self.model_of = model_of
         self.accuse = accuse
+        self.withheld = withheld
+        # (job id, worker id) -> checks in a row the worker withheld its evidence from.
+        self._withheld: dict[tuple[str, str], int] = {}
         self.spawn = spawn
         self._random = secrets.SystemRandom()
         self._running: set[tuple[str, int]] = set()  # (job, stage) with a check in flight
@@ -216,6 +229,22 @@ class SpotChecks:
         if outcome.difference == outcome.difference:
             fields.update(difference=outcome.difference, bound=outcome.bound)
         await self.events.record(job.job_id, EventKind.SPOT_CHECK, outcome.text, **fields)
+
+    async def _withholds(self, job: Job, sender: Placement, why: str) -> Outcome:
+        """The checked stage gave no evidence while its receivers did: count it; at the limit,
+        back the stage's worker off."""
+        key = (job.job_id, sender.worker_id)
+        count = self._withheld[key] = self._withheld.get(key, 0) + 1
+        text = f"{why} (withheld by {sender.worker_name}: {count} in a row)"
+        if count >= WITHHELD_LIMIT:
+            self._withheld.pop(key, None)
+            await self.withheld(
+                job,
+                sender.worker_id,
+                f"withheld the evidence of {count} spot checks in a row while its receivers "
+                f"gave theirs; the last: {why}",
+            )
+        return Outcome("withheld", text)
 
     def _cut(self, job: Job, epoch: int, model: CapturedModel) -> Partition:
         held = self._cuts.get(job.job_id)
@@ -284,27 +313,38 @@ class SpotChecks:
             + SLACK_BYTES
             for d in receivers
         }
+        answers = await asyncio.gather(
+            ask(sender, True, param_bytes),
+            ask(sender, False, input_bytes),
+            *(ask(receivers[d], False, received_bytes[d]) for d in receivers),
+            return_exceptions=True,
+        )
+        failed = [
+            a
+            for a in answers
+            if isinstance(a, WorkerCallError | StreamError | WireError | OpDagError)
+        ]
+        if other := [a for a in answers if isinstance(a, BaseException) and a not in failed]:
+            raise other[0]
+        if failed:
+            if any(isinstance(a, BaseException) for a in answers[2:]):
+                return Outcome("skipped", f"spot check of {where}: no evidence: {failed[0]}")
+            return await self._withholds(job, sender, f"spot check of {where}: {failed[0]}")
+        given: list[Any] = list(answers)  # none is an exception past this point
+        params, inputs, *theirs = given
         try:
-            params, inputs, *theirs = await asyncio.gather(
-                ask(sender, True, param_bytes),
-                ask(sender, False, input_bytes),
-                *(ask(receivers[d], False, received_bytes[d]) for d in receivers),
-            )
-        except (WorkerCallError, StreamError, WireError, OpDagError) as e:
-            return Outcome("skipped", f"spot check of {where}: no evidence: {e}")
-        try:
-            _check_inputs(g, inputs, f"stage {k}'s inputs")
             for d, got in zip(receivers, theirs, strict=True):
-                names = checked[d]
-                for n in names:
+                for n in checked[d]:
                     if n not in got or not fits(got[n], g.node(n).meta):
                         raise EvidenceError(f"stage {d}'s inputs lack {n!r} as the graph has it")
         except EvidenceError as e:
             return Outcome("skipped", f"spot check of {where}: {e}")
+        # Evidence that does not fit the graph is no evidence: withheld, as much as none.
         try:
+            _check_inputs(g, inputs, f"stage {k}'s inputs")
             outputs = await asyncio.to_thread(recompute, stage, params, inputs)
-        except OpDagError as e:
-            return Outcome("skipped", f"spot check of {where}: cannot recompute: {e}")
+        except (EvidenceError, OpDagError) as e:
+            return await self._withholds(job, sender, f"spot check of {where}: {e}")
         tolerance = job.spec.trust.spot_checks.tolerance
         worst = Outcome("passed", f"spot check of {where} passed")
         for d, got in zip(receivers, theirs, strict=True):
@@ -339,6 +379,7 @@ class SpotChecks:
                     return Outcome("mismatch", evidence, diff, bound)
                 if worst.difference != worst.difference or diff > worst.difference:
                     worst = Outcome("passed", worst.text, diff, bound)
+        self._withheld.pop((job.job_id, sender.worker_id), None)
         return Outcome(
             "passed",
             f"spot check of {where} passed: largest difference {worst.difference:.3g} "

@@ -10,7 +10,8 @@ MODE is what it does to the float tensors it sends from step FROM_STEP on:
   by 1e4;
 - `flip`: the same, with their sign flipped;
 - `shift`: the activations it sends on have 0.05 added to every value, after it computed
-  them right (far inside the value guards' bounds: only a spot check finds it).
+  them right (far inside the value guards' bounds: only a spot check finds it);
+- `hide`: the same, and it answers no spot check (its evidence is "gone").
 Its own training, reports and checkpoints are left honest: what it corrupts is only what
 its peers receive from it.
 """
@@ -29,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 from archipelago.cli import main
 from opdag.values import Value
 from worker.replica_sync import LOSS, ReplicaSync
+from worker.spot_evidence import EvidenceGone, SpotEvidence
 from worker.stage_job import StageJob
 from worker.transfer_kind import TransferKind
 
 # What `shift` adds to every activation value it sends.
 SHIFT = 0.05
-MODES = ("nan", "scale", "flip", "shift")
+MODES = ("nan", "scale", "flip", "shift", "hide")
 
 
 def corrupt(value: Any, mode: str) -> Any:
@@ -42,7 +44,7 @@ def corrupt(value: Any, mode: str) -> Any:
     if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
         if mode == "nan":
             return torch.full_like(value, float("nan"))
-        if mode == "shift":
+        if mode in ("shift", "hide"):
             return value + SHIFT
         return value * (1e4 if mode == "scale" else -1.0)
     if isinstance(value, (tuple, list)):
@@ -66,7 +68,7 @@ def patch(mode: str, from_step: int) -> None:
     ) -> Any:
         forward = kind == TransferKind.FORWARD
         if step >= from_step and (
-            mode in ("nan", "scale") or (forward if mode == "shift" else not forward)
+            mode in ("nan", "scale") or (forward if mode in ("shift", "hide") else not forward)
         ):
             values = {k: corrupt(v, mode) for k, v in values.items()}
         return send(self, kind, dst, step, mb, values, sent)
@@ -74,10 +76,16 @@ def patch(mode: str, from_step: int) -> None:
     async def hostile_share(
         self: ReplicaSync, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]
     ) -> None:
-        if step >= from_step and mode != "shift":
+        if step >= from_step and mode not in ("shift", "hide"):
             own = [(n, t if n == LOSS else corrupt(t, mode)) for n, t in own]
         await share(self, replica, step, own)
 
+    def withheld(self: SpotEvidence, step: int, *rest: Any) -> Any:
+        raise EvidenceGone(f"step {step} is not kept")
+
+    if mode == "hide":
+        SpotEvidence.inputs = withheld  # type: ignore[method-assign,assignment]
+        SpotEvidence.params = withheld  # type: ignore[method-assign]
     StageJob._send = hostile_send  # type: ignore[method-assign]
     ReplicaSync._send = hostile_share  # type: ignore[method-assign]
 

@@ -6,11 +6,13 @@ Honest workers: every check passes (none accuses anyone) over every step of the 
 hostile middle stage that computes right and then adds 0.05 to every activation it sends
 (`hostile_worker.py shift`: far inside the value guards' bounds) is found by a check,
 quarantined on the receiver's word with the evidence, and the job is planned again without
-it and completes.
+it and completes. One that does the same and answers no spot check is backed off after
+three checks in a row withheld, and the job completes without it too.
 
 Who is where: the even planner places stages in registration order among live workers.
 The honest job runs on w0, w1, w2; then w1 and w2 leave and the shifter and w3 join, so the
-shifter is the middle stage, sending activations to w3.
+shifter is the middle stage, sending activations to w3; then w3 leaves and the hider and
+w4 join.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ trust: {{spot_checks: {{every: 1}}}}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileCluster]:
     c = HostileCluster(
-        tmp_path_factory.mktemp("spot") / "cluster", hostile={"shifter": ("shift", 0)}
+        tmp_path_factory.mktemp("spot") / "cluster",
+        hostile={"shifter": ("shift", 0), "hider": ("hide", 0)},
     )
     try:
         c.start_coordinator()
@@ -103,3 +106,21 @@ def test_a_stage_sending_shifted_activations_is_caught_by_a_spot_check(
     assert not [
         e for e in events if e.kind in ("suspected", "quarantined") and e.worker_name != "shifter"
     ]
+
+
+def test_a_stage_withholding_its_evidence_is_backed_off(cluster: HostileCluster) -> None:
+    w3 = next(p for p in cluster.procs if p.name == "w3")
+    cluster.kill(w3, signal.SIGINT)
+    assert w3.popen.wait(timeout=60) == 0
+    cluster.start_worker("hider")
+    cluster.start_worker("w4")
+    job, events = run_to_the_end(cluster)
+    assert "hider" not in {s.worker_name for s in job.stages}, job.stages
+    withheld = [e for e in events if e.kind == "spot_check" and "withheld by hider" in e.text]
+    print("withheld:", [e.text for e in withheld])
+    assert len(withheld) >= 3, [(e.kind, e.text) for e in events]
+    # Never compared (no evidence), so never accused; backed off for withholding it.
+    assert not [e for e in events if e.kind == "spot_check" and "differs" in e.text]
+    backed = [e for e in events if e.kind == "suspected" and e.worker_name == "hider"]
+    assert backed and "withheld the evidence of 3 spot checks" in backed[0].text, backed
+    assert job.epoch >= 2 and job.recoveries >= 1
