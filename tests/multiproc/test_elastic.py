@@ -152,7 +152,7 @@ def test_a_joining_worker_becomes_a_replica_and_the_loss_curve_goes_on(cluster: 
     cluster.start_worker("w0")
     # Enough compute per step that a second replica's share clearly outweighs averaging
     # its gradients, even priced on a slow loopback measurement.
-    steps, batch = 80, 128
+    steps, batch = 50, 128
     parallel = "{planner: opfence, stages: 1, replicas: auto}"
     spec = SPEC.format(d_model=192, batch=batch, steps=steps, parallel=parallel)
     job_id = cluster.submit(spec)
