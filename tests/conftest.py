@@ -10,6 +10,11 @@ fails them (CI must exercise Redis) - `make test` installs it with
 test never sees another's keys.
 
 Both talk to the server through the `redis` client, as the Redis state store does.
+
+The tests' own PyTorch work (the one-process references and simulations the clusters are
+checked against, stages run in the test process) runs on one thread, as every worker of a
+test cluster does (`--threads 1`): on two cores shared with those workers, two OpenMP
+threads that wait for each other run several times slower than one.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 START_TIMEOUT_S = 10.0
+
+torch.set_num_threads(1)
 
 
 def _free_loopback_port() -> int:
