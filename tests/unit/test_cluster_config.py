@@ -268,7 +268,11 @@ def test_compose_starts_the_same_services_the_same_way() -> None:
     assert "ports" not in services["worker"] and "ports" not in services["redis"]
     assert "ARCHIPELAGO_TOKEN" in services["coordinator"]["environment"]
     assert "ARCHIPELAGO_OPERATOR_TOKEN" in services["coordinator"]["environment"]
-    assert set(services["worker"]["environment"]) == {"ARCHIPELAGO_TOKEN"}
+    # A worker holds the join token and the authority's fingerprint: no operator secret.
+    assert set(services["worker"]["environment"]) == {
+        "ARCHIPELAGO_TOKEN",
+        "ARCHIPELAGO_CA_FINGERPRINT",
+    }
 
 
 def test_no_engine_is_one_line_naming_where_it_looked(

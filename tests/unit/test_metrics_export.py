@@ -263,8 +263,12 @@ def test_metrics_refuses_an_output_it_cannot_write_before_asking(
 ) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    # No coordinator listens on port 1: the refusal comes before any call.
-    common = ["metrics", "job", "--operator-token", "t" * 16, "--coordinator", "127.0.0.1:1"]
+    # No coordinator listens on port 1: the refusal comes before any call (plain text on
+    # loopback, so the last call below fails reaching it, not finding its authority).
+    common = [
+        "metrics", "job", "--operator-token", "t" * 16, "--coordinator", "127.0.0.1:1",
+        "--insecure",
+    ]  # fmt: skip
     cases = [
         (["--csv", str(a_file / "m.csv")], "is not a directory"),
         (["--csv", str(tmp_path)], "is a directory"),
