@@ -155,10 +155,15 @@ class SpotEvidenceHeader:
 
 
 def spot_request_pb(
-    job_id: str, epoch: int, step: int, micro_batch: int, *, params: bool
+    job_id: str, epoch: int, step: int, micro_batch: int, *, params: bool, gradients: bool
 ) -> worker_pb2.SpotRequest:
     return worker_pb2.SpotRequest(
-        job_id=job_id, epoch=epoch, step=step, micro_batch=micro_batch, params=params
+        job_id=job_id,
+        epoch=epoch,
+        step=step,
+        micro_batch=micro_batch,
+        params=params,
+        gradients=gradients,
     )
 
 
@@ -481,6 +486,7 @@ def worker_info_pb(w: WorkerState, registry: Registry | None = None) -> coordina
         excluded_for_s=excluded_for_s,
         planned_gflops=planned,
         reachable=reachable,
+        relayed=registry.relayed(w.address) if registry is not None else False,  # -- relay
         worker_id=w.worker_id,
         name=w.name,
         address=w.address,

@@ -191,12 +191,17 @@ class WorkerClient:
         micro_batch: int,
         params: bool,
         max_bytes: int,
+        gradients: bool = False,
     ) -> dict[str, Value] | dict[str, torch.Tensor]:
         """A stage's evidence for a spot check (`coordinator.spot_checks`): its inputs of
-        one micro-batch of `step` (named values), or (`params`) its parameters and buffers
-        at that step; at most `max_bytes` of tensors, else WireError before they are read."""
-        request = spot_request_pb(job_id, epoch, step, micro_batch, params=params)
-        what = f"{'parameters' if params else 'inputs'} of step {step} from {address}"
+        one micro-batch of `step` (named values), the `gradients` it received for it (by
+        "SRC/NAME"), or (`params`) its parameters and buffers at that step; at most
+        `max_bytes` of tensors, else WireError before they are read."""
+        request = spot_request_pb(
+            job_id, epoch, step, micro_batch, params=params, gradients=gradients
+        )
+        asked = "parameters" if params else "gradients" if gradients else "inputs"
+        what = f"{asked} of step {step} from {address}"
         try:
             call = self._stub(address, worker_id).SpotEvidence(
                 request,

@@ -446,10 +446,11 @@ class SpotAsk:
     step: int
     micro_batch: int
     params: bool
+    gradients: bool = False  # (without params) the gradients it received instead
 
 
 def spot_request_from_pb(r: SpotRequest) -> SpotAsk:
-    return SpotAsk(r.job_id, r.epoch, r.step, r.micro_batch, r.params)
+    return SpotAsk(r.job_id, r.epoch, r.step, r.micro_batch, r.params, r.gradients)
 
 
 def spot_evidence_parts(

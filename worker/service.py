@@ -219,8 +219,9 @@ class WorkerService(serde.WorkerServicerBase):
     async def SpotEvidence(
         self, request: serde.SpotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[serde.SpotEvidencePart]:
-        """The coordinator's spot check: this stage's inputs of one recent micro-batch, or
-        its parameters at that step (`worker.spot_evidence`)."""
+        """The coordinator's spot check: this stage's inputs of one recent micro-batch, the
+        gradients it received for it, or its parameters at that step
+        (`worker.spot_evidence`)."""
         await self._coordinator(context, "SpotEvidence")
         ask = serde.spot_request_from_pb(request)
         job = self.node.job
@@ -236,6 +237,9 @@ class WorkerService(serde.WorkerServicerBase):
         try:
             if ask.params:
                 parts = serde.spot_evidence_parts(job.plan, ask, params=evidence.params(ask.step))
+            elif ask.gradients:
+                grads = evidence.gradients(ask.step, ask.micro_batch)
+                parts = serde.spot_evidence_parts(job.plan, ask, inputs=grads)
             else:
                 inputs = evidence.inputs(ask.step, ask.micro_batch)
                 parts = serde.spot_evidence_parts(job.plan, ask, inputs=inputs)

@@ -1,17 +1,18 @@
 """What a stage keeps of its recent steps so that the coordinator can check one afterwards.
 
-With spot checks on (the job's `trust.spot_checks`, `StagePlan.spot_keep` > 0), a stage keeps,
-for each of its last `keep` steps, a copy of its parameters and buffers as its forwards of
-that step used them, and every micro-batch's inputs as it took them from its inbox (or
-loaded them, at stage 0). The coordinator picks a (step, stage, micro-batch) only after the
-step ran, asks this stage for its inputs and parameters and the next stage for its inputs
-(`SpotEvidence`), recomputes the stage's forward and compares (`coordinator.spot_checks`):
-a stage cannot tell which of its micro-batches will be checked while it sends them, and
-the receiver's inputs are what it actually received.
+With spot checks on (the job's `trust.spot_checks`, `StagePlan.spot_keep` > 0), a stage
+keeps, for each of its last `keep` steps, a copy of its parameters and buffers as its
+forwards of that step used them, every micro-batch's inputs as it took them from its inbox
+(or loaded them, at stage 0), and the gradients it was sent for each, as they arrived. The
+coordinator picks a (step, stage, micro-batch) only after the step ran, asks this stage for
+its inputs, gradients and parameters and its neighbours for what they received from it
+(`SpotEvidence`), recomputes the stage's forward and backward and compares
+(`coordinator.spot_checks`): a stage cannot tell which of its micro-batches will be checked
+while it sends them, and a receiver's evidence is what it actually received.
 
-Memory: `keep` copies of the stage's parameters and buffers, and `keep` steps of inputs
-(references to what the stage received; the inbox would have freed them). Nothing is kept
-with spot checks off.
+Memory: `keep` copies of the stage's parameters and buffers, and `keep` steps of inputs and
+gradients (references to what the stage received; the inbox would have freed them).
+Nothing is kept with spot checks off.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class EvidenceGone(LookupError):
 class _Step:
     params: dict[str, torch.Tensor]
     inputs: dict[int, dict[str, Value]] = field(default_factory=dict)
+    # micro-batch -> "SRC/NAME" -> the gradient stage SRC sent for value NAME
+    gradients: dict[int, dict[str, Value]] = field(default_factory=dict)
 
 
 class SpotEvidence:
@@ -61,6 +64,19 @@ class SpotEvidence:
         held = self._steps.get(step)
         if held is not None:
             held.inputs[mb] = dict(inputs)
+
+    def record_gradients(self, step: int, mb: int, src: int, grads: Mapping[str, Value]) -> None:
+        """The gradients stage `src` sent for micro-batch `mb` of `step`, as received."""
+        held = self._steps.get(step)
+        if held is not None:
+            mine = held.gradients.setdefault(mb, {})
+            mine.update({f"{src}/{name}": g for name, g in grads.items()})
+
+    def gradients(self, step: int, mb: int) -> dict[str, Value]:
+        held = self._steps.get(step)
+        if held is None or mb not in held.gradients:
+            raise EvidenceGone(f"no gradients of micro-batch {mb} of step {step} ({self._span()})")
+        return held.gradients[mb]
 
     def inputs(self, step: int, mb: int) -> dict[str, Value]:
         held = self._steps.get(step)

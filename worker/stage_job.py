@@ -258,6 +258,8 @@ class StageJob:
             )
         kind_name = GRADIENT if kind == TransferKind.BACKWARD else ACTIVATION
         self.guard.check(kind_name, src, plan.replica, step, values)
+        if self.evidence is not None and kind == TransferKind.BACKWARD:
+            self.evidence.record_gradients(step, mb, src, values)
         await self.inbox.put(kind, step, mb, src, values)
 
     # -- running ----------------------------------------------------------------------------

@@ -6,12 +6,13 @@ so a volunteer cannot turn off the checks that protect the others):
 - `values`: the bounds every receiving stage puts on the float values it is sent
   (`worker.value_guard`): a norm at most `factor` times the median of its edge's last
   `window` norms, once the edge carried `warmup` values; every |x| below `ceiling`.
-- `spot_checks`: about one in `every` steps of each stage that sends activations, the
-  coordinator recomputes one micro-batch of that stage, chosen after the step ran, from the
-  stage's own inputs and parameters, and compares the result with what the next stage says
-  it received, within `tolerance` (relative to the largest |x| of the recomputed value, at
-  least 1); a mismatch accuses the stage (`coordinator.spot_checks`). Each stage keeps what
-  that takes for its last `keep` steps. `every: 0` turns them off.
+- `spot_checks`: about one in `every` steps of each stage, the coordinator recomputes one
+  micro-batch of that stage (forward and backward), chosen after the step ran, from the
+  stage's own inputs, parameters and received gradients, and compares the result with what
+  the stages it sends to say they received, within `tolerance` (relative to the largest
+  |x| of the recomputed value); a mismatch accuses the stage (`coordinator.spot_checks`).
+  Each stage keeps what that takes for its last `keep` steps: `keep` copies of its
+  parameters and buffers, and those steps' inputs. `every: 0` turns them off.
 
 A spec writes `trust: {values: {factor: 50}, spot_checks: {every: 10}}`; every key may be
 left out. Errors name the field (`trust.spot_checks.every: ...`).

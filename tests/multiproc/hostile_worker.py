@@ -11,7 +11,8 @@ MODE is what it does to the float tensors it sends from step FROM_STEP on:
 - `flip`: the same, with their sign flipped;
 - `shift`: the activations it sends on have 0.05 added to every value, after it computed
   them right (far inside the value guards' bounds: only a spot check finds it);
-- `hide`: the same, and it answers no spot check (its evidence is "gone").
+- `hide`: the same, and it answers no spot check (its evidence is "gone");
+- `gscale`: the gradients it sends back are scaled by 1.05, after it computed them right.
 Its own training, reports and checkpoints are left honest: what it corrupts is only what
 its peers receive from it.
 """
@@ -36,7 +37,7 @@ from worker.transfer_kind import TransferKind
 
 # What `shift` adds to every activation value it sends.
 SHIFT = 0.05
-MODES = ("nan", "scale", "flip", "shift", "hide")
+MODES = ("nan", "scale", "flip", "shift", "hide", "gscale")
 
 
 def corrupt(value: Any, mode: str) -> Any:
@@ -46,6 +47,8 @@ def corrupt(value: Any, mode: str) -> Any:
             return torch.full_like(value, float("nan"))
         if mode in ("shift", "hide"):
             return value + SHIFT
+        if mode == "gscale":
+            return value * 1.05
         return value * (1e4 if mode == "scale" else -1.0)
     if isinstance(value, (tuple, list)):
         return type(value)(corrupt(v, mode) for v in value)
@@ -76,7 +79,7 @@ def patch(mode: str, from_step: int) -> None:
     async def hostile_share(
         self: ReplicaSync, replica: int, step: int, own: Sequence[tuple[str, torch.Tensor]]
     ) -> None:
-        if step >= from_step and mode not in ("shift", "hide"):
+        if step >= from_step and mode not in ("shift", "hide", "gscale"):
             own = [(n, t if n == LOSS else corrupt(t, mode)) for n, t in own]
         await share(self, replica, step, own)
 

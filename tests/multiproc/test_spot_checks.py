@@ -7,12 +7,13 @@ hostile middle stage that computes right and then adds 0.05 to every activation 
 (`hostile_worker.py shift`: far inside the value guards' bounds) is found by a check,
 quarantined on the receiver's word with the evidence, and the job is planned again without
 it and completes. One that does the same and answers no spot check is backed off after
-three checks in a row withheld, and the job completes without it too.
+three checks in a row withheld, and the job completes without it too. A last stage that
+scales the gradients it sends back by 1.05 is found by the check of its backward pass.
 
 Who is where: the even planner places stages in registration order among live workers.
 The honest job runs on w0, w1, w2; then w1 and w2 leave and the shifter and w3 join, so the
 shifter is the middle stage, sending activations to w3; then w3 leaves and the hider and
-w4 join.
+w4 join; then the hider leaves and the gradient scaler joins, the last stage after w4.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ trust: {{spot_checks: {{every: 1}}}}
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileCluster]:
     c = HostileCluster(
         tmp_path_factory.mktemp("spot") / "cluster",
-        hostile={"shifter": ("shift", 0), "hider": ("hide", 0)},
+        hostile={"shifter": ("shift", 0), "hider": ("hide", 0), "gscaler": ("gscale", 0)},
     )
     try:
         c.start_coordinator()
@@ -67,15 +68,18 @@ def run_to_the_end(cluster: HostileCluster) -> tuple[JobView, list[EventView]]:
 
 def test_honest_stages_pass_every_spot_check(cluster: HostileCluster) -> None:
     job, events = run_to_the_end(cluster)
-    assert [s.worker_name for s in sorted(job.stages, key=lambda s: s.stage)] == ["w0", "w1", "w2"]
+    placed = [s.worker_name for s in sorted(job.stages, key=lambda s: s.stage)]
+    assert placed == ["w0", "w1", "w2"], cluster.logs()
     checks = [e for e in events if e.kind == "spot_check"]
-    passed = [e for e in checks if " passed: " in e.text]
+    passed = [e for e in checks if " passed (" in e.text]
     print(f"spot checks: {len(checks)}, passed {len(passed)}; " + "; ".join(e.text for e in checks))
     assert passed, [e.text for e in checks]
-    # Both stages that send activations were checked.
-    assert {"stage 0 of", "stage 1 of"} <= {
-        s for e in passed for s in ("stage 0 of", "stage 1 of") if s in e.text
-    }
+    # Every stage was checked: the first two for their activations, the last two for the
+    # gradients they send back.
+    for stage in range(3):
+        assert any(f"stage {stage} of" in e.text for e in passed), stage
+    assert any("gradients)" in e.text and "stage 2 of" in e.text for e in passed)
+    assert any("(activations and gradients)" in e.text for e in passed)
     assert not [e for e in checks if "differs" in e.text]
     assert not [e for e in events if e.kind in ("suspected", "quarantined")]
     assert job.epoch == 1 and job.recoveries == 0
@@ -124,3 +128,23 @@ def test_a_stage_withholding_its_evidence_is_backed_off(cluster: HostileCluster)
     backed = [e for e in events if e.kind == "suspected" and e.worker_name == "hider"]
     assert backed and "withheld the evidence of 3 spot checks" in backed[0].text, backed
     assert job.epoch >= 2 and job.recoveries >= 1
+
+
+def test_a_last_stage_scaling_its_gradients_is_caught_by_a_spot_check(
+    cluster: HostileCluster,
+) -> None:
+    hider = next(p for p in cluster.procs if p.name == "hider")
+    cluster.kill(hider, signal.SIGINT)
+    assert hider.popen.wait(timeout=60) == 0
+    cluster.start_worker("gscaler")
+    job, events = run_to_the_end(cluster)
+    assert "gscaler" not in {s.worker_name for s in job.stages}, job.stages
+    mismatches = [e for e in events if e.kind == "spot_check" and "differs" in e.text]
+    assert mismatches, [(e.kind, e.text) for e in events]
+    print("mismatch:", mismatches[0].text)
+    assert "stage 2 of replica 0: the gradient" in mismatches[0].text
+    quarantines = [e for e in events if e.kind == "quarantined" and e.worker_name == "gscaler"]
+    assert quarantines and "reported by w4" in quarantines[0].text, [e.text for e in events]
+    assert not [
+        e for e in events if e.kind in ("suspected", "quarantined") and e.worker_name != "gscaler"
+    ]

@@ -21,11 +21,18 @@ from coordinator.planning.jobspec import JobSpec, JobSpecError, parse_job_spec
 from coordinator.planning.plan import WorkerSlot, stage_routes
 from coordinator.planning.planner import PlanRequest, make_plan
 from coordinator.serde import stage_assignment_pb
-from coordinator.spot_checks import fits, largest_difference, random_ops, recompute
+from coordinator.spot_checks import (
+    fits,
+    largest_difference,
+    random_ops,
+    recompute,
+    recompute_step,
+)
 from opdag.capture import capture
 from opdag.errors import CodecError
 from opdag.ir import CapturedModel
-from opdag.partition import balanced_assignment, partition
+from opdag.partition import Stage, balanced_assignment, partition
+from opdag.stage import StageModule
 from opdag.zoo import build_model, example_batch
 from tests.unit.stage_plans import planned_stages
 from worker.serde import stage_plan_from_pb
@@ -226,3 +233,42 @@ def test_a_graph_with_dropout_is_not_recomputed() -> None:
     assert random_ops(graph)
     plain = build_model("gpt", GPT, seed=0)
     assert random_ops(capture(plain, example_batch("gpt", GPT, 2, device="meta")).graph) == []
+
+
+def test_the_recomputed_backward_is_autograds_through_the_later_stages(
+    model: CapturedModel,
+) -> None:
+    """The gradients `recompute_step` gives for a middle stage's inputs, seeded with the
+    last stage's gradients, are those autograd finds through both stages at once (the loss
+    scaled by 1 / micro-batches, as each worker seeds it)."""
+    cut = partition(model.graph, balanced_assignment(model.graph, 3))
+    first, middle, last = cut.stages
+    env: dict[str, Any] = dict(example_batch("gpt", GPT, 2))
+
+    def params(stage: Stage) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in model.state.items() if n in stage.graph.param_specs}
+
+    env.update(recompute(first, params(first), {n: env[n] for n in first.graph.inputs}))
+    mid_in = {n: env[n] for n in middle.graph.inputs}
+    mid_out, _ = recompute_step(middle, params(middle), mid_in, None, 2)
+    env.update(mid_out)
+    last_in = {n: env[n] for n in last.graph.inputs}
+    _, seeds = recompute_step(last, params(last), last_in, {}, 2)
+    _, ours = recompute_step(middle, params(middle), mid_in, seeds, 2)
+    # The oracle: both stages as one autograd graph.
+    leaves = {
+        n: v.detach().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+        for n, v in mid_in.items()
+    }
+    through = StageModule(middle.graph, params(middle))(leaves)
+    later = {n: through[n] if n in through else env[n] for n in last.graph.inputs}
+    loss = StageModule(last.graph, params(last))(later)[last.loss] / 2
+    wanted = [n for n, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    assert wanted
+    expected = torch.autograd.grad(loss, [leaves[n] for n in wanted], allow_unused=True)
+    for n, e in zip(wanted, expected, strict=True):
+        got = ours[n]
+        if e is None:
+            assert got is None or float(got.abs().max()) == 0.0, n
+        else:
+            assert got is not None and torch.allclose(got, e, rtol=1e-5, atol=1e-7), n
