@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 
 import grpc
 import torch
 
-from proto.certificates import CertificateError, certificate_name, worker_name
+from proto.certificates import MEMBER_DAYS, CertificateError, certificate_name, worker_name
 from proto.cluster_tls import ClientTls, MemberTls
 from proto.retry import RetryPolicy, retry
 from proto.rpc import Metadata, open_channel, token_metadata
@@ -68,6 +69,10 @@ REGISTER_RETRIED = frozenset(grpc.StatusCode) - REFUSED - {grpc.StatusCode.INVAL
 DELIVERY_RETRIED = frozenset(grpc.StatusCode) - OUTDATED
 
 
+# An idle worker registers again (for a fresh certificate) once its certificate is this old.
+CERTIFICATE_RENEW_S = MEMBER_DAYS * 86400 / 2
+
+
 class RefusedError(Exception):
     """The coordinator refused this worker (a wrong join token)."""
 
@@ -105,6 +110,9 @@ class CoordinatorLink:
         self._reports: collections.deque[tuple[str, StepReport]] = collections.deque()
         self._report_ready = asyncio.Event()
         self._unreachable_logged = False
+        # When this worker's certificate was signed (monotonic s; None: none yet). An idle
+        # worker registers again once half its life is gone, so it never runs out.
+        self.certified_at: float | None = None
         # Set once this worker has asked to leave: a coordinator that then no longer
         # knows it has let it go, and must not get it back as a fresh volunteer.
         self.leaving = False
@@ -162,8 +170,13 @@ class CoordinatorLink:
         log.info("registered with %s as %s (%s)", self.address, self.name, self.worker_id)
         return self.worker_id
 
-    @staticmethod
-    def _take_certificate(member: MemberTls, worker_id: str, cert_pem: bytes) -> None:
+    def renewal_due(self, now: float | None = None) -> bool:
+        """Whether this worker's certificate is past half its life (`CERTIFICATE_RENEW_S`)."""
+        if self.certified_at is None:
+            return False
+        return (time.monotonic() if now is None else now) - self.certified_at > CERTIFICATE_RENEW_S
+
+    def _take_certificate(self, member: MemberTls, worker_id: str, cert_pem: bytes) -> None:
         """Serve with the certificate the coordinator's authority signed for this worker,
         once it carries this worker's name (a coordinator that sends none or another's
         is refused: peers would refuse this worker anyway)."""
@@ -176,6 +189,7 @@ class CoordinatorLink:
                 f"the coordinator's certificate names {name[:80]!r}, not this worker"
             )
         member.set_certificate(cert_pem)
+        self.certified_at = time.monotonic()
 
     def _log_unreachable(self, e: grpc.aio.AioRpcError, wait_s: float = 0.0) -> None:
         if not self._unreachable_logged:
@@ -199,6 +213,11 @@ class CoordinatorLink:
                 answer = heartbeat_answer_from_pb(reply)
                 self._unreachable_logged = False
                 if not answer.known and not self.leaving:
+                    await self.register()
+                elif state == "idle" and not job_id and not self.leaving and self.renewal_due():
+                    # Idle: a new registration (new certificate and credentials) disturbs
+                    # no stage.
+                    log.info("renewing this worker's certificate")
                     await self.register()
                 for dropped in answer.stop_jobs:
                     result = stop_job(dropped)

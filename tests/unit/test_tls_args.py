@@ -139,3 +139,36 @@ def test_a_fingerprint_pins_the_certificate_the_coordinator_presents(
     wrong = WorkerConfig(coordinator=address, token="t" * 16, ca_fingerprint=other)
     with pytest.raises(ValueError, match="refusing to join"):
         asyncio.run(coordinator_authority(wrong))
+
+
+def test_a_worker_certificate_is_renewed_past_half_its_life() -> None:
+    from proto.certificates import MEMBER_DAYS, new_key, signing_request, worker_name
+    from proto.cluster_tls import MemberTls
+    from worker.coordinator_link import CERTIFICATE_RENEW_S, CoordinatorLink, RefusedError
+    from worker.resources import Resources
+
+    async def run() -> None:
+        ca = CertificateAuthority.create()
+        member = MemberTls(ca.cert_pem)
+        link = CoordinatorLink(
+            "127.0.0.1:1",
+            token="t" * 16,
+            tls=member,
+            name="w",
+            resources=Resources(gflops=1.0, memory_bytes=1 << 30, device="cpu", threads=1),
+        )
+        assert not link.renewal_due()  # no certificate yet: nothing to renew
+        # A certificate for another name than this worker's is refused, and not taken.
+        for name in (worker_name("someone-else"), "w1"):
+            wrong = ca.sign(signing_request(new_key()[0]), name)
+            with pytest.raises(RefusedError, match="not this worker"):
+                link._take_certificate(member, "w1", wrong)
+        assert member.cert_pem is None and link.certified_at is None
+        link._take_certificate(member, "w1", ca.sign(member.signing_request(), worker_name("w1")))
+        assert link.certified_at is not None
+        assert CERTIFICATE_RENEW_S == MEMBER_DAYS * 86400 / 2
+        assert not link.renewal_due(link.certified_at + CERTIFICATE_RENEW_S - 1)
+        assert link.renewal_due(link.certified_at + CERTIFICATE_RENEW_S + 1)
+        await link.close()
+
+    asyncio.run(run())
