@@ -4,9 +4,9 @@ calls it.
 The coordinator's `RegisterReply` gives the worker two secrets (`admit`): its own
 credential, sent with its id on every call to the coordinator, and the coordinator's
 credential toward it, which the worker demands of every call only the coordinator makes
-(`LoadStage`, `StartJob`, `StopJob`, `Status`, `MeasureLinks`): a peer worker or anyone
-holding the join token is refused. A re-registration replaces both. Until the first one
-the worker takes no coordinator call at all.
+(`LoadStage`, `StartJob`, `StopJob`, `Status`, `MeasureLinks`, `SpotEvidence`): a peer
+worker or anyone holding the join token is refused. A re-registration replaces both. Until
+the first one the worker takes no coordinator call at all.
 
 Peer calls carry the join token (every volunteer has it: it only keeps strangers from
 reaching the checks behind it) and a narrower secret: a transfer, the secret of its stage
