@@ -264,6 +264,10 @@ def add_relay_servicer(server: grpc.aio.Server, hub: RelayHub) -> None:
         try:
             await hub.serve(requests, context)
         except RelayRefused as e:
+            log.info("relay stream from %s ended: %s", context.peer(), e)
             await context.abort(e.code, str(e))
+        except Exception:
+            log.exception("relay stream from %s failed", context.peer())
+            raise
 
     add_relay_handler(server, connect)

@@ -184,7 +184,10 @@ Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWrite
 class RelayPump:
     """One end of a relay stream: its connections, the bytes between them and the stream.
 
-    `send` puts one frame on the stream (the pump never sends two at once). The relay's end
+    `send` puts one frame on the stream. Frames wait in an outbox that one writer task
+    empties, in order: a connection's task may be cancelled at any moment (its connection
+    closed), and one cancelled inside grpc's `write` would cancel the whole stream. The
+    outbox holds at most a window of DATA per connection and a few small frames. The relay's end
     (`connect` None) opens connections (`attach`); the worker's end is given `connect`,
     which opens the local connection each OPEN asks for. `receive` takes each frame the
     other end sent, in order, and never waits on a connection."""
@@ -199,7 +202,8 @@ class RelayPump:
         self._send_frame = send
         self.bounds = bounds
         self._connect = connect
-        self._send_lock = asyncio.Lock()
+        self._outbox: asyncio.Queue[Frame] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
         self._connections: dict[int, _Connection] = {}
         self._highest = 0  # the last connection id opened
         self._closed = False
@@ -215,8 +219,17 @@ class RelayPump:
         return len(self._connections)
 
     async def send(self, frame: Frame) -> None:
-        async with self._send_lock:
-            await self._send_frame(frame)
+        """Queue `frame` for the stream (never waits: the windows bound what is queued)."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_out())
+        self._outbox.put_nowait(frame)
+
+    async def _write_out(self) -> None:
+        try:
+            while True:
+                await self._send_frame(await self._outbox.get())
+        except Exception as e:  # the stream broke: its reading end ends it
+            log.debug("relay stream write failed: %r", e)
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -379,3 +392,5 @@ class RelayPump:
         self._closed = True
         for conn in list(self._connections.values()):
             await self._drop(conn, tell=False)
+        if self._writer is not None:
+            self._writer.cancel()

@@ -104,8 +104,10 @@ class RelayStream:
         """Wait until the stream ends; why it did."""
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
+            if task.cancelled():
+                return "cancelled"
             if task.exception() is not None:
-                return str(task.exception())
+                return repr(task.exception())
         with contextlib.suppress(Exception):
             await self.call
         code = await self.call.code()
@@ -195,7 +197,7 @@ class RelayClient:
                 opened = asyncio.get_running_loop().time()
                 await rejoin(address)
                 await self.bind()
-            except (grpc.aio.AioRpcError, RelayProtocolError, OSError) as e:
+            except Exception as e:  # this loop is all that keeps the worker reachable
                 log.warning("relay %s: %s; trying again in %.1f s", self.relay, _why(e), delay)
                 if self.stream is not None:
                     await self.stream.close()
