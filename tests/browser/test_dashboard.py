@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from archipelago.client import ClientError
 from archipelago.localcluster import Cluster, Proc, wait_for
 
 pytestmark = pytest.mark.browser
@@ -52,7 +53,29 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Cluster, dict[str, Proc]]]:
         workers = {name: c.start_worker(name) for name in ("w0", "w1", "w2")}
         yield c, workers
     finally:
+        stop_jobs(c)
         c.close()
+
+
+def stop_jobs(c: Cluster) -> None:
+    """Cancel the jobs still training (the test leaves its long one running): a worker
+    stopped while it holds a stage waits to drain, and `close` would wait for it."""
+    if c.coordinator is None or not c.coordinator.alive:
+        return
+    client = c.client()
+    try:
+        for job in client.jobs():
+            if job.state not in ("completed", "failed", "cancelled"):
+                client.cancel(job.job_id)
+        wait_for(
+            "the workers to drop their stages",
+            lambda: all(w.state != "busy" for w in c.workers_safe()),
+            10,
+        )
+    except (ClientError, TimeoutError):
+        pass  # close() stops the processes either way
+    finally:
+        client.close()
 
 
 def test_operator_watches_a_job_lose_a_worker_and_replan(
