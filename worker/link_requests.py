@@ -7,8 +7,10 @@ so a request's checks run without a network.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
+from proto.certificates import CertificateError, worker_name
 from proto.cluster_tls import ClientTls
 from proto.rpc import ADDRESS_PATTERN, Network, address_in_networks
 from worker.link_measurement import LinkFigure, LinkRequest
@@ -16,6 +18,19 @@ from worker.link_probe import check_request, measure_link
 
 # Links one request may ask for (each is measured in turn).
 MAX_LINK_TARGETS = 64
+
+
+# A probe ticket is an HMAC-SHA256 hex digest (`proto.rpc.ticket`).
+TICKET = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _names_a_worker(worker_id: str) -> bool:
+    """Whether `worker_id` can be a worker's (and name its certificate)."""
+    try:
+        worker_name(worker_id)
+    except CertificateError:
+        return False
+    return True
 
 
 def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> None:
@@ -26,10 +41,16 @@ def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> Non
     if len(request.targets) > MAX_LINK_TARGETS:
         raise ValueError(f"at most {MAX_LINK_TARGETS} links may be measured in one call")
     for t in request.targets:
-        if not 0 < len(t.worker_id) <= 100 or not ADDRESS_PATTERN.match(t.address):
+        if not _names_a_worker(t.worker_id) or not ADDRESS_PATTERN.match(t.address):
             raise ValueError(
                 f"link target {t.worker_id[:40]!r} at {t.address[:80]!r} is not a worker "
                 "id and HOST:PORT"
+            )
+        # A ticket travels on as a header of the probe: only what the coordinator mints.
+        if t.ticket and not TICKET.match(t.ticket):
+            raise ValueError(
+                f"the probe ticket for link target {t.worker_id!r} is not one the coordinator "
+                "makes (64 hex digits)"
             )
         if not address_in_networks(t.address, networks):
             raise PermissionError(
