@@ -593,6 +593,17 @@ def worker_methods(worker_address: str) -> tuple[list[Method], tuple[Message, ..
         ),
         Method("Worker", "StopJob", "unary", (control,)),
         Method("Worker", "StartJob", "unary", (control,)),
+        # The coordinator's spot check fetching a recent micro-batch's evidence.
+        Method(
+            "Worker",
+            "SpotEvidence",
+            "server-stream",
+            (
+                worker_pb2.SpotRequest(
+                    job_id=FUZZ_JOB, epoch=FUZZ_EPOCH, step=0, micro_batch=0, params=True
+                ),
+            ),
+        ),
     ]
     return methods, load_stage
 
