@@ -15,6 +15,7 @@ BENCHMARKS = {
     "wan-planners": "bench.wan_planners",
     "wan-compression": "bench.wan_compression",
     "wan-replicas": "bench.wan_replicas",
+    "wan-relay": "bench.wan_relay",
     "dashboard": "bench.dashboard",
 }
 

@@ -28,3 +28,8 @@ def drop_inbound(namespace: str) -> None:
     if why is not None:
         raise TestbedError(f"cannot put {namespace} behind NAT: {why}")
     iproute.run(["ip", "netns", "exec", namespace, *IPTABLES, "-A", *DROP_INBOUND])
+
+
+def allow_inbound(namespace: str) -> None:
+    """Undo `drop_inbound` (the host takes inbound connections again)."""
+    iproute.run(["ip", "netns", "exec", namespace, *IPTABLES, "-D", *DROP_INBOUND])
