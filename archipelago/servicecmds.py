@@ -71,7 +71,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--worker-networks",
         default="",
         metavar="CIDR[,CIDR]",
-        help="accept only workers whose address lies in these networks (default: any)",
+        help="accept only workers whose address lies in these networks (default: any but "
+        "link-local, multicast and reserved, and loopback only if the coordinator serves it)",
     )
     p.add_argument(
         "--link-probes",
@@ -119,7 +120,8 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         "--probe-networks",
         default="",
         metavar="CIDR[,CIDR]",
-        help="only measure links to workers inside these networks (default: any)",
+        help="only measure links to workers inside these networks (default: any but "
+        "link-local, multicast and reserved, and loopback only if this worker serves it)",
     )
     add_rpc_limit_flags(p, WORKER_RPC_LIMITS)
     add_worker_relay_flags(p)

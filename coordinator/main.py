@@ -40,7 +40,7 @@ from coordinator.worker_client import WorkerClient
 from proto.certificates import COORDINATOR_CLIENT_NAME
 from proto.cluster_tls import MemberTls, coordinator_server_credentials
 from proto.concurrency import bounded_server
-from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks
+from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks, serves_loopback
 
 log = logging.getLogger("archipelago.coordinator")
 
@@ -168,6 +168,7 @@ async def serve(cfg: CoordinatorConfig) -> int:
             heartbeat_s=cfg.heartbeat_s,
             worker_networks=networks,
             authority=authority,
+            loopback_workers=serves_loopback(cfg.host),
         ),
     )
     address = f"{cfg.host}:{cfg.port}"

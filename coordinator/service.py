@@ -56,6 +56,7 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         heartbeat_s: float,
         worker_networks: tuple[Network, ...] = (),
         authority: CertificateAuthority | None = None,
+        loopback_workers: bool = True,
     ) -> None:
         self.manager = manager
         self.registry = registry
@@ -63,7 +64,12 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         self.heartbeat_s = heartbeat_s
         # With an authority (TLS), registration certifies each worker's server key.
         self.admission = WorkerAdmission(
-            registry, manager, worker_networks, gate=gate, authority=authority
+            registry,
+            manager,
+            worker_networks,
+            gate=gate,
+            authority=authority,
+            loopback=loopback_workers,
         )
 
     async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, *roles: Role) -> Caller:

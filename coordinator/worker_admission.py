@@ -54,7 +54,9 @@ class Registration:
     csr: bytes = b""
 
 
-def check_registration(r: Registration, networks: Sequence[Network]) -> None:
+def check_registration(
+    r: Registration, networks: Sequence[Network], *, loopback: bool = True
+) -> None:
     """Refuse a registration: ValueError for a malformed one, PermissionError for an
     address outside `networks` (the --worker-networks; none: any). The coordinator calls
     every worker it admits, so an address is checked before it is ever used."""
@@ -62,10 +64,16 @@ def check_registration(r: Registration, networks: Sequence[Network]) -> None:
         raise ValueError("worker name must be 1-100 printable characters")
     if not ADDRESS_PATTERN.match(r.address):
         raise ValueError(f"worker address {r.address[:80]!r} is not HOST:PORT")
-    if not address_in_networks(r.address, networks):
+    if not address_in_networks(r.address, networks, loopback=loopback):
+        if networks:
+            raise PermissionError(
+                f"worker address {r.address[:80]!r} is outside the networks this "
+                "coordinator accepts workers from (--worker-networks)"
+            )
         raise PermissionError(
-            f"worker address {r.address[:80]!r} is outside the networks this "
-            "coordinator accepts workers from (--worker-networks)"
+            f"worker address {r.address[:80]!r} is no volunteer's: loopback (this "
+            "coordinator does not serve loopback), link-local, multicast or reserved "
+            "(--worker-networks to accept such addresses)"
         )
     check_claim(r.gflops, r.memory_bytes, r.threads)
     if len(r.device) > 32:
@@ -84,8 +92,11 @@ class WorkerAdmission:
         *,
         gate: Gatekeeper,
         authority: CertificateAuthority | None = None,
+        loopback: bool = True,
     ) -> None:
         self.registry = registry
+        # Whether workers may be at this machine's loopback (the coordinator serves it).
+        self.loopback = loopback
         # Over TLS, each admitted worker's server key is certified under its name.
         self.authority = authority
         self.manager = manager
@@ -99,7 +110,7 @@ class WorkerAdmission:
         """The registered worker and its new credentials; ValueError or PermissionError as
         `check_registration`, PermissionError for an existing id that `claimed` (the
         worker id the call's credential proved, if any) is not."""
-        check_registration(r, self.networks)
+        check_registration(r, self.networks, loopback=self.loopback)
         if self.authority is not None:
             if not r.csr:
                 raise ValueError(

@@ -84,18 +84,41 @@ def check_plain_text_host(host: str, option: str) -> None:
         )
 
 
-def address_in_networks(address: str, networks: Sequence[Network]) -> bool:
-    """Whether HOST:PORT may be contacted under a restriction to `networks` (none: any).
-    With networks given, only a literal IP inside one of them passes: no name is looked
-    up, so nothing outside the chosen networks is ever reached."""
-    if not networks:
-        return True
+def address_in_networks(
+    address: str, networks: Sequence[Network], *, loopback: bool = True
+) -> bool:
+    """Whether HOST:PORT may be contacted under a restriction to `networks`. With networks
+    given, only a literal IP inside one of them passes: no name is looked up, so nothing
+    outside the chosen networks is ever reached. Without, any address a machine of a
+    cluster can have passes: not link-local (a cloud's metadata service), multicast,
+    unspecified or reserved, and loopback only when `loopback` (the caller itself is on
+    loopback: a volunteer elsewhere is never at this machine's loopback). A name passes
+    (it is resolved when dialled), except `localhost` without `loopback`."""
     host = address.rpartition(":")[0].strip("[]")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
+        return not networks and (loopback or host.lower() != "localhost")
+    if networks:
+        return any(ip in net for net in networks if net.version == ip.version)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return loopback
+    return not (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved)
+
+
+def serves_loopback(host: str) -> bool:
+    """Whether a process bound to `host` can be reached on its machine's loopback (a
+    loopback address, or every interface)."""
+    name = host.strip("[]")
+    if name in ("", "localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
         return False
-    return any(ip in net for net in networks if net.version == ip.version)
+    return ip.is_loopback or ip.is_unspecified
 
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

@@ -33,7 +33,9 @@ def _names_a_worker(worker_id: str) -> bool:
     return True
 
 
-def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> None:
+def check_link_request(
+    request: LinkRequest, networks: Sequence[Network], *, loopback: bool = True
+) -> None:
     """Refuse a request this worker will not carry out: ValueError for a malformed one,
     PermissionError for a target outside `networks` (the --probe-networks; none: any).
     Checked in order, so the first problem is the one named."""
@@ -52,10 +54,11 @@ def check_link_request(request: LinkRequest, networks: Sequence[Network]) -> Non
                 f"the probe ticket for link target {t.worker_id!r} is not one the coordinator "
                 "makes (64 hex digits)"
             )
-        if not address_in_networks(t.address, networks):
+        if not address_in_networks(t.address, networks, loopback=loopback):
             raise PermissionError(
                 f"link target {t.address[:80]!r} is outside the networks this worker "
-                "probes (--probe-networks)"
+                "probes (--probe-networks; without it: no loopback unless this worker "
+                "serves there, nor link-local, multicast or reserved addresses)"
             )
 
 

@@ -21,7 +21,7 @@ import torch
 from proto.certificates import CertificateError, check_fingerprint, fingerprint
 from proto.cluster_tls import CoordinatorUnreachable, MemberTls, fetch_coordinator_certificate
 from proto.concurrency import WORKER_RPC_LIMITS, RpcLimits, bounded_server
-from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks
+from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks, serves_loopback
 from worker.coordinator_link import CoordinatorLink
 from worker.credentials import NodeCredentials
 from worker.node import WorkerNode
@@ -152,6 +152,7 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
             worker_id=lambda: link.worker_id,
             name=name,
             probe_networks=parse_networks(cfg.probe_networks, "--probe-networks"),
+            probe_loopback=serves_loopback(cfg.listen.rpartition(":")[0]),
         ),
     )
     if tls is not None:

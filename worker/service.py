@@ -49,9 +49,12 @@ class WorkerService(serde.WorkerServicerBase):
         worker_id: Callable[[], str | None],
         name: str,
         probe_networks: tuple[Network, ...] = (),
+        probe_loopback: bool = True,
     ) -> None:
         self.node = node
         self.probe_networks = probe_networks
+        # Whether link targets may be on this machine's loopback (this worker serves it).
+        self.probe_loopback = probe_loopback
         self._worker_id = worker_id  # a callable: the id arrives after registration
         self.name = name
 
@@ -203,7 +206,7 @@ class WorkerService(serde.WorkerServicerBase):
         await self._coordinator(context, "MeasureLinks")
         links = serde.link_request_from_pb(request)
         try:
-            check_link_request(links, self.probe_networks)
+            check_link_request(links, self.probe_networks, loopback=self.probe_loopback)
         except ValueError as e:
             await abort(context, INVALID, str(e))
         except PermissionError as e:
