@@ -30,8 +30,15 @@ def add_worker_relay_flags(p: argparse.ArgumentParser) -> None:
 
 def worker_relay_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The WorkerConfig fields the relay flags set."""
+    from worker.relay_client import check_outbound_only
+
     if args.relay and not args.outbound_only:
         raise UsageError("--relay is for an --outbound-only worker")
+    if args.outbound_only:
+        try:
+            check_outbound_only(args.listen, args.advertise)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return {"outbound_only": args.outbound_only, "relay": args.relay}
 
 

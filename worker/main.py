@@ -107,6 +107,8 @@ def _advertised(listen: str, port: int, advertise: str) -> str:
 
 
 async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int:
+    if cfg.outbound_only:  # -- relay
+        check_outbound_only(cfg.listen, cfg.advertise)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     resources = measure_resources(device=cfg.device)
@@ -166,7 +168,6 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
     # -- relay: the address peers dial is one the relay holds for this worker.
     relay = None
     if cfg.outbound_only:
-        check_outbound_only(cfg.listen, cfg.advertise)
         relay = RelayClient(
             cfg.relay or cfg.coordinator,
             token=cfg.token,
