@@ -124,8 +124,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def four_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One coordinator and workers w0..w3, shared by the tests that only run jobs to
-    completion on them (each its own job, read by its own id): none stops a process."""
+    """One coordinator and workers w0..w3, shared by the tests after the drained one (that
+    one stops a worker), which only run jobs to completion (each read by its own id)."""
     c = Cluster(tmp_path_factory.mktemp("local-sgd") / "cluster")
     try:
         c.start_coordinator()
@@ -169,6 +169,43 @@ def relative_difference(state: dict[str, torch.Tensor], want: dict[str, torch.Te
     diff = sum(float((state[n] - p).square().sum()) for n, p in want.items()) ** 0.5
     norm = sum(float(p.square().sum()) for p in want.values()) ** 0.5
     return diff / norm
+
+
+def test_a_drained_outer_nesterov_run_resumes_with_its_outer_state(cluster: Cluster) -> None:
+    """Ctrl-C of a replica's worker mid-run: the job drains at a step boundary and resumes
+    on a spare from the checkpoint there, which carries the outer optimizer's state (the
+    last round's parameters and the outer momentum); the run equals the uninterrupted
+    DiLoCo simulation. Period 1 puts every boundary at a round and plain SGD has no inner
+    state, so nothing but the outer state could be lost."""
+    cluster.start_coordinator()
+    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
+    steps = 24
+    sync = "{kind: local-sgd, period: 1, outer: {name: nesterov, lr: 0.7, momentum: 0.9}}"
+    spec_yaml = job_spec(PLAIN_SGD, sync, steps)
+    job_id = cluster.submit(spec_yaml)
+    cluster.wait_job(
+        job_id, lambda j: j.state == "running" and j.steps_done >= 6, "the job to pass step 6"
+    )
+    leaving = workers["w2"]  # replica 1's stage 0
+    cluster.kill(leaving, signal.SIGINT)
+    assert leaving.popen.wait(timeout=120) == 0
+    job = cluster.wait_job(
+        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+    )
+    assert job.epoch == 2
+    resumed = min(m.step for m in cluster.job(job_id, with_metrics=True).metrics if m.epoch == 2)
+    assert 6 <= resumed < steps
+    losses, state = job_result(cluster, job_id)
+    spec = parse_job_spec(spec_yaml)
+    want_losses, want_params = simulate(spec, lambda k, _: True, outer=("nesterov", 0.7, 0.9))
+    loss_diff = max(abs(a - b) for a, b in zip(losses, want_losses, strict=True))
+    worst = relative_difference(state, want_params)
+    print(
+        f"outer nesterov drained at step {resumed} and resumed: largest loss difference "
+        f"{loss_diff:.3g}, parameters {worst:.3g}"
+    )
+    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
+    assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
 
 
 def test_local_sgd_with_period_1_and_plain_sgd_trains_like_sync(four_workers: Cluster) -> None:
@@ -307,43 +344,6 @@ def test_partial_local_sgd_averages_each_layer_once_per_period_like_a_simulation
     print(
         f"partial period {period} vs simulation: largest loss difference {loss_diff:.3g}, "
         f"parameters {worst:.3g}"
-    )
-    assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
-    assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
-
-
-def test_a_drained_outer_nesterov_run_resumes_with_its_outer_state(cluster: Cluster) -> None:
-    """Ctrl-C of a replica's worker mid-run: the job drains at a step boundary and resumes
-    on a spare from the checkpoint there, which carries the outer optimizer's state (the
-    last round's parameters and the outer momentum); the run equals the uninterrupted
-    DiLoCo simulation. Period 1 puts every boundary at a round and plain SGD has no inner
-    state, so nothing but the outer state could be lost."""
-    cluster.start_coordinator()
-    workers = {f"w{i}": cluster.start_worker(f"w{i}") for i in range(5)}
-    steps = 24
-    sync = "{kind: local-sgd, period: 1, outer: {name: nesterov, lr: 0.7, momentum: 0.9}}"
-    spec_yaml = job_spec(PLAIN_SGD, sync, steps)
-    job_id = cluster.submit(spec_yaml)
-    cluster.wait_job(
-        job_id, lambda j: j.state == "running" and j.steps_done >= 6, "the job to pass step 6"
-    )
-    leaving = workers["w2"]  # replica 1's stage 0
-    cluster.kill(leaving, signal.SIGINT)
-    assert leaving.popen.wait(timeout=120) == 0
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
-    assert job.epoch == 2
-    resumed = min(m.step for m in cluster.job(job_id, with_metrics=True).metrics if m.epoch == 2)
-    assert 6 <= resumed < steps
-    losses, state = job_result(cluster, job_id)
-    spec = parse_job_spec(spec_yaml)
-    want_losses, want_params = simulate(spec, lambda k, _: True, outer=("nesterov", 0.7, 0.9))
-    loss_diff = max(abs(a - b) for a, b in zip(losses, want_losses, strict=True))
-    worst = relative_difference(state, want_params)
-    print(
-        f"outer nesterov drained at step {resumed} and resumed: largest loss difference "
-        f"{loss_diff:.3g}, parameters {worst:.3g}"
     )
     assert loss_diff < 1e-4, f"largest loss difference {loss_diff:.3g}"
     assert worst < 1e-5, f"relative parameter difference {worst:.3g}"
