@@ -134,6 +134,8 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster:
         cluster.address,
         "--operator-token",
         OPERATOR_TOKEN,
+        "--ca",
+        str(cluster.ca_file),
     ]
     out = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
@@ -310,6 +312,8 @@ def test_topk_at_ratio_one_equals_the_uncompressed_run_and_lossy_topk_moves_fewe
         cluster.address,
         "--operator-token",
         OPERATOR_TOKEN,
+        "--ca",
+        str(cluster.ca_file),
     ]
     shown = subprocess.run(
         [sys.executable, "-m", "archipelago.cli", *command],
