@@ -200,7 +200,8 @@ class RelayHub:
         stream: RelayedStream | None = None
 
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await pump.attach(reader, writer)
+            peername = writer.get_extra_info("peername")
+            await pump.attach(reader, writer, peer=str(peername[0]) if peername else "")
 
         server = await asyncio.start_server(accepted, host=self.config.host, port=0)
         try:

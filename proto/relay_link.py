@@ -91,11 +91,14 @@ class RelayBounds:
     max_frame_bytes: int = 64 << 10
     window_bytes: int = 256 << 10
     max_connections: int = 32
+    # (The relay's end.) Of those, how many one address may hold: a stranger who dials a
+    # relayed worker's port cannot take every connection it has.
+    max_connections_per_peer: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frame_bytes <= self.window_bytes:
             raise ValueError("a relay frame must be 1 byte or more and fit in the window")
-        if self.max_connections < 1:
+        if self.max_connections < 1 or self.max_connections_per_peer < 1:
             raise ValueError("a relay stream must carry at least one connection")
 
 
@@ -170,6 +173,7 @@ class _Connection:
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
     pending: bytearray = field(default_factory=bytearray)  # bytes that came meanwhile
+    peer: str = ""  # (the relay's end) the address that opened it
     sent_unacked: int = 0  # our bytes the other end has not acknowledged
     received_unacked: int = 0  # its bytes we took but have not acknowledged yet
     to_ack: int = 0
@@ -233,14 +237,22 @@ class RelayPump:
 
     # -- opening ----------------------------------------------------------------------------
 
-    async def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """(Relay's end.) Carry a connection the relay accepted; False (and it is closed)
-        when the stream carries as many as it may, or is closing."""
-        if self._closed or len(self._connections) >= self.bounds.max_connections:
+    async def attach(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer: str = ""
+    ) -> bool:
+        """(Relay's end.) Carry a connection the relay accepted from `peer`; False (and it
+        is closed) when the stream carries as many as it may, in all or from `peer`, or is
+        closing."""
+        held = sum(c.peer == peer for c in self._connections.values()) if peer else 0
+        if (
+            self._closed
+            or len(self._connections) >= self.bounds.max_connections
+            or held >= self.bounds.max_connections_per_peer
+        ):
             writer.close()
             return False
         self._highest += 1
-        conn = _Connection(self._highest, writer=writer, reader=reader)
+        conn = _Connection(self._highest, writer=writer, reader=reader, peer=peer)
         self._connections[conn.id] = conn
         await self.send(Frame(FrameKind.OPEN, conn.id))
         self._start(conn)

@@ -85,7 +85,7 @@ class Joined:
     """A relay pump and a worker pump, each one's frames delivered to the other in order
     (through the wire encoding and its checks), the worker's connected to `echo`."""
 
-    def __init__(self, local_port: int) -> None:
+    def __init__(self, local_port: int, bounds: RelayBounds) -> None:
         self.to_worker: asyncio.Queue[relay_pb2.RelayFrame] = asyncio.Queue()
         self.to_relay: asyncio.Queue[relay_pb2.RelayFrame] = asyncio.Queue()
         self.errors: list[BaseException] = []
@@ -96,8 +96,9 @@ class Joined:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await asyncio.open_connection("127.0.0.1", local_port)
 
-        self.relay = RelayPump(lambda f: to(self.to_worker, f), BOUNDS)
-        self.worker = RelayPump(lambda f: to(self.to_relay, f), BOUNDS, connect=connect)
+        self.bounds = bounds
+        self.relay = RelayPump(lambda f: to(self.to_worker, f), bounds)
+        self.worker = RelayPump(lambda f: to(self.to_relay, f), bounds, connect=connect)
         self.tasks = [
             asyncio.create_task(self._deliver(self.to_worker, self.worker)),
             asyncio.create_task(self._deliver(self.to_relay, self.relay)),
@@ -106,7 +107,7 @@ class Joined:
     async def _deliver(self, queue: asyncio.Queue[relay_pb2.RelayFrame], pump: RelayPump) -> None:
         try:
             while True:
-                await pump.receive(frame_from_pb(await queue.get(), BOUNDS))
+                await pump.receive(frame_from_pb(await queue.get(), self.bounds))
         except RelayProtocolError as e:
             self.errors.append(e)
 
@@ -126,15 +127,15 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 
 async def with_relay(
-    body: Callable[[Joined, int], Awaitable[None]],
+    body: Callable[[Joined, int], Awaitable[None]], bounds: RelayBounds = BOUNDS
 ) -> None:
     """Run `body(joined, relay_port)`: an echo server behind a worker pump, and a TCP port
     whose connections the relay pump carries."""
     local = await asyncio.start_server(echo, "127.0.0.1", 0)
-    joined = Joined(local.sockets[0].getsockname()[1])
+    joined = Joined(local.sockets[0].getsockname()[1], bounds)
 
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await joined.relay.attach(reader, writer)
+        await joined.relay.attach(reader, writer, peer=writer.get_extra_info("peername")[0])
 
     front = await asyncio.start_server(accepted, "127.0.0.1", 0)
     try:
@@ -162,17 +163,26 @@ def test_connections_carry_bytes_both_ways_through_the_window() -> None:
     asyncio.run(with_relay(body))
 
 
-def test_connections_past_the_bound_are_closed_at_once() -> None:
+@pytest.mark.parametrize("per_peer", [3, 2])
+def test_connections_past_the_bound_are_closed_at_once(per_peer: int) -> None:
+    """At most 3 in all, and at most `per_peer` from one address (here: all of them)."""
+
     async def body(joined: Joined, port: int) -> None:
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(per_peer)]
         for reader, writer in held:  # each carried: it echoes
             writer.write(b"ping")
             assert await reader.readexactly(4) == b"ping"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await reader.read(10) == b""  # closed without a byte
-        assert joined.relay.open_connections == 3
+        assert joined.relay.open_connections == per_peer
 
-    asyncio.run(with_relay(body))
+    bounds = RelayBounds(
+        max_frame_bytes=1024,
+        window_bytes=4096,
+        max_connections=3,
+        max_connections_per_peer=per_peer,
+    )
+    asyncio.run(with_relay(body, bounds))
 
 
 def test_protocol_breaks_are_refused_and_crossed_frames_dropped() -> None:
@@ -362,4 +372,3 @@ def test_the_bounds_on_streams_hold() -> None:
         assert "--max-relayed-workers 0" in details
 
     asyncio.run(with_hub(RelayConfig(host="127.0.0.1", max_workers=0), off))
-
