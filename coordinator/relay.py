@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -50,6 +50,7 @@ log = logging.getLogger("archipelago.coordinator")
 DEFAULT_MAX_RELAYED_WORKERS = 64
 DEFAULT_MAX_RELAYED_PER_HOST = 8
 DEFAULT_BIND_TIMEOUT_S = 60.0
+MAX_PORT_TRIES = 16
 WILDCARDS = frozenset({"0.0.0.0", "::", "[::]"})
 
 
@@ -203,10 +204,9 @@ class RelayHub:
             peername = writer.get_extra_info("peername")
             await pump.attach(reader, writer, peer=str(peername[0]) if peername else "")
 
-        server = await asyncio.start_server(accepted, host=self.config.host, port=0)
+        server, address = await self._listen(accepted)
         try:
-            port = server.sockets[0].getsockname()[1]
-            stream = RelayedStream(address=f"{self.config.host}:{port}", host=host, pump=pump)
+            stream = RelayedStream(address=address, host=host, pump=pump)
             self.streams.append(stream)
             await pump.send(Frame(FrameKind.ASSIGNED, address=stream.address))
             log.info("relaying %s for a worker at %s", stream.address, host)
@@ -242,6 +242,26 @@ class RelayHub:
             if stream is not None and stream in self.streams:
                 self.streams.remove(stream)
                 log.info("relay port %s closed", stream.address)
+
+    async def _listen(
+        self, accepted: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    ) -> tuple[asyncio.Server, str]:
+        """A fresh port for one stream. The system reuses ports, and the planner leaves out
+        an address that a bad worker had (`coordinator.exclusions`): a port whose address
+        is excluded is given up for another, so no worker inherits another's exclusion."""
+        exclusions = self.registry.exclusions
+        given_up: list[asyncio.Server] = []  # held until the end, so none comes back
+        try:
+            for _ in range(MAX_PORT_TRIES):
+                server = await asyncio.start_server(accepted, host=self.config.host, port=0)
+                address = f"{self.config.host}:{server.sockets[0].getsockname()[1]}"
+                if exclusions is None or not exclusions.excluded_address(address):
+                    return server, address
+                given_up.append(server)
+        finally:
+            for s in given_up:
+                s.close()
+        raise RelayRefused(grpc.StatusCode.UNAVAILABLE, "no free relay port; try again later")
 
     async def _read(self, stream: RelayedStream, requests: AsyncIterator[RelayMessage]) -> None:
         try:

@@ -372,3 +372,22 @@ def test_the_bounds_on_streams_hold() -> None:
         assert "--max-relayed-workers 0" in details
 
     asyncio.run(with_hub(RelayConfig(host="127.0.0.1", max_workers=0), off))
+
+
+class OddPortsOnly:
+    """Exclusions (as the planner keeps them) that leave out every even relay port."""
+
+    def excluded_address(self, address: str) -> bool:
+        return int(address.rpartition(":")[2]) % 2 == 0
+
+
+def test_a_port_whose_address_is_excluded_is_never_given_out() -> None:
+    async def body(
+        open_stream: Callable[..., Stream], registry: Registry, gate: Gatekeeper, hub: RelayHub
+    ) -> None:
+        registry.exclusions = OddPortsOnly()  # type: ignore[assignment]
+        streams = [open_stream() for _ in range(6)]
+        ports = [int((await s.frame()).address.rpartition(":")[2]) for s in streams]
+        assert all(p % 2 == 1 for p in ports), ports
+
+    asyncio.run(with_hub(RelayConfig(host="127.0.0.1", max_per_host=8), body))
