@@ -13,15 +13,17 @@ import grpc
 import torch
 
 from coordinator.handover import StageHandover
+from coordinator.inquiry_serde import (
+    measure_link_pb,
+    measured_links_from_pb,
+    open_spot_evidence,
+    spot_request_pb,
+)
 from coordinator.roles import Gatekeeper
 from coordinator.serde import (
     WorkerStub,
     job_control_pb,
     load_stage_parts,
-    measure_link_pb,
-    measured_links_from_pb,
-    open_spot_evidence,
-    spot_request_pb,
     worker_stub,
 )
 from opdag.values import Value

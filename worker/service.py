@@ -240,11 +240,9 @@ class WorkerService(serde.WorkerServicerBase):
         try:
             if ask.params:
                 parts = serde.spot_evidence_parts(job.plan, ask, params=evidence.params(ask.step))
-            elif ask.gradients:
-                grads = evidence.gradients(ask.step, ask.micro_batch)
-                parts = serde.spot_evidence_parts(job.plan, ask, inputs=grads)
             else:
-                inputs = evidence.inputs(ask.step, ask.micro_batch)
+                kept = evidence.gradients if ask.gradients else evidence.inputs
+                inputs = kept(ask.step, ask.micro_batch)
                 parts = serde.spot_evidence_parts(job.plan, ask, inputs=inputs)
         except EvidenceGone as e:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(e))

@@ -34,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from coordinator.planning.compression_spec import CompressionSpec, compression_setting
 from coordinator.planning.job_size import check_job_size
 from coordinator.planning.spec_errors import (
     ROOT,
@@ -43,7 +44,6 @@ from coordinator.planning.spec_errors import (
     arguments_of,
     build_attributed,
     int_in_range,
-    one_of,
     section,
     show,
     spec_dataclass,
@@ -75,8 +75,6 @@ _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # Policies the design card names for later features. Until a feature exists, its key is
 # accepted only with its "off" value, so a spec written for today keeps meaning the same.
-COMPRESSION_KINDS = ("none", "adatopk", "topk")
-COMPRESSION_VALUES = ("fp32", "fp16")
 _MOE_OFF = "auto"
 _MOE_LATER = ("data-centric", "expert-centric")
 # Replicas of each stage, each a full pipeline over its own workers; a bound keeps a sync
@@ -100,14 +98,6 @@ def _off_only(off: str, later: tuple[str, ...], setting: str) -> Callable[[objec
         )
 
     return check
-
-
-def _fraction(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {show(value)}")
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise ValueError(f"must be a fraction in (0, 1], got {value}")
-    return value
 
 
 def _job_name(name: str) -> str:
@@ -155,7 +145,6 @@ def _replicas(value: object) -> int | None:
 
 Steps = Annotated[int, PlainValidator(int_in_range(1, MAX_STEPS))]
 Seed = Annotated[int, PlainValidator(int_in_range(0, _INT64_MAX))]
-Fraction = Annotated[float, PlainValidator(_fraction)]
 
 
 # -- components: built by their own class, their errors given the path of the culprit ----
@@ -305,65 +294,6 @@ class ValidationSpec:
     batches: Annotated[int, PlainValidator(int_in_range(0, MAX_VALIDATION_BATCHES))] = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class CompressionSpec:
-    """What crosses the cut links: everything exactly (`none`), the top-k entries at a
-    fraction each link's bandwidth calls for (`adatopk`, never below `floor`), or the top-k
-    at one fixed fraction on every cut link (`topk`). `values` is how kept entries travel.
-    Built from the spec's `compression`, whose form checks every value."""
-
-    kind: str = "none"
-    ratio: float = 1.0  # topk only
-    floor: float = 0.01  # adatopk only
-    values: str = "fp32"
-
-    def to_plain(self) -> Any:
-        if self.kind == "none":
-            return "none"
-        if self.kind == "topk":
-            return {"topk": self.ratio, "values": self.values}
-        return {"adatopk": {"floor": self.floor}, "values": self.values}
-
-
-@section("compression.adatopk")
-class _AdaTopKForm(Form):
-    floor: Fraction = 0.01
-
-
-def _adatopk_options(value: object) -> object:
-    return {} if value is None or value is True else value  # `{adatopk: }`: the defaults
-
-
-@section("compression")
-class _CompressionForm(Form):
-    topk: Fraction = 1.0
-    adatopk: Annotated[_AdaTopKForm, BeforeValidator(_adatopk_options)] = _AdaTopKForm()
-    values: Annotated[str, PlainValidator(one_of(COMPRESSION_VALUES))] = "fp32"
-
-
-def _compression(value: object) -> object:
-    """`none`, `adatopk`, `{adatopk: {floor: F}}` or `{topk: FRACTION}`, each mapping with
-    an optional `values: fp32 | fp16`, as the CompressionSpec it describes."""
-    if isinstance(value, CompressionSpec):
-        return value
-    if isinstance(value, str):
-        if value == "topk":
-            raise ValueError("topk needs its fraction: {topk: 0.05}")
-        if value not in COMPRESSION_KINDS:
-            raise ValueError(
-                f"unknown setting {show(value)} "
-                f"(settings: none, adatopk, {{adatopk: {{floor: F}}}}, {{topk: FRACTION}})"
-            )
-        return CompressionSpec(kind=value)
-    form = _CompressionForm.model_validate(value)
-    kinds = [k for k in ("topk", "adatopk") if k in form.model_fields_set]
-    if len(kinds) != 1:
-        raise ValueError(
-            f"a mapping names exactly one of topk or adatopk, got {', '.join(kinds) or 'neither'}"
-        )
-    return CompressionSpec(kinds[0], form.topk, form.adatopk.floor, form.values)
-
-
 @section("moe")
 class _MoeForm(Form):
     mode: Annotated[Any, AfterValidator(_off_only(_MOE_OFF, _MOE_LATER, "moe"))]
@@ -385,7 +315,7 @@ class JobSpec:
     checkpoint: CheckpointSpec = CheckpointSpec()
     validation: ValidationSpec = ValidationSpec()
     seed: Seed = 0  # model init seed
-    compression: Annotated[InstanceOf[CompressionSpec], BeforeValidator(_compression)] = (
+    compression: Annotated[InstanceOf[CompressionSpec], BeforeValidator(compression_setting)] = (
         CompressionSpec()
     )
     sync: Annotated[SyncSpec, BeforeValidator(sync_setting)] = SyncSpec()

@@ -12,8 +12,8 @@ the spec's floor; links that fit uncompressed stay uncompressed.
 from __future__ import annotations
 
 from compressors import AdaTopKConfig, choose_link_compression, compressed_wire_bytes
+from coordinator.planning.compression_spec import CompressionSpec
 from coordinator.planning.estimator import NO_CODEC, WireCompression
-from coordinator.planning.jobspec import CompressionSpec
 from coordinator.planning.opfence_plan import OpFencePlan
 from coordinator.planning.plan import LinkCodec
 

@@ -46,6 +46,7 @@ SERDE_MODULES = (
     "opdag.graph_serde",
     "coordinator.serde",
     "coordinator.history_serde",
+    "coordinator.inquiry_serde",
     "worker.serde",
     "worker.coordinator_serde",
     "archipelago.serde",
