@@ -133,6 +133,10 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Channels keep alive while idle (CHANNEL_OPTIONS): without this a server counts each
+    # such ping as a strike and drops the connection with GOAWAY too_many_pings within a
+    # minute, so every later call paid a new connection (and handshake).
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.so_reuseport", 0),
 ]
 
