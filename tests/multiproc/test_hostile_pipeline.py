@@ -100,6 +100,7 @@ def test_a_worker_sending_nan_is_quarantined_and_the_job_ends_as_without_it(
     cluster.start_worker("nan-sender")
     job = run_to_the_end(cluster)
     assert_quarantined(cluster, job, "nan-sender", "is not finite")
+    print(f"NaN sender: validation loss {job.val_loss:.4f}, honest run {clean_val_loss:.4f}")
     assert job.val_loss == pytest.approx(clean_val_loss, rel=0.03)
     metrics = cluster.job(job.job_id, with_metrics=True).metrics
     assert all(m.loss == m.loss for m in metrics), "a NaN loss was reported"
@@ -116,4 +117,5 @@ def test_a_worker_scaling_its_gradients_is_quarantined_and_the_job_ends_as_witho
     # Planned again on w0 alone.
     assert {s.worker_name for s in job.stages} == {"w0"}, (job.epoch, job.error, job.stages)
     assert_quarantined(cluster, job, "scaler", "x median")
+    print(f"x1e4 scaler: validation loss {job.val_loss:.4f}, honest run {clean_val_loss:.4f}")
     assert job.val_loss == pytest.approx(clean_val_loss, rel=0.03)

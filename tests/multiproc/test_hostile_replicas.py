@@ -86,4 +86,5 @@ def test_a_replica_flipping_its_gradients_is_quarantined_and_the_job_ends_as_wit
     finally:
         client.close()
     assert any(e.kind == "quarantined" and e.worker_name == "flipper" for e in events)
+    print(f"sign flipper: validation loss {job.val_loss:.4f}, honest run {clean.val_loss:.4f}")
     assert job.val_loss == pytest.approx(clean.val_loss, rel=0.03)
