@@ -151,9 +151,12 @@ def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_killed_coordinator_restarts_on_its_store_and_the_job_completes(
+def test_killed_coordinator_restarts_on_its_store_the_job_completes_and_its_fit_survives(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """A coordinator killed mid-job: the one restarted on the same store adopts the job,
+    which completes like one uninterrupted process; then the compute model calibrated on
+    its steps survives a second restart (one cluster for both, on each store)."""
     store = "" if backend == "sqlite" else request.getfixturevalue("clean_redis_url")
     cluster = Cluster(tmp_path / "cluster", store=store)
     try:
@@ -181,8 +184,41 @@ def test_killed_coordinator_restarts_on_its_store_and_the_job_completes(
             job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
         )
         assert_losses_match_reference(cluster, job_id, steps)
+        assert_the_calibrated_compute_model_survives_a_restart(cluster, job_id)
     finally:
         cluster.close()
+
+
+def assert_the_calibrated_compute_model_survives_a_restart(cluster: Cluster, job_id: str) -> None:
+    """The completed job's plan has a measured and a calibrated step time; the fitted model
+    is in the store, an efficiency for each worker of the plan; a coordinator killed and
+    started again on the store gives the same calibrated step time."""
+    job = cluster.job(job_id)
+    client = cluster.client()
+    try:
+        before = client.plan(job_id)
+    finally:
+        client.close()
+    assert before.measured_step_s > 0 and before.calibrated_step_s > 0
+    # The fitted model is in the store: an efficiency for each profiled worker.
+    store = open_store(cluster.store)
+    try:
+        blob = store.get_blob("compute-model")
+    finally:
+        store.close()
+    assert blob is not None
+    fitted = json.loads(blob)["efficiency"]
+    assert set(fitted) == {s.worker_id for s in job.stages}
+    assert all(v > 0 for v in fitted.values())
+    assert cluster.coordinator is not None
+    cluster.kill(cluster.coordinator)
+    cluster.start_coordinator("coordinator-3")
+    client = cluster.client()
+    try:
+        after = client.plan(job_id)  # no step has run since the restart
+    finally:
+        client.close()
+    assert after.calibrated_step_s == pytest.approx(before.calibrated_step_s, rel=1e-6)
 
 
 def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
@@ -221,39 +257,6 @@ def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
         ),
         30,
     )
-
-
-def test_the_calibrated_compute_model_survives_a_coordinator_restart(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    for i in range(2):
-        cluster.start_worker(f"w{i}")
-    job_id = cluster.submit(SPEC.format(steps=8, stages=2, every=8))
-    job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
-    client = cluster.client()
-    try:
-        before = client.plan(job_id)
-    finally:
-        client.close()
-    assert before.measured_step_s > 0 and before.calibrated_step_s > 0
-    # The fitted model is in the store: an efficiency for each profiled worker.
-    store = open_store(cluster.store)
-    try:
-        blob = store.get_blob("compute-model")
-    finally:
-        store.close()
-    assert blob is not None
-    fitted = json.loads(blob)["efficiency"]
-    assert set(fitted) == {s.worker_id for s in job.stages}
-    assert all(v > 0 for v in fitted.values())
-    assert cluster.coordinator is not None
-    cluster.kill(cluster.coordinator)
-    cluster.start_coordinator("coordinator-2")
-    client = cluster.client()
-    try:
-        after = client.plan(job_id)  # no step has run since the restart
-    finally:
-        client.close()
-    assert after.calibrated_step_s == pytest.approx(before.calibrated_step_s, rel=1e-6)
 
 
 def test_three_workers_train_three_stages_exactly_like_one_process(three_workers: Cluster) -> None:
