@@ -18,7 +18,7 @@ import pytest
 from coordinator.planning.jobspec import parse_job_spec
 from coordinator.store import open_store
 from opdag.reference import ReferenceTrainer
-from tests.multiproc.cluster import OPERATOR_TOKEN, Cluster, wait_for
+from tests.multiproc.cluster import OPERATOR_TOKEN, Cluster, Proc, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -82,72 +82,136 @@ def three_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         c.close()
 
 
-def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    # Four workers for a job of exactly 3 stages: whichever the planner leaves out is spare.
-    workers = {name: cluster.start_worker(name) for name in ("w0", "w1", "w2", "w3")}
-    steps = 60
-    job_id = cluster.submit(SPEC.format(steps=steps, stages=3, every=10))
-    running = cluster.wait_job(
-        job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
-    )
-    (spare,) = set(workers) - {s.worker_name for s in running.stages}
-    victim = running.stages[1].worker_name
-    cluster.kill(workers[victim])
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
-    assert job.epoch >= 2 and job.recoveries >= 1
-    assert victim not in {s.worker_name for s in job.stages}
-    assert spare in {s.worker_name for s in job.stages}
-    assert workers[spare].alive
-    # The resumed run continues the curve: every step, before and after the kill, has the
-    # loss one uninterrupted process gets.
-    assert_losses_match_reference(cluster, job_id, steps)
-    epochs = {m.step: m.epoch for m in cluster.job(job_id, with_metrics=True).metrics}
-    assert epochs[steps - 1] == job.epoch and epochs[0] == 1
-    # The job's timeline tells the story in order: planned, the worker lost, re-planned and
-    # why, planned again and resumed from a checkpoint, completed.
-    events = cluster.client().events(job_id)
-    kinds = [e.kind for e in events]
-    # (The last checkpoint's validation may come after the end.)
-    assert kinds[:2] == ["submitted", "planned"]
-    assert [k for k in kinds if k != "validation"][-1] == "completed"
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    lost = kinds.index("worker_lost")
-    assert events[lost].worker_name == victim and events[lost].epoch == 1
-    replan = kinds.index("replanning", lost)
-    assert victim in events[replan].reason
-    resumed = events[kinds.index("resumed", replan)]
-    assert resumed.epoch == 2 and resumed.step > 0 and resumed.step % 10 == 0
-    assert kinds.index("planned", replan) < kinds.index("resumed", replan)
-    assert {e.step for e in events if e.kind == "checkpoint"} >= {10, steps}
-    # And the cluster's: four joined, the victim lost.
-    cluster_events = cluster.client().events()
-    assert sorted(e.worker_name for e in cluster_events if e.kind == "joined") == sorted(workers)
-    assert [e.worker_name for e in cluster_events if e.kind == "lost"] == [victim]
-    # `archipelago events JOB` prints the same timeline, a line an event.
-    command = [
-        "events",
-        job_id,
-        "--coordinator",
-        cluster.address,
-        "--operator-token",
-        OPERATOR_TOKEN,
-        "--ca",
-        str(cluster.ca_file),
-    ]
-    out = subprocess.run(
-        [sys.executable, "-m", "archipelago.cli", *command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    # (Fetched later: a validation may have landed since.)
-    assert [line.split()[1] for line in lines][: len(kinds)] == kinds
-    assert any(victim in line and "stopped heart-beating" in line for line in lines)
+def alive_workers(cluster: Cluster) -> dict[str, Proc]:
+    """The cluster's worker processes still running, by name."""
+    return {p.name: p for p in cluster.procs if p is not cluster.coordinator and p.alive}
+
+
+class TestWorkersLeavingAJob:
+    """A worker killed, then one stopped with Ctrl-C, each mid-job, on one cluster
+    (coordinator, w0..w3): the second job is planned on the three the first left alive."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def cluster(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+        c = Cluster(tmp_path_factory.mktemp("leaving") / "cluster")
+        try:
+            c.start_coordinator()
+            for name in ("w0", "w1", "w2", "w3"):
+                c.start_worker(name)
+            yield c
+        finally:
+            c.close()
+
+    def test_killed_worker_is_replaced_and_training_resumes_from_checkpoint(
+        self, cluster: Cluster
+    ) -> None:
+        # Four workers for a job of exactly 3 stages: whichever the planner leaves out is spare.
+        workers = alive_workers(cluster)
+        assert sorted(workers) == ["w0", "w1", "w2", "w3"]
+        steps = 60
+        job_id = cluster.submit(SPEC.format(steps=steps, stages=3, every=10))
+        running = cluster.wait_job(
+            job_id, lambda j: j.state == "running" and j.steps_done >= 15, "the job to pass step 15"
+        )
+        (spare,) = set(workers) - {s.worker_name for s in running.stages}
+        victim = running.stages[1].worker_name
+        cluster.kill(workers[victim])
+        job = cluster.wait_job(
+            job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+        )
+        assert job.epoch >= 2 and job.recoveries >= 1
+        assert victim not in {s.worker_name for s in job.stages}
+        assert spare in {s.worker_name for s in job.stages}
+        assert workers[spare].alive
+        # The resumed run continues the curve: every step, before and after the kill, has the
+        # loss one uninterrupted process gets.
+        assert_losses_match_reference(cluster, job_id, steps)
+        epochs = {m.step: m.epoch for m in cluster.job(job_id, with_metrics=True).metrics}
+        assert epochs[steps - 1] == job.epoch and epochs[0] == 1
+        # The job's timeline tells the story in order: planned, the worker lost, re-planned and
+        # why, planned again and resumed from a checkpoint, completed.
+        events = cluster.client().events(job_id)
+        kinds = [e.kind for e in events]
+        # (The last checkpoint's validation may come after the end.)
+        assert kinds[:2] == ["submitted", "planned"]
+        assert [k for k in kinds if k != "validation"][-1] == "completed"
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        lost = kinds.index("worker_lost")
+        assert events[lost].worker_name == victim and events[lost].epoch == 1
+        replan = kinds.index("replanning", lost)
+        assert victim in events[replan].reason
+        resumed = events[kinds.index("resumed", replan)]
+        assert resumed.epoch == 2 and resumed.step > 0 and resumed.step % 10 == 0
+        assert kinds.index("planned", replan) < kinds.index("resumed", replan)
+        assert {e.step for e in events if e.kind == "checkpoint"} >= {10, steps}
+        # And the cluster's: four joined, the victim lost.
+        cluster_events = cluster.client().events()
+        joined = sorted(e.worker_name for e in cluster_events if e.kind == "joined")
+        assert joined == sorted(workers)
+        assert [e.worker_name for e in cluster_events if e.kind == "lost"] == [victim]
+        # `archipelago events JOB` prints the same timeline, a line an event.
+        command = [
+            "events",
+            job_id,
+            "--coordinator",
+            cluster.address,
+            "--operator-token",
+            OPERATOR_TOKEN,
+            "--ca",
+            str(cluster.ca_file),
+        ]
+        out = subprocess.run(
+            [sys.executable, "-m", "archipelago.cli", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        # (Fetched later: a validation may have landed since.)
+        assert [line.split()[1] for line in lines][: len(kinds)] == kinds
+        assert any(victim in line and "stopped heart-beating" in line for line in lines)
+
+    def test_ctrl_c_drains_a_worker_without_losing_a_step(self, cluster: Cluster) -> None:
+        # Three workers for two stages (the killed one is gone): whichever two the planner
+        # picks, one is spare.
+        workers = alive_workers(cluster)
+        assert len(workers) == 3
+        # The drain comes within a step or two of the Ctrl-C (near step 10), but warm workers
+        # run these steps at tens a second: the job is long enough to be still running.
+        steps = 120
+        # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
+        job_id = cluster.submit(SPEC.format(steps=steps, stages=2, every=1000))
+        running = cluster.wait_job(
+            job_id, lambda j: j.state == "running" and j.steps_done >= 8, "the job to pass step 8"
+        )
+        leaving = workers[running.stages[0].worker_name]
+        cluster.kill(leaving, signal.SIGINT)
+        assert leaving.popen.wait(timeout=120) == 0
+        job = cluster.wait_job(
+            job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
+        )
+        assert job.epoch == 2
+        metrics = cluster.job(job_id, with_metrics=True).metrics
+        drained_at = min(m.step for m in metrics if m.epoch == 2)
+        # The new plan starts exactly where the old one stopped: no step ran twice.
+        assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
+        assert_losses_match_reference(cluster, job_id, steps)
+        # It left for good: it never joined again while it drained and went.
+        name = running.stages[0].worker_name
+        assert cluster.coordinator is not None
+        log = cluster.coordinator.tail(10_000)
+        joins = re.findall(rf"worker {name} \(\w+\) at \S+ joined", log)
+        assert len(joins) == 1, joins
+        wait_for(
+            "the drained worker to be marked left",
+            lambda: any(
+                w.name == running.stages[0].worker_name and w.state == "left"
+                for w in cluster.workers_safe()
+            ),
+            30,
+        )
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
@@ -219,44 +283,6 @@ def assert_the_calibrated_compute_model_survives_a_restart(cluster: Cluster, job
     finally:
         client.close()
     assert after.calibrated_step_s == pytest.approx(before.calibrated_step_s, rel=1e-6)
-
-
-def test_ctrl_c_drains_a_worker_without_losing_a_step(cluster: Cluster) -> None:
-    cluster.start_coordinator()
-    # Three workers for two stages: whichever two the planner picks, one is spare.
-    workers = {name: cluster.start_worker(name) for name in ("w0", "w1", "spare")}
-    # (The drain comes within a step of the Ctrl-C, near step 10.)
-    steps = 60
-    # A checkpoint interval longer than the run: only the drain checkpoints mid-run.
-    job_id = cluster.submit(SPEC.format(steps=steps, stages=2, every=1000))
-    running = cluster.wait_job(
-        job_id, lambda j: j.state == "running" and j.steps_done >= 8, "the job to pass step 8"
-    )
-    leaving = workers[running.stages[0].worker_name]
-    cluster.kill(leaving, signal.SIGINT)
-    assert leaving.popen.wait(timeout=120) == 0
-    job = cluster.wait_job(
-        job_id, lambda j: j.state == "completed", "the job to complete", timeout=240
-    )
-    assert job.epoch == 2
-    metrics = cluster.job(job_id, with_metrics=True).metrics
-    drained_at = min(m.step for m in metrics if m.epoch == 2)
-    # The new plan starts exactly where the old one stopped: no step ran twice.
-    assert drained_at >= 8 and all(m.epoch == 1 for m in metrics if m.step < drained_at)
-    assert_losses_match_reference(cluster, job_id, steps)
-    # It left for good: it never joined again while it drained and went.
-    name = running.stages[0].worker_name
-    assert cluster.coordinator is not None
-    joins = re.findall(rf"worker {name} \(\w+\) at \S+ joined", cluster.coordinator.tail(10_000))
-    assert len(joins) == 1, joins
-    wait_for(
-        "the drained worker to be marked left",
-        lambda: any(
-            w.name == running.stages[0].worker_name and w.state == "left"
-            for w in cluster.workers_safe()
-        ),
-        30,
-    )
 
 
 def test_three_workers_train_three_stages_exactly_like_one_process(three_workers: Cluster) -> None:
