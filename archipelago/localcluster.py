@@ -316,7 +316,31 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _stop_jobs(self) -> None:
+        """Cancel the jobs still training and let the workers drop their stages: a worker
+        terminated while it holds one waits to drain, and `close` would wait it out."""
+        if self.coordinator is None or not self.coordinator.alive:
+            return
+        try:
+            client = self.client()
+        except (ClientError, OSError):
+            return
+        try:
+            for job in client.jobs():
+                if not job.terminal:
+                    client.cancel(job.job_id)
+            wait_for(
+                "the workers to drop their stages",
+                lambda: all(w.state != "busy" for w in self.workers_safe()),
+                10,
+            )
+        except (ClientError, TimeoutError, OSError):
+            pass  # the processes are stopped below either way
+        finally:
+            client.close()
+
     def close(self) -> None:
+        self._stop_jobs()
         for proc in self.procs:
             if proc.alive:
                 proc.popen.terminate()

@@ -31,6 +31,7 @@ from tests.multiproc.cluster import (
     coordinator_credential,
     joining_tls,
     signing_request_of,
+    wait_for,
 )
 from tests.multiproc.test_service import SPEC, assert_losses_match_reference
 
@@ -150,6 +151,13 @@ def test_a_join_token_holder_can_neither_steer_workers_nor_speak_for_them(
             job_id, lambda j: j.state == "running" and j.steps_done >= 2, "the job to run"
         )
         stages = {s.stage: s for s in running.stages}
+        # The attacker's own worker never heart-beats: once the coordinator has declared it
+        # lost, as it must, nothing but an attack could change the store below.
+        wait_for(
+            "the attacker's silent worker to be declared lost",
+            lambda: any(w.name == "attacker" and w.state == "lost" for w in cluster.workers_safe()),
+            30,
+        )
         before = store_snapshot(cluster, job_id)
 
         # -- the worker API, as if the attacker were the coordinator ---------------------------
