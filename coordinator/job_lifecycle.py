@@ -378,9 +378,11 @@ class JobLifecycle:
         await self._release(job)
 
     async def _fail_attempt(self, job: Job, reason: str) -> None:
-        if job.blame:  # a quarantine broke the plan: say so, not the sender's own failure
-            reason, job.blame = job.blame, ""
         await self._stop_plan(job)
+        # A quarantine broke the plan: say so, not the refused sender's own failure. Read
+        # after the stop, since the receiver's report may land while the stages stop.
+        if job.blame:
+            reason, job.blame = job.blame, ""
         job.recoveries += 1
         if job.steps_done > job.progress_mark:
             job.fruitless, job.progress_mark = 0, job.steps_done
