@@ -32,9 +32,7 @@ SECONDS = 20.0
 TARGET_P99_MS = 50.0
 
 
-async def _beat(
-    cluster: Cluster, workers: int, seconds: float, interval_s: float
-) -> list[float]:
+async def _beat(cluster: Cluster, workers: int, seconds: float, interval_s: float) -> list[float]:
     # Over the cluster's TLS, as volunteers: one key's signing request serves them all.
     channel = open_channel(cluster.address, cluster.client_tls())
     stub = coordinator_stub(channel)

@@ -13,6 +13,7 @@ from worker.link_probe import check_request
 def parse_networks(items: list[str]) -> tuple:  # type: ignore[type-arg]
     return parse(items, "--probe-networks")
 
+
 pytestmark = pytest.mark.unit
 
 
