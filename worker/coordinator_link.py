@@ -218,7 +218,10 @@ class CoordinatorLink:
                     # Idle: a new registration (new certificate and credentials) disturbs
                     # no stage.
                     log.info("renewing this worker's certificate")
-                    await self.register()
+                    try:
+                        await self.register()
+                    except RefusedError as e:  # the old certificate serves on meanwhile
+                        log.warning("renewing the certificate failed: %s", e)
                 for dropped in answer.stop_jobs:
                     result = stop_job(dropped)
                     if asyncio.iscoroutine(result):
