@@ -12,6 +12,7 @@ must mean the same thing to the coordinator that takes over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +27,8 @@ log = logging.getLogger("archipelago.coordinator")
 # A first offence keeps a worker out this long; each repeat doubles it, up to the cap.
 DEFAULT_BACKOFF_S = 30.0
 DEFAULT_MAX_BACKOFF_S = 3600.0
+# How an exclusion for an address that answered no call starts (`coordinator.link_survey`).
+UNREACHABLE_REASON = "unreachable at "
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,40 @@ class Exclusions:
         seconds = self.next_backoff_s(worker_id)
         await self.exclude(worker_id, name, reason=reason, until=now + seconds, address=address)
         return seconds
+
+    async def moved(self, worker_id: str, address: str) -> bool:
+        """The worker registered again, with its credential, at another `address`: a
+        back-off for being unreachable at its old one ends now. Its offences stay counted
+        (a next back-off still doubles, also for a coordinator that takes over) and its old
+        address stays excluded until the back-off's end (in this process: the store keeps
+        one record per worker). A worker behind
+        NAT gets a new address whenever its relay stream comes back (a restarted
+        coordinator first finds its old relay port closed). True if a back-off ended."""
+        now = time.time()
+        e = self._by_worker.get(worker_id)
+        if (
+            e is None
+            or e.until is None  # a quarantine holds wherever the worker goes
+            or not e.active(now)
+            or not e.address
+            or e.address == address
+            or not e.reason.startswith(UNREACHABLE_REASON)
+        ):
+            return False
+        ended = dataclasses.replace(e, until=now)
+        self._by_worker[worker_id] = ended
+        try:
+            await asyncio.to_thread(self.store.put_exclusion, ended.to_record())
+        except (StoreError, ValueError) as exc:
+            log.warning("exclusion of worker %s not updated in the store: %s", worker_id, exc)
+        log.info(
+            "worker %s (%s) is at %s now: its back-off for %s ended",
+            e.name,
+            worker_id,
+            address,
+            e.address,
+        )
+        return True
 
     async def lift(self, worker_id: str) -> None:
         """Forget the worker's exclusion and its offences (an operator's pardon)."""

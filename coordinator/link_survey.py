@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from coordinator.exclusions import UNREACHABLE_REASON
 from coordinator.planning.links import MAX_BELIEVED_BANDWIDTH_BPS, cross_checked
 from coordinator.registry import Registry
 from coordinator.store import StateStore
@@ -259,7 +260,7 @@ class LinkProber:
                 await self.registry.exclusions.back_off(
                     worker_id,
                     w.name,
-                    reason=f"unreachable at {address}: {self._last_error.get(worker_id, '')}",
+                    reason=f"{UNREACHABLE_REASON}{address}: {self._last_error.get(worker_id, '')}",
                     address=address,
                 )
         finally:

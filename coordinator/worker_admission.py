@@ -128,6 +128,7 @@ class WorkerAdmission:
                 "credential, may register under its id (register without an id to join anew)"
             )
         self.limiter.admit(caller_host(), self.registry, r.worker_id[:64])
+        moved = known is not None and known.address != r.address
         w = self.registry.register(
             name=r.name,
             address=r.address,
@@ -137,6 +138,9 @@ class WorkerAdmission:
             threads=r.threads,
             worker_id=r.worker_id[:64],
         )
+        if moved and self.registry.exclusions is not None:
+            # Unreachable at its old address says nothing of the new one (found anew).
+            await self.registry.exclusions.moved(w.worker_id, w.address)
         keys = self.gate.issue(w)
         if self.authority is not None:
             keys = replace(keys, certificate=self.authority.sign(r.csr, worker_name(w.worker_id)))

@@ -153,3 +153,31 @@ def test_the_dashboard_shows_an_excluded_worker_with_its_reason() -> None:
         assert rows["w2"]["gflops"] == 12.0 and rows["w2"]["planned_gflops"] == UNMEASURED_GFLOPS
 
     asyncio.run(run())
+
+
+def test_a_worker_back_at_a_new_address_ends_only_its_unreachable_back_off(tmp_path: Path) -> None:
+    from coordinator.exclusions import UNREACHABLE_REASON
+
+    async def run() -> None:
+        with open_store(f"sqlite:///{tmp_path / 's.db'}") as store:
+            ex = Exclusions(store, EventLog(store), backoff_s=10.0)
+            old, new = "127.0.0.1:7001", "127.0.0.1:7002"
+            reason = f"{UNREACHABLE_REASON}{old}: UNAVAILABLE"
+            await ex.back_off("a", "a", reason=reason, address=old)
+            assert not await ex.moved("a", old)  # the same address: nothing has changed
+            assert ex.excluded("a")
+            assert await ex.moved("a", new)
+            assert not ex.excluded("a") and ex.excluded_address(old)  # the old one stays out
+            assert ex.next_backoff_s("a") == 20.0  # the offence still counts
+            # A coordinator that takes over keeps the worker's record: not excluded, its
+            # offence counted (the old address's exclusion was this process's only).
+            again = Exclusions(store, EventLog(store), backoff_s=10.0)
+            await again.load()
+            assert not again.excluded("a") and again.next_backoff_s("a") == 20.0
+            # Neither a stall's back-off nor a quarantine ends by moving.
+            await ex.back_off("b", "b", reason="job j: no step of progress in 60 s", address=old)
+            assert not await ex.moved("b", new) and ex.excluded("b")
+            await ex.exclude("c", "c", reason=reason, until=None, address=old)
+            assert not await ex.moved("c", new) and ex.excluded("c")
+
+    asyncio.run(run())
