@@ -10,13 +10,16 @@ the user's own module, written whole or not at all, with the job and step in its
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from archipelago.errors import UsageError
-from archipelago.model_serde import ExportedModel
-from archipelago.model_source import ModelSourceError, prepare_model
-from coordinator.planning.jobspec import JobSpec
+
+if TYPE_CHECKING:  # the command line's parser is built without torch
+    from archipelago.model_serde import ExportedModel
+    from coordinator.planning.jobspec import JobSpec
 
 # Bytes of an export read at most (the coordinator's upload bound, with room for state
 # that grew: buffers are the model's own, so a checkpoint is the model's size).
@@ -26,6 +29,8 @@ MAX_EXPORT_BYTES = 16 << 30
 def prepare_upload(spec: JobSpec, spec_path: Path) -> tuple[bytes, list[tuple[str, str]]]:
     """The `.opdag` bytes and export names of the spec's own model (paths in the spec are
     relative to its file's folder); UsageError naming what is wrong."""
+    from archipelago.model_source import ModelSourceError, prepare_model
+
     try:
         prepared = prepare_model(spec, spec_path.resolve().parent)
         blob = prepared.encode()
@@ -60,3 +65,34 @@ def write_export(exported: ExportedModel, out: Path) -> str:
         f"{out}: {len(tensors)} tensors of job {exported.job_id}, checkpoint of step "
         f"{exported.step}"
     )
+
+
+def add_export_command(sub: argparse._SubParsersAction) -> None:
+    """`export JOB --out FILE`, with the coordinator, operator token and TLS options of
+    every user's command."""
+    from archipelago.credential_args import add_operator_arg
+    from archipelago.servicecmds import _coordinator_arg
+    from archipelago.tls_args import add_client_tls_args
+
+    p = sub.add_parser("export", help="write a job's trained model as a .safetensors file")
+    p.add_argument("job", help="a job id")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    _coordinator_arg(p)
+    add_operator_arg(p)
+    add_client_tls_args(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from archipelago.client import ClientError
+    from archipelago.servicecmds import _client
+
+    client = _client(args)
+    try:
+        exported = client.export(args.job, max_bytes=MAX_EXPORT_BYTES)
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        client.close()
+    print(write_export(exported, Path(args.out)))
+    return 0
