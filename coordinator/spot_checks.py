@@ -93,12 +93,13 @@ def random_ops(graph: Graph) -> list[str]:
     out = []
     for node in graph.nodes:
         p: Any = 0.0
-        if node.module is not None and "Dropout" in node.module.type:
-            p = node.module.attr_dict().get("p", 0.5)
-        elif node.target == "torch.nn.functional.dropout":
-            p = dict(node.kwargs).get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        elif node.target == "torch.nn.functional.scaled_dot_product_attention":
-            p = dict(node.kwargs).get("dropout_p", 0.0)
+        values = dict(node.kwargs)
+        if node.target in ("aten.dropout.default", "aten.native_dropout.default"):
+            p = values.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            if (values.get("train", node.args[2] if len(node.args) > 2 else True)) is False:
+                p = 0.0
+        elif node.target == "aten.scaled_dot_product_attention.default":
+            p = values.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         if not isinstance(p, int | float) or p != 0:
             out.append(node.name)
     return out

@@ -1,5 +1,16 @@
-"""Capture a `torch.nn.Module` as an OP-DAG: trace it with torch.fx, map every operator onto
-the allow-list, and keep its parameters as named tensors beside the graph.
+"""Capture a `torch.nn.Module` as an OP-DAG with `torch.export`, PyTorch's whole-graph capture.
+
+The model's forward runs once on fake tensors shaped like the example inputs; what it does
+with shapes and configuration (asserts on sizes, masks and positions built from shapes, `if`
+on config values) is settled there, and what is left is a graph of ATen operators. Each
+operator is mapped onto the allow-list (`opdag.ops`), each parameter, buffer and constant
+becomes a named tensor beside the graph. The batch dimension stays symbolic when the model
+allows it, so one graph runs any micro-batch size; a model whose code fixes it is captured
+for the example batch alone.
+
+A parameter used in several places (tied input and output embeddings) is one parameter of
+the graph, read by every node that uses it; `Graph.state_keys` keeps each of the module's
+own `state_dict` keys, so the trained tensors go back under the names the module expects.
 
 A model whose forward returns its scalar training loss captures as a training graph whose
 `loss` output starts the backward pass.
@@ -8,6 +19,7 @@ A model whose forward returns its scalar training loss captures as a training gr
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -15,6 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.export import Dim, ExportedProgram, export
+from torch.export.graph_signature import InputKind, OutputKind
 
 from opdag import ops
 from opdag.costs import annotate
@@ -28,104 +42,25 @@ from opdag.ir import (
     Node,
     NodeRef,
     ParamSpec,
-    SliceArg,
     dtype_name,
 )
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
-
-class _Tracer(fx.Tracer):
-    """fx tracer that stops at allow-listed modules and remembers where each node came from."""
-
-    def __init__(self, *, record_stack_traces: bool) -> None:
-        super().__init__()
-        # Source lines cost a third of a capture; they are recorded only to locate an
-        # operator that capture refuses.
-        self.record_stack_traces = record_stack_traces
-        self._paths: list[str] = []
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in ops.MODULE_CLASSES:
-            return True
-        # Other torch.nn modules stay whole so capture can name them, instead of failing on
-        # whatever their internals do.
-        from_torch = type(m).__module__.startswith("torch.nn")
-        return from_torch and not isinstance(m, _CONTAINERS)
-
-    def call_module(
-        self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        self._paths.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        finally:
-            self._paths.pop()
-
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
-        node.meta["archipelago_module"] = self._paths[-1] if self._paths else ""
-        return node
-
-
-def _source(node: fx.Node) -> str:
-    """Where a node comes from: the module path and the innermost line of user code."""
-    path = node.meta.get("archipelago_module", "") or "<root>"
-    if node.op == "call_module":
-        path = str(node.target)
-    line = ""
-    frames = (node.stack_trace or "").split("\n")
-    for text in frames:
-        text = text.strip()
-        # The innermost frame of the user's code: not torch's, not this module's tracer.
-        if text.startswith("File ") and _TORCH_DIR not in text and _THIS_FILE not in text:
-            # 'File "/x/model.py", line 16, in forward'
-            parts = [p.strip() for p in text.split(",")]
-            if len(parts) >= 3:
-                file = os.path.basename(parts[0][6:-1])
-                lineno = parts[1].removeprefix("line ")
-                line = f"{file}:{lineno} in {parts[2].removeprefix('in ')}"
-    return f"{path} ({line})" if line else path
-
-
-def _convert_arg(value: Any, where: str) -> Arg:
-    if isinstance(value, fx.Node):
-        return NodeRef(value.name)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if value is Ellipsis:
-        return Ellipsis
-    if isinstance(value, torch.dtype):
-        dtype_name(value)  # refuses dtypes the wire cannot carry
-        return value
-    if isinstance(value, torch.device):
-        return LOCAL_DEVICE
-    if isinstance(value, slice):
-        return SliceArg(*(_convert_arg(v, where) for v in (value.start, value.stop, value.step)))
-    if isinstance(value, list):
-        return ListArg(tuple(_convert_arg(v, where) for v in value))
-    if isinstance(value, tuple):  # includes torch.Size
-        return tuple(_convert_arg(v, where) for v in value)
-    raise CaptureError(
-        f"{where}: argument of type {type(value).__name__} ({value!r:.60}) cannot be part of a "
-        "graph (allowed: tensors from other nodes, numbers, strings, dtypes, slices, tuples)"
-    )
-
-
-def _check_untied(model: nn.Module) -> None:
-    seen: dict[int, str] = {}
-    for name, t in (
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ):
-        first = seen.setdefault(id(t), name)
-        if first != name:
-            raise CaptureError(
-                f"parameters {first!r} and {name!r} are the same tensor (tied weights); "
-                "untie them: each parameter of a captured model must belong to one place"
-            )
+# Checks torch.export records for itself (a tensor's dtype, a size's range): they guard
+# the capture, not the computation, and are dropped.
+_CAPTURE_CHECKS = frozenset(
+    {
+        "aten._assert_tensor_metadata.default",
+        "aten._assert_scalar.default",
+        "aten._assert_async.msg",
+        "aten.sym_constrain_range_for_size.default",
+        "aten.sym_constrain_range.default",
+    }
+)
+# In-place forms torch.export leaves on fresh tensors, kept as their out-of-place twins.
+_OUT_OF_PLACE = {"aten.detach_.default": "aten.detach.default"}
+_PYTHON_MODULES = {"_operator": "operator", "operator": "operator", "math": "math"}
 
 
 def capture(
@@ -134,27 +69,18 @@ def capture(
     *,
     name: str | None = None,
 ) -> CapturedModel:
-    """Trace `model` into an OP-DAG, with shapes and costs measured for `example_inputs`.
+    """Export `model` into an OP-DAG, with shapes and costs measured for `example_inputs`.
 
     `example_inputs` maps the forward's argument names to example tensors (meta tensors are
-    enough: only shapes and dtypes are used). Raises `CaptureError` naming every operator
-    outside the allow-list and where it is in the model.
+    enough: only shapes and dtypes are used). Raises `CaptureError` naming what cannot be
+    captured: code torch.export cannot follow, or every operator outside the allow-list and
+    where it is in the model.
     """
     graph_name = name or type(model).__name__
-    _check_untied(model)
-    try:
-        converted = _convert(model, example_inputs, graph_name, source_lines=False)
-    except CaptureError as fast_error:
-        # Trace again, recording source lines, so the error can say where the problem is.
-        try:
-            _convert(model, example_inputs, graph_name, source_lines=True)
-        except CaptureError as located:
-            raise located from located.__cause__
-        raise fast_error
-    nodes, params, state, outputs = converted
-
     example = dict(example_inputs)
     batch = next((int(t.shape[0]) for t in example.values() if t.dim() > 0), 0)
+    program, dynamic = _export(model, example, batch, graph_name)
+    nodes, params, state, outputs, state_keys = _convert(program, model, example, graph_name)
     graph = Graph(
         name=graph_name,
         nodes=tuple(nodes),
@@ -163,100 +89,189 @@ def capture(
         loss="",
         params=tuple(params),
         example_batch=batch,
+        state_keys=state_keys,
+        dynamic_batch=dynamic,
     )
     try:
         graph.check_structure()
-        graph = annotate(graph, example)
+        graph = annotate(graph, {k: v.to("meta") for k, v in example.items()})
     except IRError as e:
         raise CaptureError(f"{graph_name}: {e}") from e
     graph = _mark_loss(graph)
     return CapturedModel(graph=graph, state=state)
 
 
-_Converted = tuple[list[Node], list[ParamSpec], dict[str, torch.Tensor], tuple[str, ...]]
+# -- export --------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _concrete(example: Mapping[str, torch.Tensor], device: torch.device, batch: int) -> dict:
+    """Example inputs on the model's device (zeros: only shapes and dtypes matter), with
+    `batch` rows where the example has its batch dimension."""
+    out = {}
+    for key, t in example.items():
+        shape = list(t.shape)
+        if shape and shape[0] == example_batch_of(example):
+            shape[0] = batch
+        out[key] = torch.zeros(shape, dtype=t.dtype, device=device)
+    return out
+
+
+def example_batch_of(example: Mapping[str, torch.Tensor]) -> int:
+    return next((int(t.shape[0]) for t in example.values() if t.dim() > 0), 0)
+
+
+def _export(
+    model: nn.Module, example: Mapping[str, torch.Tensor], batch: int, graph_name: str
+) -> tuple[ExportedProgram, bool]:
+    """The exported program, with a symbolic batch when the model allows one."""
+    device = _device_of(model)
+    was_training = model.training
+    model.train()  # captured for training; dropout and batch norm follow the stage's mode
+    try:
+        if batch > 0:
+            # torch.export fixes sizes 0 and 1, so a symbolic batch is traced with two rows.
+            traced = _concrete(example, device, max(batch, 2))
+            dim = Dim("batch", min=1, max=1 << 20)
+            dynamic = {
+                k: ({0: dim} if t.dim() > 0 and t.shape[0] == max(batch, 2) else None)
+                for k, t in traced.items()
+            }
+            try:
+                return _run_export(model, traced, dynamic), True
+            except CaptureError:
+                raise
+            except Exception as e:
+                if "specialized" not in str(e) and "Constraints violated" not in str(e):
+                    raise _export_error(model, graph_name, e) from e
+        try:
+            return _run_export(model, _concrete(example, device, batch), None), False
+        except CaptureError:
+            raise
+        except Exception as e:
+            raise _export_error(model, graph_name, e) from e
+    finally:
+        model.train(was_training)
+
+
+def _run_export(
+    model: nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict | None
+) -> ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return export(model, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
+        except TypeError as e:
+            if "argument" in str(e) and "forward" not in str(e):
+                raise
+            raise CaptureError(
+                f"the example inputs {sorted(inputs)} do not match the forward's arguments: {e}"
+            ) from e
+
+
+def _export_error(model: nn.Module, graph_name: str, e: Exception) -> CaptureError:
+    first = (str(e).strip().splitlines() or [""])[0][:400]
+    hint = ""
+    if "data-dependent" in str(e) or "guard" in str(e).lower():
+        hint = (
+            ". Capture follows shapes and configuration, not tensor values: no if/for on "
+            "tensor contents, no .item()"
+        )
+    return CaptureError(
+        f"{graph_name}: cannot capture {type(model).__name__}: {type(e).__name__}: {first}{hint}"
+    )
+
+
+# -- conversion ----------------------------------------------------------------------------
+
+_Converted = tuple[
+    list[Node],
+    list[ParamSpec],
+    dict[str, torch.Tensor],
+    tuple[str, ...],
+    tuple[tuple[str, str], ...],
+]
+
+
+def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Each parameter and buffer name to the first name of the same tensor (tied weights
+    share one), and the tensor of each name."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for qualname, t in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        canonical[qualname] = first.setdefault(id(t), qualname)
+        tensors[qualname] = t
+    return canonical, tensors
 
 
 def _convert(
+    program: ExportedProgram,
     model: nn.Module,
-    example_inputs: Mapping[str, torch.Tensor],
+    example: Mapping[str, torch.Tensor],
     graph_name: str,
-    *,
-    source_lines: bool,
 ) -> _Converted:
-    """Trace the model and map each fx node onto the allow-list."""
-    tracer = _Tracer(record_stack_traces=source_lines)
-    try:
-        fx_graph = tracer.trace(model)
-    except Exception as e:  # fx raises many types for untraceable code
-        raise CaptureError(
-            f"cannot trace {type(model).__name__}: {type(e).__name__}: {e}. Capture needs a "
-            "forward without Python control flow on tensor values (no if/for on tensor "
-            "contents, no .item())"
-        ) from e
-    gm = fx.GraphModule(tracer.root, fx_graph)
-
+    """Map each node of the exported program onto the IR and the allow-list."""
+    canonical, tensors = _canonical_names(model)
+    specs = {s.arg.name: s for s in program.graph_signature.input_specs if hasattr(s.arg, "name")}
     nodes: list[Node] = []
     params: list[ParamSpec] = []
     state: dict[str, torch.Tensor] = {}
+    param_node: dict[str, str] = {}  # parameter name -> the node that reads it
+    rename: dict[str, str] = {}  # exported node -> the node standing for it
     refused: list[str] = []
     outputs: tuple[str, ...] = ()
 
-    def keep(qualname: str, t: torch.Tensor, trainable: bool) -> None:
-        if qualname in state:
-            return
-        state[qualname] = t.detach().cpu().contiguous().clone()
-        params.append(ParamSpec(qualname, tuple(t.shape), dtype_name(t.dtype), trainable))
-
-    for fx_node in fx_graph.nodes:
+    for fx_node in program.graph.nodes:
         source = _source(fx_node)
         where = f"{fx_node.name} at {source}"
-        args = tuple(_convert_arg(a, where) for a in fx_node.args)
-        kwargs = tuple((k, _convert_arg(v, where)) for k, v in fx_node.kwargs.items())
         if fx_node.op == "placeholder":
-            if fx_node.name not in example_inputs:
-                raise CaptureError(f"no example given for input {fx_node.name!r}")
-            nodes.append(Node(fx_node.name, "input", str(fx_node.target), source=source))
-        elif fx_node.op == "get_attr":
-            qualname = str(fx_node.target)
-            t = _get_attr(gm, qualname)
-            if not isinstance(t, torch.Tensor):
-                raise CaptureError(f"{where}: attribute {qualname!r} is not a tensor")
-            keep(qualname, t, isinstance(t, nn.Parameter) and t.requires_grad)
+            spec = specs.get(fx_node.name)
+            if spec is None or spec.kind == InputKind.USER_INPUT:
+                if fx_node.name not in example:
+                    raise CaptureError(f"no example given for input {fx_node.name!r}")
+                nodes.append(Node(fx_node.name, "input", fx_node.name, source=source))
+                continue
+            if not fx_node.users:
+                continue  # the second name of a tied weight, or a tensor the forward ignores
+            qualname, t, trainable = _placeholder_tensor(program, spec, canonical, tensors)
+            if qualname in param_node:
+                rename[fx_node.name] = param_node[qualname]  # a tied weight, read again
+                continue
+            param_node[qualname] = fx_node.name
+            state[qualname] = t.detach().cpu().contiguous().clone()
+            params.append(ParamSpec(qualname, tuple(t.shape), dtype_name(t.dtype), trainable))
             nodes.append(Node(fx_node.name, "param", qualname, source=source))
-        elif fx_node.op == "call_module":
-            path = str(fx_node.target)
-            sub = gm.get_submodule(path)
-            if type(sub) not in ops.MODULE_CLASSES:
-                kind = f"{type(sub).__module__}.{type(sub).__name__}"
-                refused.append(f"module {kind} at {source}")
-                continue
-            spec = ops.module_spec_of(sub)
-            try:
-                ops.build_module_check(spec)
-            except IRError as e:
-                raise CaptureError(f"{where}: {e}") from None
-            for local, t in (
-                *sub.named_parameters(recurse=False),
-                *sub.named_buffers(recurse=False),
-            ):
-                keep(f"{path}.{local}", t, isinstance(t, nn.Parameter) and t.requires_grad)
-            nodes.append(
-                Node(fx_node.name, "module", path, args, kwargs, module=spec, source=source)
-            )
         elif fx_node.op == "call_function":
-            fname = ops.function_name(fx_node.target)
-            if fname is None:
-                refused.append(f"function {ops.describe_callable(fx_node.target)} at {source}")
+            target = _operator_name(fx_node.target)
+            if target in _CAPTURE_CHECKS and not fx_node.users:
                 continue
-            nodes.append(Node(fx_node.name, "function", fname, args, kwargs, source=source))
-        elif fx_node.op == "call_method":
-            method = str(fx_node.target)
-            if method not in ops.METHODS:
-                refused.append(f"tensor method .{method}() at {source}")
+            target = _OUT_OF_PLACE.get(target, target)
+            args = tuple(_convert_arg(a, where, rename) for a in fx_node.args)
+            kwargs = tuple((k, _convert_arg(v, where, rename)) for k, v in fx_node.kwargs.items())
+            written = _written(target, args, nodes, specs_of=params)
+            if written is not None:
+                # An in-place operator on a value this graph made (`relu(inplace=True)`,
+                # `h += x`) becomes its out-of-place twin, and every later reader of the
+                # value reads the twin's result: the same computation, no write.
+                target = _out_of_place(target, where, written, nodes)
+                rename[written] = fx_node.name
+            if not ops.is_allowed(target):
+                refused.append(f"{target} at {source}")
                 continue
-            nodes.append(Node(fx_node.name, "method", method, args, kwargs, source=source))
+            nodes.append(Node(fx_node.name, "function", target, args, kwargs, source=source))
         elif fx_node.op == "output":
-            outputs = _output_names(fx_node.args[0], where)
+            outputs = _output_names(program, fx_node, where, rename)
+        else:
+            refused.append(f"{fx_node.op} {fx_node.target} at {source}")
 
     if refused:
         listing = "\n  ".join(dict.fromkeys(refused))
@@ -269,21 +284,151 @@ def _convert(
             ops.check_node(node)
         except IRError as e:
             raise CaptureError(f"{node.name} at {node.source}: {e}") from None
-    return nodes, params, state, outputs
+    state_keys = tuple(
+        (key, canonical[key])
+        for key in model.state_dict(keep_vars=True)
+        if canonical.get(key) in state
+    )
+    return nodes, params, state, outputs, state_keys
 
 
-def _get_attr(gm: nn.Module, qualname: str) -> Any:
-    owner_path, _, local = qualname.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    return getattr(owner, local)
+def _written(
+    target: str, args: tuple[Arg, ...], nodes: list[Node], *, specs_of: list[ParamSpec]
+) -> str | None:
+    """The node whose value an in-place operator writes into, or None when the operator is
+    not in-place (or is a buffer update the allow-list keeps as it is)."""
+    parts = target.split(".")
+    if len(parts) != 3 or parts[0] != "aten" or not parts[1].endswith("_"):
+        return None
+    first = args[0] if args else None
+    if not isinstance(first, NodeRef):
+        return None
+    if target in ops.BUFFER_UPDATES:
+        reads = {n.name: n for n in nodes if n.op == "param"}
+        buffers = {p.name for p in specs_of if not p.trainable}
+        if first.name in reads and reads[first.name].target in buffers:
+            return None
+    return first.name
 
 
-def _output_names(value: Any, where: str) -> tuple[str, ...]:
+def _out_of_place(target: str, where: str, written: str, nodes: list[Node]) -> str:
+    """The out-of-place twin of an in-place operator writing into the value of `written`,
+    which must be a fresh value of this graph (not an input, a parameter or a view)."""
+    _, packet, which = target.split(".")
+    producer = next((n for n in reversed(nodes) if n.name == written), None)
+    if producer is None or producer.op != "function":
+        is_input = producer is not None and producer.op == "input"
+        what = "an input" if is_input else "a parameter or buffer"
+        raise CaptureError(f"{where}: {target} writes into {what} ({written}); write a copy")
+    if producer.target.startswith("aten."):
+        returns = ops.overload(producer.target)._schema.returns
+        if any(r.alias_info is not None for r in returns):
+            raise CaptureError(
+                f"{where}: {target} writes into a view ({written}, from {producer.target}); "
+                "write into a copy instead"
+            )
+    return f"aten.{packet[:-1]}.{which}"
+
+
+def _placeholder_tensor(
+    program: ExportedProgram,
+    spec: Any,
+    canonical: Mapping[str, str],
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[str, torch.Tensor, bool]:
+    """The name, tensor and trainability of a parameter, buffer or constant placeholder."""
+    target = str(spec.target)
+    if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and target in canonical:
+        qualname = canonical[target]
+        t = tensors[qualname]
+        return qualname, t, isinstance(t, nn.Parameter) and t.requires_grad
+    if spec.kind == InputKind.CONSTANT_TENSOR and target in program.constants:
+        t = program.constants[target]
+        if isinstance(t, torch.Tensor):
+            return target, t, False  # a tensor the forward makes from constants
+    raise CaptureError(f"input {spec.arg.name!r} ({spec.kind.name} {target!r}) is not a tensor")
+
+
+def _operator_name(fn: Any) -> str:
+    """The name a node gives its operator: `aten.linear.default`, `operator.mul`."""
+    if isinstance(fn, torch._ops.OpOverload):
+        return str(fn)
+    module = getattr(fn, "__module__", None) or ""
+    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    if module in _PYTHON_MODULES:
+        return f"{_PYTHON_MODULES[module]}.{qual}"
+    if fn in (torch.sym_max, torch.sym_min, torch.sym_float, torch.sym_int):
+        return f"torch.{fn.__name__}"
+    return f"{module}.{qual}" if module else str(qual)
+
+
+def _convert_arg(value: Any, where: str, rename: Mapping[str, str]) -> Arg:
     if isinstance(value, fx.Node):
-        return (value.name,)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, fx.Node) for v in value):
-        return tuple(v.name for v in value)
+        return NodeRef(rename.get(value.name, value.name))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        dtype_name(value)  # refuses dtypes the wire cannot carry
+        return value
+    if isinstance(value, torch.device):
+        return LOCAL_DEVICE
+    if isinstance(value, torch.layout):
+        if value != torch.strided:
+            raise CaptureError(f"{where}: only strided (dense) tensors are supported")
+        return "strided"
+    if isinstance(value, torch.memory_format):
+        for enum_name, enum in ops.ENUMS.items():
+            if enum == value:
+                return enum_name
+        raise CaptureError(f"{where}: memory format {value} is not supported")
+    if isinstance(value, list):
+        return ListArg(tuple(_convert_arg(v, where, rename) for v in value))
+    if isinstance(value, tuple):
+        return tuple(_convert_arg(v, where, rename) for v in value)
+    raise CaptureError(
+        f"{where}: argument of type {type(value).__name__} ({value!r:.60}) cannot be part of a "
+        "graph (allowed: tensors from other nodes, numbers, strings, dtypes, lists)"
+    )
+
+
+def _output_names(
+    program: ExportedProgram, node: fx.Node, where: str, rename: Mapping[str, str]
+) -> tuple[str, ...]:
+    for spec in program.graph_signature.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise CaptureError(
+                f"{where}: the forward changes its {spec.kind.name.lower().replace('_', ' ')} "
+                f"{spec.target!r} outside an allow-listed operator"
+            )
+    values: Any = node.args[0]
+    if isinstance(values, fx.Node):
+        values = (values,)
+    if isinstance(values, (tuple, list)) and values and all(isinstance(v, fx.Node) for v in values):
+        return tuple(rename.get(str(v.name), str(v.name)) for v in values)
     raise CaptureError(f"{where}: the model must return a tensor or a tuple of tensors")
+
+
+def _source(node: fx.Node) -> str:
+    """Where a node comes from: the module path and the innermost line of user code."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = str(list(stack.values())[-1][0])
+        for prefix in ("L['self'].", "L['self']"):
+            path = path.removeprefix(prefix)
+    path = path or "<root>"
+    line = ""
+    for text in (node.meta.get("stack_trace") or "").split("\n"):
+        text = text.strip()
+        # The innermost frame of the user's code, not torch's.
+        if text.startswith("File ") and _TORCH_DIR not in text:
+            # 'File "/x/model.py", line 16, in forward'
+            parts = [p.strip() for p in text.split(",")]
+            if len(parts) >= 3:
+                file = os.path.basename(parts[0][6:-1])
+                lineno = parts[1].removeprefix("line ")
+                line = f"{file}:{lineno} in {parts[2].removeprefix('in ')}"
+    return f"{path} ({line})" if line else path
 
 
 def _mark_loss(graph: Graph) -> Graph:
@@ -298,3 +443,6 @@ def _mark_loss(graph: Graph) -> Graph:
     ):
         return replace(graph, loss=graph.outputs[0])
     return graph
+
+
+__all__ = ["capture"]

@@ -21,33 +21,16 @@ from opdag.values import Value, map_tensors, meta_of, tensor_leaves, value_nbyte
 # The operators torch's FLOP counter has formulas for (matrix products, convolutions,
 # attention); every other operator counts zero FLOPs forward and backward, so only these
 # run under the (slow, Python-dispatched) counter.
-_FLOP_MODULES = frozenset({"Linear", "Conv1d", "Conv2d"})
-_FLOP_FUNCTIONS = frozenset(
-    {
-        "torch.matmul",
-        "torch.bmm",
-        "torch.mm",
-        "torch.addmm",
-        "torch.baddbmm",
-        "torch.einsum",
-        "torch.outer",
-        "operator.matmul",
-        "torch.nn.functional.linear",
-        "torch.nn.functional.conv1d",
-        "torch.nn.functional.conv2d",
-        "torch.nn.functional.scaled_dot_product_attention",
-    }
+_FLOP_OPERATORS = frozenset(
+    "linear matmul mm bmm addmm baddbmm einsum outer conv1d conv2d convolution "
+    "scaled_dot_product_attention".split()
 )
-_FLOP_METHODS = frozenset({"matmul"})
 
 
 def bears_flops(node: Node) -> bool:
     """Whether the node runs an operator that torch's FLOP counter counts."""
-    if node.op == "module":
-        return node.module is not None and node.module.type in _FLOP_MODULES
-    if node.op == "function":
-        return node.target in _FLOP_FUNCTIONS
-    return node.op == "method" and node.target in _FLOP_METHODS
+    parts = node.target.split(".")
+    return node.op == "function" and len(parts) == 3 and parts[1] in _FLOP_OPERATORS
 
 
 def annotate(graph: Graph, example_inputs: Mapping[str, torch.Tensor]) -> Graph:
@@ -78,8 +61,8 @@ def annotate(graph: Graph, example_inputs: Mapping[str, torch.Tensor]) -> Graph:
                 value = module.call_node(node, local)
                 fwd = bwd = 0.0
         env[node.name] = value
-        owned = graph.owned_params(node)
-        param_bytes = sum(graph.param_specs[p].nbytes for p in owned) if node.op == "module" else 0
+        # A parameter's bytes are counted once, at the node that reads it.
+        param_bytes = graph.param_specs[node.target].nbytes if node.op == "param" else 0
         costs = Costs(
             fwd_flops=fwd,
             bwd_flops=bwd,
@@ -103,9 +86,6 @@ def _backward_flops(
     wrt: list[torch.Tensor] = []
     for ref in dict.fromkeys(node.refs()):
         wrt += [t for t in tensor_leaves(env[ref]) if t.requires_grad]
-    if node.op == "module":
-        sub = module.get_submodule(node.target)
-        wrt += [p for p in sub.parameters(recurse=False) if p.requires_grad]
     if not wrt:
         return 0.0
     with FlopCounterMode(display=False) as counter:

@@ -27,7 +27,6 @@ from opdag.ir import (
     Graph,
     ListArg,
     LocalDevice,
-    ModuleSpec,
     Node,
     NodeRef,
     ParamSpec,
@@ -175,7 +174,10 @@ def graph_to_pb(graph: Graph) -> opdag_pb2.Graph:
         outputs=graph.outputs,
         loss=graph.loss,
         example_batch=graph.example_batch,
+        fixed_batch=not graph.dynamic_batch,
     )
+    for key, param in graph.state_keys:
+        pb.state_keys.add(key=key, param=param)
     for p in graph.params:
         pb.params.add(name=p.name, shape=p.shape, dtype=p.dtype, trainable=p.trainable)
     for node in graph.nodes:
@@ -183,9 +185,6 @@ def graph_to_pb(graph: Graph) -> opdag_pb2.Graph:
         for arg in node.args:
             _arg_to_pb(arg, npb.args.add())
         _kwargs_to_pb(node.kwargs, npb.kwargs)
-        if node.module is not None:
-            npb.module.type = node.module.type
-            _kwargs_to_pb(node.module.attrs, npb.module.attrs)
         if node.meta is not None:
             _meta_to_pb(node.meta, npb.meta)
         if node.costs is not None:
@@ -214,6 +213,8 @@ def graph_from_pb(pb: opdag_pb2.Graph) -> Graph:
         loss=pb.loss,
         params=tuple(ParamSpec(p.name, tuple(p.shape), p.dtype, p.trainable) for p in pb.params),
         example_batch=pb.example_batch,
+        state_keys=tuple((k.key, k.param) for k in pb.state_keys),
+        dynamic_batch=not pb.fixed_batch,
         ir_version=pb.ir_version,
     )
     try:
@@ -224,9 +225,6 @@ def graph_from_pb(pb: opdag_pb2.Graph) -> Graph:
 
 
 def _node_from_pb(npb: opdag_pb2.Node) -> Node:
-    module = None
-    if npb.HasField("module"):
-        module = ModuleSpec(type=npb.module.type, attrs=_kwargs_from_pb(npb.module.attrs))
     costs = None
     if npb.HasField("costs"):
         c = npb.costs
@@ -237,7 +235,6 @@ def _node_from_pb(npb: opdag_pb2.Node) -> Node:
         target=npb.target,
         args=tuple(_arg_from_pb(a) for a in npb.args),
         kwargs=_kwargs_from_pb(npb.kwargs),
-        module=module,
         meta=_meta_from_pb(npb.meta) if npb.HasField("meta") else None,
         costs=costs,
         source=npb.source,

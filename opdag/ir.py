@@ -1,8 +1,10 @@
 """The OP-DAG intermediate representation: a model as a graph of operators.
 
-A `Graph` is a list of `Node`s in topological order; each node names one allow-listed
-operator and refers to the values of earlier nodes through `NodeRef` arguments. Parameters
-are described by `ParamSpec`s and travel as named tensors beside the graph. Everything here
+A `Graph` is a list of `Node`s in topological order; each node is an input, a read of a
+parameter or buffer, or one allow-listed (ATen) operator, and refers to the values of
+earlier nodes through `NodeRef` arguments. Parameters are described by `ParamSpec`s and
+travel as named tensors beside the graph; a parameter the model uses in several places (tied
+weights) is one parameter read by several nodes. Everything here
 is plain, frozen data: printable, comparable and serialisable by `opdag.graph_serde`.
 """
 
@@ -21,7 +23,8 @@ import torch
 from opdag.errors import IRError
 from proto.dtypes import DTYPE_NAMES, DTYPES
 
-IR_VERSION = 1
+# Version 2: ATen operators captured by torch.export (version 1 held fx modules and methods).
+IR_VERSION = 2
 
 # The dtypes a graph may carry are the one table in proto.dtypes; these name them for the IR.
 
@@ -181,7 +184,7 @@ def tensor_meta(shape: tuple[int, ...], dtype: str, requires_grad: bool = False)
 
 # -- nodes and graphs --------------------------------------------------------------------
 
-OP_KINDS = ("input", "param", "module", "function", "method")
+OP_KINDS = ("input", "param", "function")
 
 
 @dataclass(frozen=True)
@@ -195,22 +198,12 @@ class Costs:
 
 
 @dataclass(frozen=True)
-class ModuleSpec:
-    """An allow-listed module type and the constructor attributes that rebuild it."""
-
-    type: str
-    attrs: tuple[tuple[str, Arg], ...] = ()
-
-    def attr_dict(self) -> dict[str, Arg]:
-        return dict(self.attrs)
-
-
-@dataclass(frozen=True)
 class Node:
     """One operator of the graph.
 
-    `op` is one of `OP_KINDS`; `target` is the input's name, the parameter's qualified name,
-    the module's path, the canonical function name or the tensor method's name.
+    `op` is one of `OP_KINDS`; `target` is the input's name, the parameter's qualified name
+    or the operator's name (`aten.linear.default`, `operator.mul`). `source` says where in
+    the user's model the node comes from (module path and line).
     """
 
     name: str
@@ -218,7 +211,6 @@ class Node:
     target: str
     args: tuple[Arg, ...] = ()
     kwargs: tuple[tuple[str, Arg], ...] = ()
-    module: ModuleSpec | None = None
     meta: ValueMeta | None = None
     costs: Costs | None = None
     source: str = ""
@@ -234,11 +226,8 @@ class Node:
         """One line, as in a printed program: `name = op target(args)`."""
         args = [format_arg(a) for a in self.args]
         args += [f"{k}={format_arg(v)}" for k, v in self.kwargs]
-        what = self.module.type if self.module is not None else self.target
-        if self.op == "module":
-            what = f"{self.target}:{what}"
         out = f" -> {self.meta.describe()}" if self.meta is not None else ""
-        return f"{self.name} = {self.op} {what}({', '.join(args)}){out}"
+        return f"{self.name} = {self.op} {self.target}({', '.join(args)}){out}"
 
 
 @dataclass(frozen=True)
@@ -269,6 +258,13 @@ class Graph:
     loss: str = ""
     params: tuple[ParamSpec, ...] = ()
     example_batch: int = 0
+    # The user's module's `state_dict` keys and the parameter each one is (a tied weight is
+    # one parameter under several keys): how a trained graph is handed back as the model's own
+    # state. Empty for a graph not captured from a module.
+    state_keys: tuple[tuple[str, str], ...] = ()
+    # Whether the graph runs any batch size (captured with a dynamic batch dimension) or
+    # only `example_batch`.
+    dynamic_batch: bool = True
     ir_version: int = IR_VERSION
     # Lookups derived from the fields above; not part of equality.
     _index: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -305,27 +301,15 @@ class Graph:
         return {p.name: p for p in self.params}
 
     def owned_params(self, node: Node) -> tuple[str, ...]:
-        """The parameters and buffers a node reads directly (a module's own tensors)."""
+        """The parameters and buffers a node reads directly (a param node's own)."""
         if node.op == "param":
             return (node.target,)
-        if node.op == "module":
-            return self._module_params.get(node.target, ())
         return ()
-
-    @functools.cached_property
-    def _module_params(self) -> Mapping[str, tuple[str, ...]]:
-        paths = {n.target for n in self.nodes if n.op == "module"}
-        owned: dict[str, list[str]] = {p: [] for p in paths}
-        for spec in self.params:
-            owner, _, local = spec.name.rpartition(".")
-            if owner in owned and local:
-                owned[owner].append(spec.name)
-        return {k: tuple(v) for k, v in owned.items()}
 
     @property
     def compute_nodes(self) -> tuple[Node, ...]:
         """Nodes that run an operator (not inputs or parameter reads)."""
-        return tuple(n for n in self.nodes if n.op in ("module", "function", "method"))
+        return tuple(n for n in self.nodes if n.op == "function")
 
     def with_nodes(self, nodes: tuple[Node, ...]) -> Graph:
         return replace(self, nodes=nodes)
@@ -366,10 +350,6 @@ class Graph:
                 raise IRError(f"{where}: an input takes no arguments")
             if n.op == "param" and n.target not in specs:
                 raise IRError(f"{where}: reads parameter {n.target!r}, which is not declared")
-            if n.op == "module" and n.module is None:
-                raise IRError(f"{where}: a module node needs a module spec")
-            if n.op != "module" and n.module is not None:
-                raise IRError(f"{where}: only module nodes carry a module spec")
             seen.add(n.name)
         inputs = [n.name for n in self.nodes if n.op == "input"]
         if list(self.inputs) != inputs:
@@ -386,6 +366,15 @@ class Graph:
         unused = [p.name for p in self.params if p.name not in used]
         if unused:
             raise IRError(f"graph {self.name!r}: parameters {unused[:5]} belong to no node")
+        keys = [k for k, _ in self.state_keys]
+        if len(set(keys)) != len(keys):
+            raise IRError(f"graph {self.name!r}: a state key is listed twice")
+        for key, param in self.state_keys:
+            if not _NAME_RE.match(key) or param not in specs:
+                raise IRError(
+                    f"graph {self.name!r}: state key {key!r} names parameter {param!r}, "
+                    "which is not declared"
+                )
 
     # summaries
 

@@ -1,22 +1,24 @@
 """The operator allow-list: the only operators a graph may name and a worker may run.
 
-Three tables: module types (rebuilt from validated constructor attributes), functions (by
-canonical name) and tensor methods. Capture refuses anything outside them; a received graph
-is checked against them before a single operator is built, so a worker runs no code it was
-sent, only these.
+A captured graph is ATen-level (`torch.export`), so the allow-list is a table of ATen
+operators plus the few Python operators torch.export leaves on symbolic sizes. A node names
+its operator as `aten.<name>.<overload>`; it is allowed when `<name>` is in the table and
+the overload neither writes into its arguments nor takes an argument of a kind a graph may
+not carry. Every argument is checked against the operator's own schema (a tensor where a
+tensor goes, a number where a number goes), and a few operators check their attributes
+further. Capture refuses anything else; a received graph is checked against this table
+before a single operator runs, so a worker runs no code it was sent, only these.
 """
 
 from __future__ import annotations
 
-import builtins
+import functools
+import math
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from opdag.errors import IRError
 from opdag.ir import (
@@ -25,455 +27,276 @@ from opdag.ir import (
     Graph,
     ListArg,
     LocalDevice,
-    ModuleSpec,
     Node,
     NodeRef,
     SliceArg,
 )
 
-# -- module types --------------------------------------------------------------------------
+# -- the ATen table ------------------------------------------------------------------------
 
-Check = Callable[[str, Any], None]
-
-
-def _fail(name: str, value: Any, what: str) -> None:
-    raise IRError(f"attribute {name}={value!r} must be {what}")
-
-
-def _int(lo: int = 0, hi: int = 1 << 31) -> Check:
-    def check(name: str, v: Any) -> None:
-        if type(v) is not int or not lo <= v <= hi:
-            _fail(name, v, f"an integer in [{lo}, {hi}]")
-
-    return check
-
-
-def _float(lo: float = 0.0, hi: float = float("inf")) -> Check:
-    def check(name: str, v: Any) -> None:
-        if type(v) not in (int, float) or not lo <= v <= hi:
-            _fail(name, v, f"a number in [{lo}, {hi}]")
-
-    return check
-
-
-def _bool(name: str, v: Any) -> None:
-    if type(v) is not bool:
-        _fail(name, v, "a bool")
-
-
-def _optional(inner: Check) -> Check:
-    def check(name: str, v: Any) -> None:
-        if v is not None:
-            inner(name, v)
-
-    return check
-
-
-def _ints(n: int | None, lo: int = 0, hi: int = 1 << 31) -> Check:
-    def check(name: str, v: Any) -> None:
-        ok = isinstance(v, tuple) and (n is None or len(v) == n) and 0 < len(v) <= 8
-        if not ok or any(type(x) is not int or not lo <= x <= hi for x in v):
-            size = "a tuple" if n is None else f"a {n}-tuple"
-            _fail(name, v, f"{size} of integers in [{lo}, {hi}]")
-
-    return check
-
-
-def _choice(*options: Any) -> Check:
-    def check(name: str, v: Any) -> None:
-        if v not in options:
-            _fail(name, v, f"one of {options}")
-
-    return check
-
-
-def _either(*checks: Check) -> Check:
-    def check(name: str, v: Any) -> None:
-        errors = []
-        for c in checks:
-            try:
-                c(name, v)
-                return
-            except IRError as e:
-                errors.append(str(e).split(" must be ")[-1])
-        _fail(name, v, " or ".join(errors))
-
-    return check
-
-
-_DIM = _int(-64, 64)
-_FEATURES = _int(1)
-_EPS = _float(0.0, 1.0)
-
-
-@dataclass(frozen=True)
-class ModuleOp:
-    """An allow-listed module type: how to read its attributes and rebuild it."""
-
-    cls: type[nn.Module]
-    attrs: Mapping[str, Check]
-    # Attributes stored on the module under another form than the constructor takes.
-    readers: Mapping[str, Callable[[nn.Module], Any]]
-    # Attributes forced on rebuild (in-place variants compute the same values, but may not
-    # write into a tensor another stage sent).
-    forced: Mapping[str, Any]
-
-    def read_attrs(self, module: nn.Module) -> tuple[tuple[str, Arg], ...]:
-        out = []
-        for name in self.attrs:
-            reader = self.readers.get(name)
-            value = reader(module) if reader else getattr(module, name)
-            if isinstance(value, (list, torch.Size)):
-                value = tuple(value)
-            out.append((name, value))
-        return tuple(out)
-
-    def check(self, attrs: Mapping[str, Arg]) -> None:
-        missing = [a for a in self.attrs if a not in attrs]
-        extra = [a for a in attrs if a not in self.attrs]
-        if missing or extra:
-            raise IRError(
-                f"{self.cls.__name__}: attributes {sorted(attrs)} do not match "
-                f"the expected {sorted(self.attrs)}"
-            )
-        for name, check in self.attrs.items():
-            check(name, attrs[name])
-
-    def build(self, attrs: Mapping[str, Arg]) -> nn.Module:
-        self.check(attrs)
-        kwargs = {**attrs, **self.forced}
-        return self.cls(**kwargs)
-
-
-def _has_bias(m: nn.Module) -> bool:
-    return getattr(m, "bias", None) is not None
-
-
-def _module(
-    cls: type[nn.Module],
-    attrs: Mapping[str, Check] | None = None,
-    *,
-    readers: Mapping[str, Callable[[nn.Module], Any]] | None = None,
-    forced: Mapping[str, Any] | None = None,
-) -> tuple[str, ModuleOp]:
-    return cls.__name__, ModuleOp(cls, attrs or {}, readers or {}, forced or {})
-
-
-_INPLACE = {"inplace": False}
-
-MODULES: dict[str, ModuleOp] = dict(
-    [
-        _module(
-            nn.Linear,
-            {"in_features": _FEATURES, "out_features": _FEATURES, "bias": _bool},
-            readers={"bias": _has_bias},
-        ),
-        _module(
-            nn.Embedding,
-            {
-                "num_embeddings": _FEATURES,
-                "embedding_dim": _FEATURES,
-                "padding_idx": _optional(_int(-(1 << 31))),
-                "max_norm": _choice(None),
-                "scale_grad_by_freq": _bool,
-                "sparse": _choice(False),
-            },
-        ),
-        _module(
-            nn.LayerNorm,
-            {
-                "normalized_shape": _ints(None, 1),
-                "eps": _EPS,
-                "elementwise_affine": _bool,
-                "bias": _bool,
-            },
-            readers={"bias": _has_bias},
-        ),
-        _module(
-            nn.RMSNorm,
-            {
-                "normalized_shape": _ints(None, 1),
-                "eps": _optional(_EPS),
-                "elementwise_affine": _bool,
-            },
-        ),
-        _module(
-            nn.GroupNorm,
-            {"num_groups": _FEATURES, "num_channels": _FEATURES, "eps": _EPS, "affine": _bool},
-        ),
-        _module(
-            nn.Conv1d,
-            {
-                "in_channels": _FEATURES,
-                "out_channels": _FEATURES,
-                "kernel_size": _ints(1, 1),
-                "stride": _ints(1, 1),
-                "padding": _either(_ints(1), _choice("same", "valid")),
-                "dilation": _ints(1, 1),
-                "groups": _FEATURES,
-                "bias": _bool,
-                "padding_mode": _choice("zeros", "reflect", "replicate", "circular"),
-            },
-            readers={"bias": _has_bias},
-        ),
-        _module(
-            nn.Conv2d,
-            {
-                "in_channels": _FEATURES,
-                "out_channels": _FEATURES,
-                "kernel_size": _ints(2, 1),
-                "stride": _ints(2, 1),
-                "padding": _either(_ints(2), _choice("same", "valid")),
-                "dilation": _ints(2, 1),
-                "groups": _FEATURES,
-                "bias": _bool,
-                "padding_mode": _choice("zeros", "reflect", "replicate", "circular"),
-            },
-            readers={"bias": _has_bias},
-        ),
-        *(
-            _module(
-                bn,
-                {
-                    "num_features": _FEATURES,
-                    "eps": _EPS,
-                    "momentum": _optional(_float(0.0, 1.0)),
-                    "affine": _bool,
-                    "track_running_stats": _bool,
-                },
-            )
-            for bn in (nn.BatchNorm1d, nn.BatchNorm2d)
-        ),
-        _module(nn.ReLU, {"inplace": _bool}, forced=_INPLACE),
-        _module(nn.SiLU, {"inplace": _bool}, forced=_INPLACE),
-        _module(
-            nn.LeakyReLU, {"negative_slope": _float(0.0, 1.0), "inplace": _bool}, forced=_INPLACE
-        ),
-        _module(nn.GELU, {"approximate": _choice("none", "tanh")}),
-        _module(nn.Tanh),
-        _module(nn.Sigmoid),
-        _module(nn.Identity),
-        _module(nn.Softmax, {"dim": _optional(_DIM)}),
-        _module(nn.LogSoftmax, {"dim": _optional(_DIM)}),
-        _module(nn.Dropout, {"p": _float(0.0, 1.0), "inplace": _bool}, forced=_INPLACE),
-        _module(nn.Flatten, {"start_dim": _DIM, "end_dim": _DIM}),
-        _module(
-            nn.MaxPool2d,
-            {
-                "kernel_size": _either(_int(1), _ints(2, 1)),
-                "stride": _either(_int(1), _ints(2, 1)),
-                "padding": _either(_int(0), _ints(2)),
-                "dilation": _either(_int(1), _ints(2, 1)),
-                "ceil_mode": _bool,
-                "return_indices": _choice(False),
-            },
-        ),
-        _module(
-            nn.AvgPool2d,
-            {
-                "kernel_size": _either(_int(1), _ints(2, 1)),
-                "stride": _either(_int(1), _ints(2, 1)),
-                "padding": _either(_int(0), _ints(2)),
-                "ceil_mode": _bool,
-                "count_include_pad": _bool,
-                "divisor_override": _optional(_int(1)),
-            },
-        ),
-        _module(nn.AdaptiveAvgPool2d, {"output_size": _either(_int(1), _ints(2, 1))}),
-    ]
+_ATEN = frozenset(
+    # arithmetic and elementwise functions
+    "abs add sub rsub mul div neg pow rsqrt sqrt square reciprocal exp exp2 expm1 log log1p "
+    "log2 sin cos tan tanh sigmoid erf erfinv sign floor ceil round trunc remainder fmod "
+    "floor_divide clamp clamp_min clamp_max maximum minimum where masked_fill lerp "
+    "nan_to_num isinf isnan eq ne lt le gt ge logical_and logical_or logical_not logical_xor "
+    "bitwise_and bitwise_or bitwise_not bitwise_xor "
+    # activations
+    "relu relu6 gelu silu leaky_relu elu selu celu softplus mish hardtanh hardswish "
+    "hardsigmoid glu log_sigmoid "
+    # reductions and scans
+    "sum mean amax amin max min argmax argmin logsumexp var std var_mean std_mean prod all "
+    "any norm linalg_vector_norm topk sort argsort cumsum cumprod "
+    # shapes, views and copies
+    "view reshape _unsafe_view permute transpose t unsqueeze squeeze flatten unflatten "
+    "expand expand_as contiguous clone alias detach lift_fresh_copy slice select narrow "
+    "index_select index gather scatter scatter_add chunk split split_with_sizes unbind cat "
+    "stack repeat repeat_interleave flip roll tril triu diagonal movedim _to_copy to type_as "
+    "view_as masked_select broadcast_tensors broadcast_to index_put index_add scatter_reduce "
+    "addcmul addcdiv atan2 hypot log10 sinh cosh asin acos atan frac "
+    # new tensors
+    "zeros ones full arange zeros_like ones_like full_like new_zeros new_ones new_full "
+    "scalar_tensor one_hot "
+    # networks
+    "linear matmul mm bmm addmm baddbmm einsum outer embedding layer_norm rms_norm "
+    "group_norm batch_norm conv1d conv2d max_pool2d avg_pool2d adaptive_avg_pool2d softmax "
+    "log_softmax _softmax _log_softmax dropout native_dropout scaled_dot_product_attention "
+    "cross_entropy_loss nll_loss nll_loss_nd mse_loss l1_loss smooth_l1_loss "
+    "binary_cross_entropy_with_logits pad constant_pad_nd "
+    # sizes (symbolic integers of a graph captured with a dynamic batch)
+    "sym_size sym_numel".split()
 )
 
-MODULE_CLASSES: dict[type[nn.Module], str] = {op.cls: name for name, op in MODULES.items()}
+# Operators that write into their first argument; allowed only on a buffer of the graph (a
+# batch-norm's step counter), never on a value another stage sent or autograd saved.
+BUFFER_UPDATES = frozenset({"aten.add_.Tensor", "aten.add_.Scalar"})
+
+# Python operators torch.export leaves on symbolic sizes (`b * t`, `x.shape[0] // 2`).
+_PYTHON: dict[str, Callable[..., Any]] = {
+    **{
+        f"operator.{n}": getattr(operator, n)
+        for n in "add sub mul truediv floordiv mod pow neg eq ne lt le gt ge getitem".split()
+    },
+    "math.ceil": math.ceil,
+    "math.floor": math.floor,
+    "torch.sym_max": torch.sym_max,
+    "torch.sym_min": torch.sym_min,
+    "torch.sym_float": torch.sym_float,
+    "torch.sym_int": torch.sym_int,
+}
+
+# The argument kinds a graph may pass to an ATen operator; anything else (a generator, a
+# stream, a storage) makes the overload unusable.
+_ARG_KINDS = frozenset(
+    {
+        "TensorType",
+        "IntType",
+        "SymIntType",
+        "FloatType",
+        "BoolType",
+        "NumberType",
+        "ScalarTypeType",
+        "DeviceObjType",
+        "LayoutType",
+        "MemoryFormatType",
+        "StringType",
+    }
+)
+
+# Layouts and memory formats travel by name.
+ENUMS: dict[str, Any] = {
+    "strided": torch.strided,
+    "contiguous_format": torch.contiguous_format,
+    "preserve_format": torch.preserve_format,
+    "channels_last": torch.channels_last,
+}
+
+# Where an operator takes its training flag: captured True, it follows the stage's
+# train/eval mode (a flag captured False stays off).
+TRAINING_FLAGS = {
+    "aten.dropout.default": 2,
+    "aten.native_dropout.default": 2,
+    "aten.batch_norm.default": 5,
+}
+
+_MAX_DIM = 1 << 31
+_MAX_NEW_ELEMENTS = 1 << 34
 
 
-def module_spec_of(module: nn.Module) -> ModuleSpec:
-    """The spec that rebuilds an allow-listed module (its exact type must be listed)."""
-    name = MODULE_CLASSES[type(module)]
-    return ModuleSpec(type=name, attrs=MODULES[name].read_attrs(module))
+def _kind(argument: Any) -> tuple[str, ...]:
+    """The kind of a schema argument with its wrappers: ("OptionalType", "ListType",
+    "SymIntType"); `real_type` keeps the kinds the Python binding calls int (ScalarType,
+    Layout, MemoryFormat)."""
+    t = argument.real_type
+    out: list[str] = []
+    while t.kind() in ("OptionalType", "ListType"):
+        out.append(t.kind())
+        t = t.getElementType()
+    out.append(t.kind())
+    return tuple(out)
 
 
-def build_module(spec: ModuleSpec) -> nn.Module:
-    """Rebuild an allow-listed module from its spec, after validating every attribute."""
-    op = MODULES.get(spec.type)
-    if op is None:
-        raise IRError(f"module type {spec.type!r} is not in the allow-list")
+@functools.cache
+def overload(name: str) -> torch._ops.OpOverload:
+    """The ATen overload a node names, or `IRError` when it is outside the allow-list (only
+    allowed names are cached: the table bounds the cache)."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "aten":
+        raise IRError(f"operator {name!r} is not in the allow-list")
+    _, packet, which = parts
+    if packet not in _ATEN and name not in BUFFER_UPDATES:
+        raise IRError(f"operator {name!r} is not in the allow-list")
+    op_packet = getattr(torch.ops.aten, packet)
+    if which not in op_packet.overloads():
+        raise IRError(f"operator {packet!r} has no overload {which!r}")
+    op: torch._ops.OpOverload = getattr(op_packet, which)
+    schema = op._schema
+    if schema.is_mutable and name not in BUFFER_UPDATES:
+        raise IRError(f"operator {name!r} writes into its arguments and is not allowed")
+    for a in schema.arguments:
+        if _kind(a)[-1] not in _ARG_KINDS:
+            raise IRError(f"operator {name!r} takes a {a.type} ({a.name}) and is not allowed")
+    first = schema.arguments[0] if schema.arguments else None
+    if first is not None and _kind(first)[-1] == "StringType" and packet != "einsum":
+        raise IRError(f"operator {name!r} works on strings and is not allowed")
+    return op
+
+
+def is_allowed(name: str) -> bool:
+    """Whether capture may keep an operator of this name."""
+    if name in _PYTHON:
+        return True
     try:
-        return op.build(spec.attr_dict())
-    except IRError as e:
-        raise IRError(f"{spec.type}: {e}") from None
+        overload(name)
+    except IRError:
+        return False
+    return True
 
 
-# -- functions -----------------------------------------------------------------------------
-
-_TORCH_FUNCTIONS = (
-    "abs add addmm amax amin arange argmax argmin baddbmm bmm cat chunk clamp cos cumsum "
-    "div einsum eq erf exp flatten flip full full_like gather gt logsumexp log log_softmax "
-    "lt masked_fill matmul max maximum mean min minimum mm mul ne neg ones ones_like outer "
-    "permute pow relu reshape roll rsqrt scatter_add sigmoid sin softmax split sqrt square "
-    "squeeze stack sub sum tanh topk transpose tril triu unsqueeze where zeros zeros_like"
-).split()
-
-_FUNCTIONAL = (
-    "adaptive_avg_pool2d avg_pool2d batch_norm conv1d conv2d cross_entropy dropout elu "
-    "embedding gelu group_norm layer_norm leaky_relu linear log_softmax max_pool2d mse_loss "
-    "nll_loss normalize one_hot pad relu rms_norm scaled_dot_product_attention silu softmax "
-    "softplus"
-).split()
-
-_OPERATORS = (
-    "add sub mul truediv floordiv mod pow neg pos matmul getitem eq ne lt le gt ge and_ or_ invert"
-).split()
-
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    **{f"torch.{n}": getattr(torch, n) for n in _TORCH_FUNCTIONS},
-    **{f"torch.nn.functional.{n}": getattr(F, n) for n in _FUNCTIONAL},
-    **{f"operator.{n}": getattr(operator, n) for n in _OPERATORS},
-    "builtins.getattr": builtins.getattr,
-}
-
-_FUNCTION_NAMES: dict[int, str] = {}
-for _name, _fn in FUNCTIONS.items():
-    _FUNCTION_NAMES.setdefault(id(_fn), _name)
-
-# Attributes of a tensor a graph may read with getattr (fx records `x.shape` that way).
-TENSOR_ATTRS = frozenset({"shape", "dtype", "ndim", "device", "T", "mT"})
-
-# Where the listed functional activations take `inplace` positionally; like in-place methods,
-# `inplace=True` (or `out=`) would write into a tensor another stage sent or autograd saved.
-_INPLACE_POSITION = {
-    "torch.nn.functional.relu": 1,
-    "torch.nn.functional.silu": 1,
-    "torch.nn.functional.leaky_relu": 2,
-    "torch.nn.functional.elu": 2,
-    "torch.nn.functional.dropout": 3,
-}
+# -- argument checks -----------------------------------------------------------------------
 
 
-def function_name(fn: Any) -> str | None:
-    """The canonical name of an allow-listed callable, or None."""
-    name = _FUNCTION_NAMES.get(id(fn))
-    return name if name is not None and FUNCTIONS[name] is fn else None
+def _check_value(where: str, arg_name: str, kind: tuple[str, ...], value: Arg) -> None:
+    """Raise unless `value` may be passed where the schema expects `kind`."""
+    if isinstance(value, NodeRef):
+        return  # a tensor or a symbolic integer; its kind is checked when it runs
+    head, rest = kind[0], kind[1:]
+    if head == "OptionalType":
+        if value is None:
+            return
+        _check_value(where, arg_name, rest, value)
+        return
+    if head == "ListType":
+        items = value.items if isinstance(value, ListArg) else value
+        if not isinstance(items, tuple):
+            raise IRError(f"{where}: {arg_name} must be a list, not {value!r}")
+        for item in items:
+            _check_value(where, arg_name, rest, item)
+        return
+    ok = {
+        # A number where a tensor goes is wrapped as a 0-d tensor (`x * 0.5`).
+        "TensorType": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "IntType": isinstance(value, int) and not isinstance(value, bool),
+        "SymIntType": isinstance(value, int) and not isinstance(value, bool),
+        "FloatType": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "BoolType": isinstance(value, bool),
+        "NumberType": isinstance(value, (int, float, bool)),
+        "ScalarTypeType": isinstance(value, torch.dtype),
+        "DeviceObjType": isinstance(value, LocalDevice),
+        "LayoutType": value == "strided",
+        "MemoryFormatType": isinstance(value, str) and value in ENUMS,
+        "StringType": isinstance(value, str),
+    }.get(head, False)
+    if not ok:
+        what = "the stage's own device" if head == "DeviceObjType" else head.removesuffix("Type")
+        raise IRError(f"{where}: {arg_name}={value!r} must be {what.lower()}")
 
 
-# Where the C bindings of public torch namespaces say they live, and the prefix their names
-# carry there (`torch.fft.fft` is `torch._C._fft.fft_fft`, `torch.erfinv` is
-# `torch._VariableFunctionsClass.erfinv`).
-_PUBLIC_NAMES = {
-    "torch": ("torch", "_VariableFunctionsClass."),
-    "torch._C._nn": ("torch.nn.functional", ""),
-    "torch._C._fft": ("torch.fft", "fft_"),
-    "torch._C._special": ("torch.special", "special_"),
-    "torch._C._linalg": ("torch.linalg", "linalg_"),
-    "_operator": ("operator", ""),
-}
+def _check_aten(where: str, node: Node) -> None:
+    op = overload(node.target)
+    params = op._schema.arguments
+    positional = [a for a in params if not a.kwarg_only]
+    if len(node.args) > len(positional):
+        raise IRError(
+            f"{where}: {node.target} takes {len(positional)} positional arguments, "
+            f"got {len(node.args)}"
+        )
+    by_name = {a.name: a for a in params}
+    given = {a.name for a in positional[: len(node.args)]}
+    for a, value in zip(positional, node.args, strict=False):
+        _check_value(where, a.name, _kind(a), value)
+    for key, value in node.kwargs:
+        named = by_name.get(key)
+        if named is None or key in given:
+            raise IRError(f"{where}: {node.target} takes no argument {key}=")
+        given.add(key)
+        _check_value(where, key, _kind(named), value)
+    missing = [a.name for a in params if a.name not in given and not a.has_default_value()]
+    if missing:
+        raise IRError(f"{where}: {node.target} needs {', '.join(missing)}")
+    values = dict(zip((a.name for a in positional), node.args, strict=False))
+    values.update(node.kwargs)
+    _check_attributes(where, node.target, values)
 
 
-def describe_callable(fn: Any) -> str:
-    """A readable dotted name for any callable, for error messages."""
-    module = getattr(fn, "__module__", None) or ""
-    qual = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    if module in _PUBLIC_NAMES:
-        module, prefix = _PUBLIC_NAMES[module]
-        qual = str(qual).removeprefix(prefix)
-    return f"{module}.{qual}" if module else str(qual)
-
-
-# -- tensor methods ------------------------------------------------------------------------
-
-# Out-of-place methods only: an in-place method could write into a tensor another stage
-# sent or that autograd saved.
-METHODS = frozenset(
-    (
-        "abs add amax argmax bfloat16 bool chunk clamp contiguous cumsum detach dim div exp "
-        "expand expand_as flatten float gather half int log log_softmax long masked_fill matmul "
-        "max mean min mul narrow ne neg new_ones new_zeros norm permute pow relu repeat reshape "
-        "reshape_as rsqrt scatter_add select sigmoid size softmax split sqrt squeeze std sub "
-        "sum t tanh to topk transpose tril triu type_as unflatten unsqueeze var view view_as"
-    ).split()
-)
-
-
-# -- validation and execution ----------------------------------------------------------------
+def _check_attributes(where: str, name: str, values: Mapping[str, Arg]) -> None:
+    """Checks beyond the schema: probabilities in range, no sparse gradients, new tensors
+    of a size a worker can hold."""
+    for key in ("p", "dropout_p"):
+        p = values.get(key)
+        if isinstance(p, (int, float)) and not 0.0 <= p <= 1.0:
+            raise IRError(f"{where}: {key}={p!r} must be in [0, 1]")
+    if values.get("sparse") is True:
+        raise IRError(f"{where}: sparse gradients are not supported")
+    size = values.get("size")
+    if name.split(".")[1] in ("zeros", "ones", "full") and isinstance(size, ListArg):
+        dims = [d for d in size.items if isinstance(d, int)]
+        if any(not 0 <= d <= _MAX_DIM for d in dims) or math.prod(dims) > _MAX_NEW_ELEMENTS:
+            raise IRError(f"{where}: a new tensor of size {list(dims)} is too large")
 
 
 def check_node(node: Node) -> None:
     """Raise `IRError` unless the node names an allow-listed operator with valid arguments."""
     where = f"node {node.name!r}"
-    if node.op == "module":
-        assert node.module is not None
+    if node.op == "function":
+        if node.target in _PYTHON:
+            for arg in (*node.args, *(v for _, v in node.kwargs)):
+                if not isinstance(arg, (NodeRef, int, float, bool)) or arg is None:
+                    raise IRError(f"{where}: {node.target} works on sizes, not {arg!r}")
+            return
         try:
-            build_module_check(node.module)
+            _check_aten(where, node)
         except IRError as e:
+            if str(e).startswith(where):
+                raise
             raise IRError(f"{where}: {e}") from None
-    elif node.op == "function":
-        if node.target not in FUNCTIONS:
-            raise IRError(f"{where}: function {node.target!r} is not in the allow-list")
-        if node.target == "builtins.getattr":
-            attr = node.args[1] if len(node.args) == 2 else None
-            if node.kwargs or not isinstance(attr, str) or attr not in TENSOR_ATTRS:
-                raise IRError(
-                    f"{where}: getattr may only read a tensor's {sorted(TENSOR_ATTRS)}, "
-                    f"not {attr!r}"
-                )
-    elif node.op == "method":
-        if node.target not in METHODS:
-            raise IRError(f"{where}: tensor method {node.target!r} is not in the allow-list")
-        if not node.args or not isinstance(node.args[0], NodeRef):
-            raise IRError(f"{where}: a method call needs the tensor it is called on")
-        if node.target == "to":
-            _check_to_args(where, node)
     elif node.op in ("input", "param") and (node.args or node.kwargs):
         raise IRError(f"{where}: takes no arguments")
-    if node.op in ("function", "method"):
-        _check_no_side_effects(where, node)
-
-
-def build_module_check(spec: ModuleSpec) -> None:
-    op = MODULES.get(spec.type)
-    if op is None:
-        raise IRError(f"module type {spec.type!r} is not in the allow-list")
-    try:
-        op.check(spec.attr_dict())
-    except IRError as e:
-        raise IRError(f"{spec.type}: {e}") from None
-
-
-def _check_no_side_effects(where: str, node: Node) -> None:
-    """Refuse arguments that write into an existing tensor or name a device."""
-    kwargs = dict(node.kwargs)
-    if "out" in kwargs:
-        raise IRError(f"{where}: {node.target} may not write into an existing tensor (out=)")
-    position = _INPLACE_POSITION.get(node.target)
-    inplace = kwargs.get("inplace", False)
-    if position is not None and len(node.args) > position:
-        inplace = node.args[position]
-    if inplace is not False:
-        raise IRError(f"{where}: {node.target} may only run with inplace=False, not {inplace!r}")
-    device = kwargs.get("device")
-    if device is not None and not isinstance(device, (NodeRef, LocalDevice)):
-        raise IRError(
-            f"{where}: {node.target} may only use the stage's own device or a tensor's, "
-            f"not device={device!r}"
-        )
-
-
-def _check_to_args(where: str, node: Node) -> None:
-    # `.to` may change dtype or move to the stage's own device; never to a named device.
-    for arg in (*node.args[1:], *(v for _, v in node.kwargs)):
-        if not isinstance(arg, (torch.dtype, NodeRef, LocalDevice, bool)) and arg is not None:
-            raise IRError(
-                f"{where}: .to() accepts a dtype, a tensor or the local device, not {arg!r}"
-            )
-    for key, _ in node.kwargs:
-        if key not in ("dtype", "device", "non_blocking", "copy"):
-            raise IRError(f"{where}: .to() does not take {key}=")
 
 
 def validate_graph(graph: Graph) -> None:
-    """Full check of a graph received from anywhere: structure, then every operator."""
+    """Full check of a graph received from anywhere: structure, then every operator (an
+    in-place update only on a buffer of the graph)."""
     graph.check_structure()
+    specs = graph.param_specs
     for node in graph.nodes:
         check_node(node)
+        if node.target in BUFFER_UPDATES:
+            first = node.args[0] if node.args else None
+            target = graph.node(first.name) if isinstance(first, NodeRef) else None
+            if (
+                target is None
+                or target.op != "param"
+                or specs[target.target].trainable
+                or graph.consumers[target.name] != (node.name,)
+            ):
+                raise IRError(
+                    f"node {node.name!r}: {node.target} may only update a buffer that no other "
+                    "operator reads"
+                )
+
+
+# -- execution -----------------------------------------------------------------------------
 
 
 def resolve(arg: Arg, env: Mapping[str, Any], device: torch.device) -> Any:
@@ -491,41 +314,43 @@ def resolve(arg: Arg, env: Mapping[str, Any], device: torch.device) -> Any:
     return arg
 
 
-def call(node: Node, args: list[Any], kwargs: dict[str, Any], module: nn.Module | None) -> Any:
+def _enums(op: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Layouts and memory formats, carried by name, as the objects the operator takes."""
+    for i, a in enumerate(op._schema.arguments):
+        if _kind(a)[-1] not in ("LayoutType", "MemoryFormatType"):
+            continue
+        if a.kwarg_only or i >= len(args):
+            if isinstance(kwargs.get(a.name), str):
+                kwargs[a.name] = ENUMS[kwargs[a.name]]
+        elif isinstance(args[i], str):
+            args[i] = ENUMS[args[i]]
+
+
+def call(node: Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Run one validated compute node on resolved arguments."""
-    if node.op == "module":
-        assert module is not None
-        return module(*args, **kwargs)
-    if node.op == "function":
-        if node.target == "builtins.getattr" and not isinstance(args[0], torch.Tensor):
-            raise IRError(
-                f"node {node.name!r}: getattr on a {type(args[0]).__name__}, not a tensor"
-            )
-        return FUNCTIONS[node.target](*args, **kwargs)
-    if node.op == "method":
-        receiver = args[0]
-        if not isinstance(receiver, torch.Tensor):
-            raise IRError(
-                f"node {node.name!r}: method {node.target!r} called on a "
-                f"{type(receiver).__name__}, not a tensor"
-            )
-        # Looked up on the Tensor class so no other object's attribute is ever called.
-        return getattr(torch.Tensor, node.target)(*args, **kwargs)
-    raise IRError(f"node {node.name!r}: a {node.op} node is not an operator")
+    if node.op != "function":
+        raise IRError(f"node {node.name!r}: a {node.op} node is not an operator")
+    python = _PYTHON.get(node.target)
+    if python is not None:
+        for value in args:
+            if isinstance(value, torch.Tensor) and node.target != "operator.getitem":
+                raise IRError(f"node {node.name!r}: {node.target} works on sizes, not tensors")
+        if node.target == "operator.getitem" and not isinstance(args[0], (tuple, list)):
+            raise IRError(f"node {node.name!r}: getitem reads an operator's tuple of results")
+        return python(*args, **kwargs)
+    op = overload(node.target)
+    _enums(op, args, kwargs)
+    return op(*args, **kwargs)
 
 
 __all__ = [
-    "FUNCTIONS",
+    "BUFFER_UPDATES",
     "LOCAL_DEVICE",
-    "METHODS",
-    "MODULES",
-    "MODULE_CLASSES",
-    "ModuleOp",
-    "build_module",
+    "TRAINING_FLAGS",
     "call",
     "check_node",
-    "function_name",
-    "module_spec_of",
+    "is_allowed",
+    "overload",
     "resolve",
     "validate_graph",
 ]

@@ -93,7 +93,6 @@ def partition(graph: Graph, assignment: Mapping[str, int]) -> Partition:
         raise PartitionError(f"stages {empty} have no nodes; number stages 0..{len(used) - 1}")
     _check_convex(graph, stage_of, num_stages)
     _check_order(graph, stage_of)
-    _check_shared_modules(graph, stage_of)
 
     edges: list[Edge] = []
     for node in graph.nodes:
@@ -177,20 +176,6 @@ def _check_order(graph: Graph, stage_of: Mapping[str, int]) -> None:
                 )
 
 
-def _check_shared_modules(graph: Graph, stage_of: Mapping[str, int]) -> None:
-    # A module's own parameters live inside it, so all calls of one module share a stage.
-    where: dict[str, tuple[str, int]] = {}
-    for node in graph.nodes:
-        if node.op != "module":
-            continue
-        first = where.setdefault(node.target, (node.name, stage_of[node.name]))
-        if first[1] != stage_of[node.name]:
-            raise PartitionError(
-                f"module {node.target!r} is called by {first[0]} (stage {first[1]}) and "
-                f"{node.name} (stage {stage_of[node.name]}); a module's calls must share a stage"
-            )
-
-
 def _build_stage(graph: Graph, s: int, stage_of: Mapping[str, int], edges: list[Edge]) -> Stage:
     own = [n for n in graph.nodes if n.op != "input" and stage_of[n.name] == s]
     own_names = {n.name for n in own}
@@ -225,6 +210,8 @@ def _build_stage(graph: Graph, s: int, stage_of: Mapping[str, int], edges: list[
         loss=graph.loss if graph.loss in own_names else "",
         params=tuple(p for p in graph.params if p.name in params),
         example_batch=graph.example_batch,
+        state_keys=tuple((k, p) for k, p in graph.state_keys if p in params),
+        dynamic_batch=graph.dynamic_batch,
     )
     stage_graph.check_structure()
     return Stage(index=s, graph=stage_graph, recv=recv, data_inputs=data_inputs, send=send)

@@ -55,11 +55,11 @@ def heaviest_edges(graph: Graph, top: int) -> list[dict[str, Any]]:
 def dag_summary(graph: Graph, *, top: int = 10) -> dict[str, Any]:
     """Counts, parameters, FLOPs (for the example batch) and the heaviest edges of a graph."""
     by_op = Counter(n.op for n in graph.nodes)
-    by_target = Counter((n.module.type if n.module else n.target) for n in graph.compute_nodes)
+    by_target = Counter(n.target for n in graph.compute_nodes)
     flops_by_kind: dict[str, float] = {}
     for n in graph.compute_nodes:
         if n.costs:
-            kind = n.module.type if n.module else n.target
+            kind = n.target
             flops_by_kind[kind] = (
                 flops_by_kind.get(kind, 0.0) + n.costs.fwd_flops + n.costs.bwd_flops
             )

@@ -1,9 +1,9 @@
 """Build an executable module from a graph alone, and interpret it node by node.
 
 `StageModule` never imports or needs the user's model class: it validates the graph against
-the operator allow-list, rebuilds each allow-listed module from its attributes, loads the
-named tensors, and runs the nodes in order. The same interpreter propagates shapes on the
-meta device at capture time and runs a stage on a worker.
+the operator allow-list, declares each parameter and buffer under its qualified name, loads
+the named tensors, and runs the ATen operators in order. The same interpreter propagates
+shapes on the meta device at capture time and runs a stage on a worker.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from opdag import ops
 from opdag.errors import IRError
-from opdag.ir import Graph, ModuleSpec, Node, ParamSpec, dtype_of
+from opdag.ir import Graph, Node, ParamSpec, dtype_of
 from opdag.values import Value
 
 NodeCall = Callable[[Node, list[Any], dict[str, Any]], Value]
@@ -43,11 +43,8 @@ class StageModule(nn.Module):
             ops.validate_graph(graph)
         self.graph = graph
         self.device = torch.device(device)
-        self._by_path: dict[str, nn.Module] = {}
-        self._spec_by_path: dict[str, ModuleSpec] = {}
         self._owner: dict[str, tuple[nn.Module, str]] = {}
         try:
-            self._build_modules()
             self._declare_params()
         except (KeyError, AttributeError, TypeError) as e:
             # torch refuses a submodule or tensor name that is already taken.
@@ -72,45 +69,6 @@ class StageModule(nn.Module):
                 module.add_module(part, child)
             module = child
         return module
-
-    def _attach(self, path: str, module: nn.Module) -> None:
-        parent_path, _, name = path.rpartition(".")
-        parent = self._container(parent_path)
-        if name in parent._modules or hasattr(parent, name):
-            raise IRError(f"graph {self.graph.name!r}: path {path!r} is used twice")
-        parent.add_module(name, module)
-
-    def _build_modules(self) -> None:
-        specs = self.graph.param_specs
-        for node in self.graph.nodes:
-            if node.op != "module":
-                continue
-            assert node.module is not None
-            if node.target in self._by_path:
-                if self._spec_by_path[node.target] != node.module:
-                    raise IRError(
-                        f"node {node.name!r}: module {node.target!r} is called elsewhere with "
-                        "different attributes"
-                    )
-                continue
-            with torch.device("meta"):
-                module = ops.build_module(node.module)
-            declared = set(self.graph.owned_params(node))
-            tensors: dict[str, torch.Tensor] = dict(module.named_parameters(recurse=False))
-            tensors.update(module.named_buffers(recurse=False))
-            expected = {f"{node.target}.{local}": t for local, t in tensors.items()}
-            if set(expected) != declared:
-                raise IRError(
-                    f"node {node.name!r}: a {node.module.type} has tensors "
-                    f"{sorted(expected)}, but the graph declares {sorted(declared)}"
-                )
-            for name, t in expected.items():
-                _check_spec(specs[name], tuple(t.shape), t.dtype, f"node {node.name!r}")
-            self._attach(node.target, module)
-            self._by_path[node.target] = module
-            self._spec_by_path[node.target] = node.module
-            for local in tensors:
-                self._owner[f"{node.target}.{local}"] = (module, local)
 
     def _declare_params(self) -> None:
         for node in self.graph.nodes:
@@ -170,9 +128,20 @@ class StageModule(nn.Module):
             return self.tensor(node.target)
         args = [ops.resolve(a, env, self.device) for a in node.args]
         kwargs = {k: ops.resolve(v, env, self.device) for k, v in node.kwargs}
-        module = self._by_path.get(node.target) if node.op == "module" else None
+        flag = ops.TRAINING_FLAGS.get(node.target)
+        # Dropout and batch norm follow train/eval mode (a batch norm without running
+        # statistics normalises by the batch's own in both).
+        if (
+            flag is not None
+            and len(args) > flag
+            and args[flag] is True
+            and (node.target != "aten.batch_norm.default" or args[3] is not None)
+        ):
+            args[flag] = self.training
+        if node.target in ops.BUFFER_UPDATES and not self.training:
+            return args[0]  # buffers (a batch norm's step count) change only in training
         try:
-            return ops.call(node, args, kwargs, module)
+            return ops.call(node, args, kwargs)
         except IRError:
             raise
         except Exception as e:
@@ -183,6 +152,8 @@ class StageModule(nn.Module):
         missing = [name for name in self.graph.inputs if name not in inputs]
         if missing:
             raise IRError(f"graph {self.graph.name!r}: inputs missing: {missing}")
+        if not self.graph.dynamic_batch:
+            self._check_batch(inputs)
         env: dict[str, Value] = {name: inputs[name] for name in self.graph.inputs}
         for node, frees in zip(self.graph.nodes, self._free_after, strict=True):
             if node.op != "input":
@@ -190,6 +161,23 @@ class StageModule(nn.Module):
             for name in frees:
                 env.pop(name, None)
         return {name: env[name] for name in self.graph.outputs}
+
+    def _check_batch(self, inputs: Mapping[str, Value]) -> None:
+        """A graph whose capture fixed the batch size runs that batch size alone."""
+        for name in self.graph.inputs:
+            value, meta = inputs[name], self.graph.node(name).meta
+            if (
+                isinstance(value, torch.Tensor)
+                and meta is not None
+                and meta.shape
+                and value.dim()
+                and value.shape[0] != meta.shape[0]
+            ):
+                raise IRError(
+                    f"graph {self.graph.name!r} was captured for batches of "
+                    f"{meta.shape[0]} (its model fixes the batch size), not "
+                    f"{value.shape[0]} ({name!r})"
+                )
 
 
 def _check_spec(spec: ParamSpec, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:

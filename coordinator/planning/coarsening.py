@@ -28,18 +28,11 @@ def coarse_starts(
 ) -> list[int]:
     """Where at most `max_blocks` coarse blocks begin in the one-node-per-block `chain` of
     `graph`: around each ideal cut into blocks of equal `work`, within half a block, the
-    allowed cut crossed by the fewest bytes (ties: the nearest). A cut between two calls
-    of one module is not allowed; `among` restricts the cuts further (to nest two
-    coarsenings)."""
+    allowed cut crossed by the fewest bytes (ties: the nearest); `among` restricts the cuts
+    further (to nest two coarsenings)."""
     n = len(chain.blocks)
     allowed = [True] * (n + 1)
     allowed[0] = allowed[n] = False
-    first: dict[str, int] = {}
-    for i, node in enumerate(graph.compute_nodes):
-        if node.op == "module":
-            j = first.setdefault(node.target, i)
-            for p in range(j + 1, i + 1):
-                allowed[p] = False  # the module's calls must share a stage
     fwd, bwd = chain.crossing()
     prefix = [0.0]
     for w in work:

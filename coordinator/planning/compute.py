@@ -51,7 +51,7 @@ class ComputeModel:
         self, nodes: Sequence[Node], worker_id: str, gflops: float
     ) -> tuple[float, float]:
         """Forward and backward seconds of a set of nodes for one micro-batch."""
-        costs = [n.costs for n in nodes if n.op in ("module", "function", "method")]
+        costs = [n.costs for n in nodes if n.op == "function"]
         fwd = sum(c.fwd_flops for c in costs if c is not None)
         bwd = sum(c.bwd_flops for c in costs if c is not None)
         return (

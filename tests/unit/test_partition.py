@@ -51,9 +51,9 @@ def test_non_convex_stage_is_refused_naming_the_path() -> None:
     g = captured.graph
     names = [n.name for n in g.compute_nodes]
     assignment = {n: 0 for n in names}
-    # b in stage 1, but the merge that reads b back in stage 0: 0 -> 1 -> 0.
-    assignment["b"] = 1
-    with pytest.raises(PartitionError, match=r"stage 0 is not convex: .*b \(stage 1\)"):
+    # b (the second linear) in stage 1, but the merge that reads it back in stage 0.
+    assignment["linear_1"] = 1
+    with pytest.raises(PartitionError, match=r"stage 0 is not convex: .*linear_1 \(stage 1\)"):
         partition(g, assignment)
 
 
@@ -84,7 +84,7 @@ def test_incomplete_unknown_and_malformed_assignments_are_refused(gpt_graph) -> 
         partition(gpt_graph, gap)
 
 
-def test_module_called_from_two_stages_is_refused() -> None:
+def test_module_called_from_two_stages_shares_its_weights_across_them() -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -93,12 +93,26 @@ def test_module_called_from_two_stages_is_refused() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.f(torch.relu(self.f(x))).sum()
 
-    g = capture(Twice(), {"x": torch.zeros(2, 4)}).graph
+    torch.manual_seed(0)
+    model = Twice()
+    captured = capture(model, {"x": torch.zeros(2, 4)})
+    g = captured.graph
     assignment = {n.name: 0 for n in g.compute_nodes}
     assignment[g.compute_nodes[-1].name] = 1
     assignment[g.compute_nodes[-2].name] = 1
-    with pytest.raises(PartitionError, match="module 'f' is called by"):
-        partition(g, assignment)
+    p = partition(g, assignment)
+    # The module's weights live in stage 0 and travel to stage 1 as values.
+    assert {e.node for e in p.edges} >= {"p_f_weight", "p_f_bias"}
+    assert not p.stages[1].graph.params
+    pipe = LocalPipeline(p, captured.state, num_micro_batches=1)
+    x = torch.randn(2, 4)
+    stats = pipe.forward_backward([{"x": x}])
+    loss = model(x)
+    loss.backward()
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-6)
+    ours = dict(pipe.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_parameter_read_in_two_stages_travels_and_gets_its_full_gradient() -> None:
@@ -108,7 +122,7 @@ def test_parameter_read_in_two_stages_travels_and_gets_its_full_gradient() -> No
     for n in g.compute_nodes:
         assignment[n.name] = 0 if g.position(n.name) <= g.position("mul") else 1
     p = partition(g, assignment)
-    assert any(e.node == "scale" and e.dsts == (1,) for e in p.edges)
+    assert any(e.node == "p_scale" and e.dsts == (1,) for e in p.edges)
 
     pipe = LocalPipeline(p, captured.state, num_micro_batches=2)
     x, y = torch.randn(4, 4), torch.randn(4, 4)

@@ -47,13 +47,13 @@ def residual_split(graph: Graph) -> dict[str, int]:
     to the fork `x` in stage 0, the branch alone in stage 1, the shortcut side, the merge and
     the rest in stage 2, so `x` travels from stage 0 straight to stage 2, past the branch."""
     for merge in graph.compute_nodes:
-        if merge.target not in ("operator.add", "torch.add"):
+        if merge.target != "aten.add.Tensor":
             continue
         refs = list(dict.fromkeys(merge.refs()))
         if len(refs) != 2:
             continue
         lineage = [_ancestors(graph, r) | {r} for r in refs]
-        common = [n for n in lineage[0] & lineage[1] if graph.node(n).op != "input"]
+        common = [n for n in lineage[0] & lineage[1] if graph.node(n).op == "function"]
         if not common:
             continue
         fork = max(common, key=graph.position)
@@ -75,7 +75,7 @@ def residual_split(graph: Graph) -> dict[str, int]:
 def experts_apart(graph: Graph) -> dict[str, int]:
     """moe-gpt's first MoE block with each expert on a stage of its own: what only expert e
     computes goes to stage e + 1; what the experts share comes before, the rest after."""
-    stack = next(n for n in graph.compute_nodes if n.target == "torch.stack")
+    stack = next(n for n in graph.compute_nodes if n.target == "aten.stack.default")
     outs = list(dict.fromkeys(stack.refs()))
     lineage = [_ancestors(graph, o) | {o} for o in outs]
     upstream = _ancestors(graph, stack.name)
@@ -90,10 +90,11 @@ def experts_apart(graph: Graph) -> dict[str, int]:
 
 
 def every_module_apart(graph: Graph) -> dict[str, int]:
-    """A new stage at every module call (the finest cut along the order)."""
+    """A new stage at every operator that reads a parameter (a layer: the finest cut along
+    the order)."""
     stage, assignment = 0, {}
     for n in graph.compute_nodes:
-        if n.op == "module" and assignment:
+        if any(graph.node(r).op == "param" for r in n.refs()) and assignment:
             stage += 1
         assignment[n.name] = stage
     return assignment
@@ -217,9 +218,7 @@ def test_experts_apart_puts_each_expert_on_its_own_stage() -> None:
     assignment = experts_apart(graph)
     for e in range(args["experts"]):
         nodes = [
-            n.name
-            for n in graph.compute_nodes
-            if n.op == "module" and n.target.startswith(f"blocks.0.moe.experts.{e}.")
+            n.name for n in graph.compute_nodes if n.source.startswith(f"blocks.0.moe.experts.{e}.")
         ]
         assert nodes and {assignment[n] for n in nodes} == {e + 1}
     assert max(assignment.values()) == args["experts"] + 1
