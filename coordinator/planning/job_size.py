@@ -149,7 +149,7 @@ def _mlp(c: MLPConfig, batch: int) -> tuple[int, int, int]:
     params = sum(_linear(a, b) for a, b in itertools.pairwise(widths))
     params += _linear(widths[-1], c.num_classes)
     activations = batch * (c.in_features + 3 * c.hidden * (c.layers - 1) + 3 * c.num_classes)
-    return params, 4 + 2 * c.layers, activations
+    return params, 3 + 4 * c.layers, activations
 
 
 def _over(where: str, what: str, limit: str, bound: str) -> JobSpecError:
