@@ -298,7 +298,14 @@ def _written(
     """The node whose value an in-place operator writes into, or None when the operator is
     not in-place (or is a buffer update the allow-list keeps as it is)."""
     parts = target.split(".")
-    if len(parts) != 3 or parts[0] != "aten" or not parts[1].endswith("_"):
+    if len(parts) != 3 or parts[0] != "aten" or not hasattr(torch.ops.aten, parts[1]):
+        return None
+    packet = getattr(torch.ops.aten, parts[1])
+    if parts[2] not in packet.overloads():
+        return None
+    schema = getattr(packet, parts[2])._schema
+    alias = schema.arguments[0].alias_info if schema.arguments else None
+    if alias is None or not alias.is_write or not parts[1].endswith("_"):
         return None
     first = args[0] if args else None
     if not isinstance(first, NodeRef):

@@ -40,13 +40,13 @@ _ATEN = frozenset(
     "log2 sin cos tan tanh sigmoid erf erfinv sign floor ceil round trunc remainder fmod "
     "floor_divide clamp clamp_min clamp_max maximum minimum where masked_fill lerp "
     "nan_to_num isinf isnan eq ne lt le gt ge logical_and logical_or logical_not logical_xor "
-    "bitwise_and bitwise_or bitwise_not bitwise_xor "
+    "bitwise_and bitwise_or bitwise_not bitwise_xor __and__ __or__ __xor__ __invert__ "
     # activations
     "relu relu6 gelu silu leaky_relu elu selu celu softplus mish hardtanh hardswish "
     "hardsigmoid glu log_sigmoid "
     # reductions and scans
     "sum mean amax amin max min argmax argmin logsumexp var std var_mean std_mean prod all "
-    "any norm linalg_vector_norm topk sort argsort cumsum cumprod "
+    "any norm linalg_vector_norm topk sort argsort cumsum cumprod diff "
     # shapes, views and copies
     "view reshape _unsafe_view permute transpose t unsqueeze squeeze flatten unflatten "
     "expand expand_as contiguous clone alias detach lift_fresh_copy slice select narrow "
