@@ -1,0 +1,7 @@
+"""`python -m archipelago`: the same command line as `archipelago`."""
+
+import sys
+
+from archipelago.cli import main
+
+sys.exit(main())
