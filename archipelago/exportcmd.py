@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from archipelago.errors import UsageError
 
 if TYPE_CHECKING:  # the command line's parser is built without torch
+    from archipelago.client import CoordinatorClient
     from archipelago.model_serde import ExportedModel
     from coordinator.planning.jobspec import JobSpec
 
@@ -26,13 +27,21 @@ if TYPE_CHECKING:  # the command line's parser is built without torch
 MAX_EXPORT_BYTES = 16 << 30
 
 
-def prepare_upload(spec: JobSpec, spec_path: Path) -> tuple[bytes, list[tuple[str, str]]]:
+def prepare_upload(
+    spec: JobSpec, spec_path: Path, client: CoordinatorClient
+) -> tuple[bytes, list[tuple[str, str]]]:
     """The `.opdag` bytes and export names of the spec's own model (paths in the spec are
-    relative to its file's folder); UsageError naming what is wrong."""
+    relative to its file's folder; a stored dataset's shapes come from the coordinator);
+    UsageError naming what is wrong."""
+    from archipelago.client import ClientError
     from archipelago.model_source import ModelSourceError, prepare_model
 
     try:
-        prepared = prepare_model(spec, spec_path.resolve().parent)
+        manifest = client.dataset_manifest(spec.data.dataset) if spec.data.dataset else None
+    except ClientError as e:
+        raise UsageError(str(e)) from None
+    try:
+        prepared = prepare_model(spec, spec_path.resolve().parent, manifest)
         blob = prepared.encode()
     except ModelSourceError as e:
         raise UsageError(str(e)) from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opdag.data.manifest import Manifest
 from proto import coordinator_pb2
 from proto.errors import StreamError
 from proto.tensor_stream import CHUNK_BYTES, TensorAssembler
@@ -35,6 +36,21 @@ def model_job_parts(
 
 def export_request(job_id: str) -> coordinator_pb2.ExportRequest:
     return coordinator_pb2.ExportRequest(job_id=job_id)
+
+
+def describe_dataset_request(name: str) -> coordinator_pb2.DescribeDatasetRequest:
+    return coordinator_pb2.DescribeDatasetRequest(name=name)
+
+
+# A manifest is a few KB per MB of data; this bounds even a huge dataset's.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def manifest_from_pb(m: coordinator_pb2.DatasetManifest) -> Manifest:
+    """The manifest the coordinator sent, checked in full (`opdag.data.manifest`)."""
+    if len(m.manifest_json) > MAX_MANIFEST_BYTES:
+        raise StreamError(f"a manifest of {len(m.manifest_json)} bytes")
+    return Manifest.from_json(bytes(m.manifest_json))
 
 
 @dataclass(frozen=True)

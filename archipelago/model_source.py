@@ -29,6 +29,7 @@ from torch import nn
 from coordinator.planning.jobspec import JobSpec
 from opdag import model_file
 from opdag.capture import capture
+from opdag.data.manifest import Manifest
 from opdag.errors import OpDagError
 from opdag.ir import CapturedModel
 from opdag.user_model import (
@@ -75,11 +76,15 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def prepare_model(spec: JobSpec, base: Path) -> PreparedModel:
-    """The job's model, captured (or read) and checked against its data; `base`: the
-    folder the spec's paths are relative to."""
+def prepare_model(spec: JobSpec, base: Path, manifest: Manifest | None = None) -> PreparedModel:
+    """The job's model, captured (or read) and checked against its data (a stored
+    dataset's: its `manifest`, from the coordinator); `base`: the folder the spec's paths
+    are relative to."""
     m = spec.model
-    example = data_example(spec.data, spec.context())
+    try:
+        example = data_example(spec.data, spec.context(), manifest)
+    except UserModelError as e:
+        raise ModelSourceError(str(e)) from None
     if m.opdag is not None:
         path = _resolve(base, m.opdag, "model.opdag")
         try:

@@ -19,6 +19,7 @@ from proto.tensor_stream import MAX_TENSORS, header_of, iter_chunks
 ModelJobPart = coordinator_pb2.ModelJobPart
 ExportRequest = coordinator_pb2.ExportRequest
 ExportPart = coordinator_pb2.ExportPart
+DescribeDatasetRequest = coordinator_pb2.DescribeDatasetRequest
 
 # Export names per upload at most (a tensor may have several: tied weights), and their length.
 MAX_EXPORT_NAMES = 2 * MAX_TENSORS
@@ -57,6 +58,11 @@ async def _chunks(parts: AsyncIterator[ModelJobPart]) -> AsyncIterator[bytes]:
 
 def export_job_id(r: ExportRequest) -> str:
     return r.job_id
+
+
+def dataset_name(r: DescribeDatasetRequest) -> str:
+    """The dataset asked about (its name is checked where it is looked up)."""
+    return r.name[:MAX_NAME_CHARS]
 
 
 def export_parts(

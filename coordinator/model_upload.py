@@ -20,6 +20,7 @@ from coordinator.job_record import JobError
 from coordinator.planning.jobspec import JobSpec
 from coordinator.planning.spec_limits import FLAGS, SpecLimits
 from opdag import model_file, ops
+from opdag.data.manifest import Manifest
 from opdag.errors import CodecError, IRError
 from opdag.ir import CapturedModel
 from opdag.user_model import check_export_names, check_graph_inputs, data_example
@@ -66,11 +67,15 @@ async def read_model_bytes(chunks: AsyncIterator[bytes], declared: int, limit: i
 
 
 def check_uploaded(
-    spec: JobSpec, blob: bytes, names: Sequence[tuple[str, str]], limits: SpecLimits
+    spec: JobSpec,
+    blob: bytes,
+    names: Sequence[tuple[str, str]],
+    limits: SpecLimits,
+    manifest: Manifest | None = None,
 ) -> CapturedModel:
-    """The uploaded model, if it is whole, allow-listed, fits the job's data and keeps
-    within `limits`; else an OpDagError (JobError, CodecError, IRError, UserModelError)
-    naming what is wrong."""
+    """The uploaded model, if it is whole, allow-listed, fits the job's data (a stored
+    dataset's: its `manifest`) and keeps within `limits`; else an OpDagError (JobError,
+    CodecError, IRError, UserModelError) naming what is wrong."""
     if not spec.model.uploaded:
         raise JobError(
             f"model: {spec.model.label} is a zoo model; SubmitModelJob brings a user's own "
@@ -97,6 +102,6 @@ def check_uploaded(
         ops.validate_graph(graph)
     except IRError as e:
         raise IRError(f"model: the uploaded graph is refused: {e}") from None
-    check_graph_inputs(graph, data_example(spec.data, spec.context()))
+    check_graph_inputs(graph, data_example(spec.data, spec.context(), manifest))
     check_export_names(graph, names)
     return model

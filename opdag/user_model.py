@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opdag.data import DataConfig
+from opdag.data.manifest import Manifest
 from opdag.errors import OpDagError
 from opdag.ir import Graph, dtype_name
 
@@ -35,10 +36,19 @@ class UserModelError(OpDagError, ValueError):
 
 
 def data_example(
-    data: DataConfig, context: int | None, *, device: str | torch.device = "meta"
+    data: DataConfig,
+    context: int | None,
+    manifest: Manifest | None = None,
+    *,
+    device: str | torch.device = "meta",
 ) -> dict[str, torch.Tensor]:
-    """One micro-batch of the job's data as zeros, by input name (shapes and dtypes only)."""
+    """One micro-batch of the job's data as zeros, by input name (shapes and dtypes only);
+    a user's stored dataset (`data.dataset`) is shaped by its `manifest`."""
     batch = data.micro_batch_size
+    if data.dataset:
+        if manifest is None:
+            raise UserModelError(f"data.dataset: the manifest of {data.dataset!r} is needed")
+        return _dataset_example(manifest, batch, context, device)
     if data.kind == "text":
         if context is None:
             raise UserModelError("model.context: text data needs the model's context length")
@@ -51,6 +61,29 @@ def data_example(
         "images": torch.zeros(batch, 3, _IMAGE_SIDE, _IMAGE_SIDE, device=device),
         "labels": torch.zeros(batch, dtype=torch.int64, device=device),
     }
+
+
+def _dataset_example(
+    manifest: Manifest, batch: int, context: int | None, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """A micro-batch of a stored dataset as its source gives it (`opdag.data.dataset`):
+    token windows and their shift as int64 [batch, context]; rows of each array, integers
+    as int64 and floats as float32."""
+    if manifest.kind == "tokens":
+        if context is None:
+            raise UserModelError(
+                f"model.context: dataset {manifest.name!r} holds tokens; give the model's "
+                "context length"
+            )
+        return {
+            name: torch.zeros(batch, context, dtype=torch.int64, device=device)
+            for name in manifest.fields
+        }
+    out = {}
+    for a in manifest.arrays:
+        dtype = torch.float32 if a.dtype.startswith("float") else torch.int64
+        out[a.name] = torch.zeros(batch, *a.shape[1:], dtype=dtype, device=device)
+    return out
 
 
 # -- the loss wrapper --------------------------------------------------------------------
@@ -91,21 +124,22 @@ class _ImageLoss(nn.Module):
         return apply_loss(self.loss, self.model(images), labels)
 
 
-_WRAPPERS: dict[tuple[str, ...], type[nn.Module]] = {
-    ("tokens", "targets"): _TextLoss,
-    ("images", "labels"): _ImageLoss,
+_WRAPPERS: dict[frozenset[str], type[nn.Module]] = {
+    frozenset(("tokens", "targets")): _TextLoss,
+    frozenset(("images", "labels")): _ImageLoss,
 }
 
 
 def wrap_with_loss(model: nn.Module, loss: str, input_names: Sequence[str]) -> nn.Module:
     """`model` (forward: the data's first input to logits) with its loss as the forward's
     result; its tensors are named `model.<its own name>` in the wrapper."""
-    wrapper = _WRAPPERS.get(tuple(input_names))
-    if wrapper is None:
-        known = "; ".join(", ".join(k) for k in _WRAPPERS)
+    wrapper = _WRAPPERS.get(frozenset(input_names))
+    if wrapper is None or len(input_names) != 2:
+        known = "tokens, targets; images, labels"
         raise UserModelError(
             f"model.loss: data with inputs ({', '.join(input_names)}) cannot be wrapped "
-            f"(inputs known: {known}); let the forward return its loss instead"
+            f"(inputs known: {known}); let the forward return its loss instead, or rename "
+            "the dataset's inputs at `data put`"
         )
     if loss not in ("cross_entropy", "nll", "mse"):
         raise UserModelError(f"model.loss: unknown loss {loss!r}")

@@ -9,6 +9,7 @@ Each bad input is one `archipelago: error:` line, and the store holds no job for
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from coordinator.datasets import Datasets
 from coordinator.planning.jobspec import parse_job_spec
 from coordinator.store import open_store
 from opdag.data import build_source
@@ -145,6 +147,58 @@ def test_a_users_model_file_is_trained_and_exported(cluster: Cluster, tmp_path: 
     assert lines[0].startswith(f"archipelago: error: job {waiting_id} has no complete checkpoint")
     assert not (tmp_path / "none.safetensors").exists()
     assert cli(cluster, "cancel", waiting_id).returncode == 0
+
+
+# A token file of the user's own: a byte-level stream with structure to learn.
+TOKEN_SPEC = """
+name: own-model-own-data
+model: {file: mymodel.py, args: {d: 32, layers: 2, heads: 2, context: 16}, context: 16}
+data: {dataset: mytokens, batch_size: 8, micro_batches: 2}
+optimizer: {name: adamw, lr: 3.0e-3}
+steps: 4
+parallel: {stages: 2}
+checkpoint: {every: 4}
+validation: {batches: 1}
+"""
+
+
+def test_a_users_model_on_a_users_token_file(cluster: Cluster, tmp_path: Path) -> None:
+    """The other form of model (a forward that returns its loss, no wrapper) on the user's
+    own token file, put with `archipelago data put`: trained in two stages, exported; the
+    exported file gives the coordinator's validation loss on the dataset's held-out batch."""
+    cluster.start_coordinator()
+    for name in ("w0", "w1"):
+        cluster.start_worker(name)
+    write_model(tmp_path)
+    tokens = (torch.arange(40_000) * 37 % 251).to(torch.int32).numpy().astype("<u2")
+    (tmp_path / "mytokens.bin").write_bytes(tokens.tobytes())
+    out = cli(cluster, "data", "put", str(tmp_path / "mytokens.bin"))
+    assert out.returncode == 0, out.stderr
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(TOKEN_SPEC)
+    out = cli(cluster, "submit", str(spec_path))
+    assert out.returncode == 0, out.stderr + cluster.logs()
+    job_id = out.stdout.strip().splitlines()[-1]
+    done = cluster.wait_job(
+        job_id, lambda j: j.state == "completed" and j.val_step == 4, "the job to complete", 300
+    )
+    exported = tmp_path / "model.safetensors"
+    out = cli(cluster, "export", job_id, "--out", str(exported))
+    assert out.returncode == 0, out.stderr
+
+    spec = parse_job_spec(TOKEN_SPEC)
+    user = load(tmp_path / "mymodel.py").build(**spec.model.args_dict())
+    user.load_state_dict(load_file(str(exported)), strict=True)
+    user.eval()
+    with open_store(cluster.store) as store:  # the held-out batch, as the coordinator reads it
+        datasets = Datasets(store)
+        reader = datasets.reader(asyncio.run(datasets.resolve("mytokens")))
+        (batch,) = build_source(spec.data, context=16, dataset=reader).val_batches(1)
+    with torch.no_grad():
+        got = float(user(**batch))
+    print(f"validation loss: coordinator {done.val_loss:.6f}, exported model {got:.6f}")
+    assert done.val_loss is not None
+    assert got == pytest.approx(done.val_loss, rel=1e-5, abs=1e-6)
 
 
 # Each bad input: the model section (or the file's text) and what its one line must say.
