@@ -82,8 +82,26 @@ class Unused(WithLoss):
         self.spare = nn.Linear(4, 4)
 
 
+class Tied(Logits):
+    """GPT-2's way: the output layer is the input embedding (one parameter, two names), and
+    the forward checks its sequence length."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.head.weight = self.emb.weight
+        self.context = kw.get("context", 16)
+
+    def forward(self, tokens):
+        assert tokens.size(1) <= self.context, "sequence longer than the context"
+        return self.logits(tokens)
+
+
 def build(**kw):
     return WithLoss(**kw)
+
+
+def build_tied(**kw):
+    return Tied(**kw)
 
 
 def build_logits(**kw):

@@ -201,3 +201,29 @@ def test_export_gives_the_newest_checkpoint_under_the_users_names(tmp_path: Path
                 assert torch.equal(user.state_dict()[name], trained[tensor])
 
     asyncio.run(run())
+
+
+def test_tied_weights_train_as_one_and_export_under_both_names(tmp_path: Path) -> None:
+    write_model(tmp_path)
+    text = spec_text("{file: mymodel.py, factory: build_tied, loss: cross_entropy, context: 16}")
+    upload, blob = upload_of(text, tmp_path)
+    by_name = dict(upload.export_names)
+    # One tensor of the graph, exported under each of the module's names for it.
+    assert by_name["head.weight"] == by_name["emb.weight"]
+
+    async def run() -> None:
+        with open_store("sqlite:///:memory:") as store:
+            manager = manager_on(store)
+            job = await manager.submit_uploaded(upload, chunks_of(blob))
+            model = await manager.model_of(job)
+            trained = {k: v + 1.0 for k, v in model.state.items()}
+            await manager.checkpoints.accept(
+                job.job_id, model, stage=0, num_stages=1, step=3, tensors=trained
+            )
+            _, tensors = await export_tensors(manager, job)
+            user = load(tmp_path / "mymodel.py").build_tied()
+            user.load_state_dict(dict(tensors), strict=True)
+            assert user.head.weight is user.emb.weight
+            assert torch.equal(user.emb.weight, trained[by_name["emb.weight"]])
+
+    asyncio.run(run())
