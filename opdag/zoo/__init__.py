@@ -1,8 +1,8 @@
 """The model zoo: small models whose forward takes one batch and returns the training loss.
 
 Each model is named (`ZOO_NAMES`), configured by a frozen dataclass built from a plain
-mapping of arguments (a job spec's `model.args`), and traceable by `torch.fx` with only
-standard layers as leaves, so the capture layer can turn it into an OP-DAG.
+mapping of arguments (a job spec's `model.args`), and captured by `opdag.capture` like any
+other module.
 """
 
 from __future__ import annotations
