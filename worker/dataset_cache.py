@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -113,6 +114,15 @@ class DatasetCache:
 
         return StoredDataset(manifest, read)
 
+    async def ensure(self, dataset_sha: str, indices: Iterable[int]) -> StoredDataset:
+        """The dataset `dataset_sha`, with chunks `indices` in the cache and checked."""
+        manifest = await self.manifest(dataset_sha)
+        for index in sorted(set(indices)):
+            if not 0 <= index < len(manifest.chunks):
+                raise DataError(f"dataset {manifest.name!r} has no chunk {index}")
+            await self._ensure(dataset_sha, manifest, index)
+        return self._reader(manifest)
+
     async def open(self, plan: StagePlan) -> StoredDataset:
         """The plan's dataset, with every chunk its steps read in the cache and checked."""
         dataset_sha = plan.fingerprint
@@ -121,11 +131,9 @@ class DatasetCache:
             raise DataError(
                 f"dataset {dataset_sha[:12]} is {manifest.name!r}, not {plan.data.dataset!r}"
             )
-        dataset = self._reader(manifest)
-        source = dataset_source(plan.data, dataset, context=plan.context)
+        source = dataset_source(plan.data, self._reader(manifest), context=plan.context)
         needed = await asyncio.to_thread(source.chunks_for_steps, plan.start_step, plan.total_steps)
-        for index in sorted(needed):
-            await self._ensure(dataset_sha, manifest, index)
+        dataset = await self.ensure(dataset_sha, needed)
         log.info(
             "dataset %s (%s): %d of %d chunks needed, %d fetched so far",
             manifest.name,

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,10 @@ from opdag.data.formats import read_dataset
 from opdag.data.manifest import CHUNK_BYTES
 from opdag.optim import build_optimizer
 from opdag.zoo import build_model
+from proto import coordinator_pb2
+from proto.rpc import operator_metadata
 from tests.multiproc.cluster import OPERATOR_TOKEN, Cluster, wait_for
+from tests.multiproc.test_roles import DENIED, Attacker, refused
 
 pytestmark = pytest.mark.multiproc
 
@@ -174,6 +178,28 @@ def test_a_users_text_file_is_put_trained_on_and_matches_pytorch(
 
     shown = wait_for("a validation event", validation, 60)
     assert float(shown.split()[2]) == pytest.approx(reference_val, abs=2e-4), shown
+    assert_only_their_roles_reach_the_dataset(cluster, sha)
+
+
+def assert_only_their_roles_reach_the_dataset(cluster: Cluster, sha: str) -> None:
+    """A worker that runs no stage 0 of a job on the dataset cannot read it; a worker
+    cannot put one; a chunk whose bytes are not its hash is refused; the store is as it was."""
+    before = dataset_blobs(cluster)
+    attacker = Attacker(cluster)
+    c, own = attacker.coordinator, attacker.own
+    operator = operator_metadata(cluster.operator_token)
+    read = coordinator_pb2.DatasetChunkRequest(dataset_sha256=sha, index=0)
+    refused(DENIED, "runs stage 0 of no job reading dataset", c.GetDatasetChunk, read, metadata=own)
+    manifest = coordinator_pb2.DatasetRequest(sha256=sha)
+    refused(DENIED, "runs stage 0 of no job", c.GetDatasetManifest, manifest, metadata=own)
+    needs = "GetDatasetChunk needs a worker's credential"
+    refused(DENIED, needs, c.GetDatasetChunk, read, metadata=operator)
+    chunk = coordinator_pb2.DatasetChunk(sha256="0" * 64, data=b"not that", dataset_bytes=8)
+    needs = "PutDatasetChunk needs the operator token"
+    refused(DENIED, needs, c.PutDatasetChunk, chunk, metadata=own)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    refused(invalid, "its bytes hash to", c.PutDatasetChunk, chunk, metadata=operator)
+    assert dataset_blobs(cluster) == before
 
 
 def test_bad_input_is_one_error_line_and_stores_nothing(cluster: Cluster, tmp_path: Path) -> None:
