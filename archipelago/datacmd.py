@@ -21,7 +21,7 @@ from opdag.data.formats import FORMAT_NAMES, Prepared, describe, read_dataset
 from opdag.data.manifest import CHUNK_BYTES
 
 # Progress lines are written for datasets of more chunks than this.
-PROGRESS_CHUNKS = 4
+PROGRESS_CHUNKS = 2
 
 
 def add_data_cache_arg(p: argparse.ArgumentParser) -> None:

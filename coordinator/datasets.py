@@ -189,11 +189,12 @@ def check_dataset_fits(
     *,
     vocab: int | None,
     context: int | None,
+    below: dict[str, int] | None = None,
 ) -> None:
     """The submission's check: DatasetRefused (one line, `data.dataset: ...`) unless the
     dataset feeds the model whose data inputs look like `example`."""
     try:
-        check_fits(manifest, example, vocab=vocab, context=context)
+        check_fits(manifest, example, vocab=vocab, context=context, below=below)
     except DataError as e:
         raise DatasetRefused(f"data.dataset: {e}") from None
 

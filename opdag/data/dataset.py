@@ -75,6 +75,19 @@ def chunk_span(array: ArrayInfo, first: int, count: int) -> range:
     return range(start // CHUNK_BYTES, (end - 1) // CHUNK_BYTES + 1)
 
 
+def _within_bounds(m: Manifest, a: ArrayInfo, values: np.ndarray) -> np.ndarray:
+    """`values` of integer array `a`, if within the bounds its manifest gives."""
+    if a.dtype.startswith("float") or values.size == 0:
+        return values
+    low, high = int(values.min()), int(values.max())
+    if low < a.low or high > a.high:
+        raise DataError(
+            f"dataset {m.name!r}: {a.name} values {low}..{high} are outside its manifest's "
+            f"bounds {a.low}..{a.high}"
+        )
+    return values
+
+
 def _as_torch(rows: np.ndarray) -> torch.Tensor:
     # Integers become int64 (indices, class labels), floats float32.
     if rows.dtype.kind == "f":
@@ -111,7 +124,8 @@ class TokenSource:
 
     def _windows(self, starts: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = [self.dataset.rows(self.tokens, int(s), self.context + 1) for s in starts]
-        window = _as_torch(np.stack(rows))
+        m = self.dataset.manifest
+        window = _as_torch(_within_bounds(m, self.tokens, np.stack(rows)))
         first, second = self.input_names
         return {first: window[:, :-1].contiguous(), second: window[:, 1:].contiguous()}
 
@@ -163,8 +177,10 @@ class ArraySource:
 
     def _gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
-        for a in self.dataset.manifest.arrays:
-            out[a.name] = _as_torch(np.stack([self.dataset.rows(a, int(r), 1)[0] for r in rows]))
+        m = self.dataset.manifest
+        for a in m.arrays:
+            values = np.stack([self.dataset.rows(a, int(r), 1)[0] for r in rows])
+            out[a.name] = _as_torch(_within_bounds(m, a, values))
         return out
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -242,9 +258,11 @@ def check_fits(
     *,
     vocab: int | None,
     context: int | None,
+    below: dict[str, int] | None = None,
 ) -> None:
     """DataError unless dataset `m` feeds a model whose data inputs are shaped and typed as
-    the batch `example` (any batch size), with token ids below `vocab` (None: unknown)."""
+    the batch `example` (any batch size), with token ids below `vocab` (None: unknown) and
+    each integer input named in `below` below its bound there (class labels)."""
     given, wanted = sorted(m.input_names), sorted(example)
     if given != wanted:
         how = (
@@ -281,4 +299,10 @@ def check_fits(
             kind = "floats" if want.is_floating_point() else "integers"
             raise DataError(
                 f"dataset {m.name!r}: array {a.name!r} holds {a.dtype}, the model takes {kind}"
+            )
+        bound = (below or {}).get(a.name)
+        if bound is not None and not is_float and (a.low < 0 or a.high >= bound):
+            raise DataError(
+                f"dataset {m.name!r}: array {a.name!r} holds {a.low}..{a.high}, the model "
+                f"takes 0..{bound - 1}"
             )

@@ -115,7 +115,7 @@ def token_dataset(
         name=name,
         kind="tokens",
         format=fmt,
-        arrays=(ArrayInfo("tokens", dtype, (int(ids.size),), 0),),
+        arrays=(ArrayInfo("tokens", dtype, (int(ids.size),), 0, low, high),),
         chunks=tuple(chunk_stream(stream)),
         val_rows=held_out(int(ids.size)),
         vocab=vocab,
@@ -136,10 +136,13 @@ def array_dataset(arrays: Mapping[str, np.ndarray], *, name: str, fmt: str = "np
             raise DataError(f"array {key!r}: dtype {a.dtype} is not one of {', '.join(DTYPES)}")
         if a.ndim < 1:
             raise DataError(f"array {key!r} is a scalar: it needs rows")
+        if a.size == 0:
+            raise DataError(f"array {key!r} is empty")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise DataError(f"array {key!r} holds values that are not finite")
         raw = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        infos.append(ArrayInfo(key, dtype, tuple(int(d) for d in a.shape), offset))
+        low, high = (0, 0) if a.dtype.kind == "f" else (int(a.min()), int(a.max()))
+        infos.append(ArrayInfo(key, dtype, tuple(int(d) for d in a.shape), offset, low, high))
         parts.append(raw)
         offset += len(raw)
     rows = {i.name: i.rows for i in infos}

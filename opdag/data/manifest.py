@@ -73,6 +73,10 @@ class ArrayInfo:
     dtype: str
     shape: tuple[int, ...]
     offset: int
+    # Integer arrays: their smallest and largest value (checked against the model: token
+    # ids below its vocab, labels below its classes; and on every batch read). 0 for floats.
+    low: int = 0
+    high: int = 0
 
     @property
     def itemsize(self) -> int:
@@ -137,7 +141,14 @@ class Manifest:
             "kind": self.kind,
             "format": self.format,
             "arrays": [
-                {"name": a.name, "dtype": a.dtype, "shape": list(a.shape), "offset": a.offset}
+                {
+                    "name": a.name,
+                    "dtype": a.dtype,
+                    "shape": list(a.shape),
+                    "offset": a.offset,
+                    "low": a.low,
+                    "high": a.high,
+                }
                 for a in self.arrays
             ],
             "chunks": [[sha, size] for sha, size in self.chunks],
@@ -196,12 +207,20 @@ def _is_int(value: object) -> bool:
 
 
 def _array_from_plain(a: object) -> ArrayInfo:
-    if not isinstance(a, dict) or set(a) != {"name", "dtype", "shape", "offset"}:
-        raise DataError("dataset manifest: each array needs exactly name, dtype, shape, offset")
+    keys = {"name", "dtype", "shape", "offset", "low", "high"}
+    if not isinstance(a, dict) or set(a) != keys:
+        raise DataError(f"dataset manifest: each array needs exactly {sorted(keys)}")
     shape = a["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise DataError(f"dataset manifest: array shape {shape!r} must be a list of ints")
-    return ArrayInfo(name=a["name"], dtype=a["dtype"], shape=tuple(shape), offset=a["offset"])
+    return ArrayInfo(
+        name=a["name"],
+        dtype=a["dtype"],
+        shape=tuple(shape),
+        offset=a["offset"],
+        low=a["low"],
+        high=a["high"],
+    )
 
 
 def _chunk_from_plain(c: object) -> tuple[str, int]:
@@ -236,6 +255,10 @@ def _check_manifest(m: Manifest) -> None:
             raise DataError(f"dataset array {a.name!r}: dtype {a.dtype!r} is not stored")
         if not 1 <= len(a.shape) <= MAX_DIMS or any(not _is_int(d) or d < 1 for d in a.shape):
             raise DataError(f"dataset array {a.name!r}: shape {a.shape!r} must be positive ints")
+        if not (_is_int(a.low) and _is_int(a.high) and a.low <= a.high):
+            raise DataError(f"dataset array {a.name!r}: bounds {a.low!r}..{a.high!r} are not ints")
+        if a.dtype.startswith("float") and (a.low, a.high) != (0, 0):
+            raise DataError(f"dataset array {a.name!r} holds floats: it has no bounds")
         if a.offset != offset:
             raise DataError(f"dataset array {a.name!r} starts at {a.offset!r}, not at {offset}")
         offset += a.nbytes
@@ -262,6 +285,8 @@ def _check_kind(m: Manifest) -> None:
         raise DataError(f"token dtype {tokens.dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
     if not _is_int(m.vocab) or not 1 <= m.vocab <= 2**31 - 1:
         raise DataError(f"token dataset vocab {m.vocab!r} must be in [1, 2**31 - 1]")
+    if tokens.low < 0 or tokens.high >= m.vocab:
+        raise DataError(f"token ids {tokens.low}..{tokens.high} do not fit the vocab {m.vocab}")
     if len(m.fields) != 2 or len(set(m.fields)) != 2:
         raise DataError(f"a token dataset names two distinct fields, not {list(m.fields)!r}")
     for f in m.fields:

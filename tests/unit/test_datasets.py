@@ -249,3 +249,35 @@ def test_a_dataset_fits_a_model_or_is_refused_in_one_line(tmp_path: Path) -> Non
     arrays = read_dataset(tmp_path / "a.npz").manifest
     with pytest.raises(DataError, match=r"rows are \[3, 4, 4\], the model takes \[3, 8, 8\]"):
         check_fits(arrays, images, vocab=None, context=None)
+
+
+def test_labels_beyond_the_models_classes_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((30, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.arange(30) % 12)
+    m = read_dataset(tmp_path / "a.npz").manifest
+    assert (m.array("labels").low, m.array("labels").high) == (0, 11)
+    example = {"images": torch.zeros(1, 3, 4, 4), "labels": torch.zeros(1, dtype=torch.int64)}
+    check_fits(m, example, vocab=None, context=None, below={"labels": 12})
+    with pytest.raises(DataError, match=r"array 'labels' holds 0\.\.11, the model takes 0\.\.9"):
+        check_fits(m, example, vocab=None, context=None, below={"labels": 10})
+
+
+def test_a_batch_outside_its_manifests_bounds_is_refused(tmp_path: Path) -> None:
+    # A manifest that claims smaller ids than its chunks hold (hashes and all consistent,
+    # as a careless or lying client could make it) is caught on the first batch read.
+    ids = np.arange(4000) % 300
+    np.save(tmp_path / "ids.npy", ids)
+    p = read_dataset(tmp_path / "ids.npy", vocab=1000)
+    plain = json.loads(p.manifest.to_json())
+    plain["arrays"][0]["high"] = 100
+    lying = Manifest.from_json(json.dumps(plain).encode())
+    source = build_source(
+        DataConfig(dataset="ids", batch_size=8),
+        context=32,
+        dataset=stored(Prepared(lying, p.stream)),
+    )
+    with pytest.raises(
+        DataError, match=r"tokens values \d+\.\.\d+ are outside its manifest's bounds 0\.\.100"
+    ):
+        source.batch(0)
