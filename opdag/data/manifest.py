@@ -231,6 +231,10 @@ def _chunk_from_plain(c: object) -> tuple[str, int]:
 
 def _check_manifest(m: Manifest) -> None:
     check_dataset_name(m.name)
+    # Types first: a manifest from the network may hold anything JSON can.
+    for what, value in (("kind", m.kind), ("format", m.format)):
+        if not isinstance(value, str):
+            raise DataError(f"dataset {what} {value!r} is not a string")
     if m.kind not in KINDS:
         raise DataError(f"dataset kind {m.kind!r} is not one of {', '.join(KINDS)}")
     if m.format not in FORMATS:
@@ -251,7 +255,7 @@ def _check_manifest(m: Manifest) -> None:
     for a in m.arrays:
         if not isinstance(a.name, str) or not _FIELD_PATTERN.fullmatch(a.name):
             raise DataError(f"dataset array name {a.name!r} is not an identifier")
-        if a.dtype not in DTYPES:
+        if not isinstance(a.dtype, str) or a.dtype not in DTYPES:
             raise DataError(f"dataset array {a.name!r}: dtype {a.dtype!r} is not stored")
         if not 1 <= len(a.shape) <= MAX_DIMS or any(not _is_int(d) or d < 1 for d in a.shape):
             raise DataError(f"dataset array {a.name!r}: shape {a.shape!r} must be positive ints")
@@ -287,11 +291,11 @@ def _check_kind(m: Manifest) -> None:
         raise DataError(f"token dataset vocab {m.vocab!r} must be in [1, 2**31 - 1]")
     if tokens.low < 0 or tokens.high >= m.vocab:
         raise DataError(f"token ids {tokens.low}..{tokens.high} do not fit the vocab {m.vocab}")
-    if len(m.fields) != 2 or len(set(m.fields)) != 2:
-        raise DataError(f"a token dataset names two distinct fields, not {list(m.fields)!r}")
     for f in m.fields:
         if not isinstance(f, str) or not _FIELD_PATTERN.fullmatch(f):
             raise DataError(f"dataset field name {f!r} is not an identifier")
+    if len(m.fields) != 2 or len(set(m.fields)) != 2:
+        raise DataError(f"a token dataset names two distinct fields, not {list(m.fields)!r}")
 
 
 def chunk_stream(stream: bytes | memoryview) -> list[tuple[str, int]]:

@@ -281,3 +281,38 @@ def test_a_batch_outside_its_manifests_bounds_is_refused(tmp_path: Path) -> None
         DataError, match=r"tokens values \d+\.\.\d+ are outside its manifest's bounds 0\.\.100"
     ):
         source.batch(0)
+
+
+def test_a_mangled_manifest_is_refused_with_a_data_error_only(tmp_path: Path) -> None:
+    # Whatever JSON a caller sends, the check refuses it as DataError (never a TypeError
+    # from a list where a name belongs, nor anything else that would crash the servicer).
+    import random
+
+    base = json.loads(read_dataset(text_file(tmp_path)).manifest.to_json())
+    rng = random.Random(0)
+    values: list[object] = [None, True, -1, 0, 2**70, 1.5, "x", "", [], {}, [[]], "ab" * 32]
+
+    def mangle(node: object) -> object:
+        if isinstance(node, dict) and node:
+            out = dict(node)
+            key = rng.choice(list(out))
+            roll = rng.random()
+            if roll < 0.2:
+                del out[key]
+            else:
+                out[key] = mangle(out[key]) if roll < 0.6 else rng.choice(values)
+            return out
+        if isinstance(node, list) and node:
+            out_list = list(node)
+            i = rng.randrange(len(out_list))
+            out_list[i] = mangle(out_list[i]) if rng.random() < 0.6 else rng.choice(values)
+            return out_list
+        return rng.choice(values)
+
+    refused = 0
+    for _ in range(2000):
+        try:
+            Manifest.from_json(json.dumps(mangle(base)).encode())
+        except DataError:
+            refused += 1
+    assert refused > 1500  # nearly every change breaks the manifest, and is refused
