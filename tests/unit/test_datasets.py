@@ -316,3 +316,26 @@ def test_a_mangled_manifest_is_refused_with_a_data_error_only(tmp_path: Path) ->
         except DataError:
             refused += 1
     assert refused > 1500  # nearly every change breaks the manifest, and is refused
+
+
+@pytest.mark.parametrize("steps", [(0, 1), (3, 6), (0, 40)])
+def test_the_chunks_a_worker_fetches_are_those_its_batches_read(
+    tmp_path: Path, steps: tuple[int, int]
+) -> None:
+    ids = np.random.default_rng(5).integers(0, 60_000, 3 * CHUNK_BYTES // 2).astype(np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    p = read_dataset(tmp_path / "ids.npy")
+    assert len(p.manifest.chunks) == 3
+    chunks = [p.stream[i : i + CHUNK_BYTES] for i in range(0, len(p.stream), CHUNK_BYTES)]
+    read: set[int] = set()
+
+    def reader(index: int) -> bytes:
+        read.add(index)
+        return chunks[index]
+
+    cfg = DataConfig(dataset="ids", batch_size=2, seed=11)
+    source = build_source(cfg, context=64, dataset=StoredDataset(p.manifest, reader))
+    needed = source.chunks_for_steps(*steps)
+    for step in range(*steps):
+        source.batch(step)
+    assert read == needed
