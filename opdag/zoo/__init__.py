@@ -29,7 +29,7 @@ from opdag.zoo.mlp import MLP, MLPConfig  # noqa: E402
 from opdag.zoo.moe_gpt import MoEGPT, MoEGPTConfig  # noqa: E402
 from opdag.zoo.resnet import ResNet, ResNetConfig  # noqa: E402
 
-ModelConfig = GPTConfig | MoEGPTConfig | ResNetConfig | MLPConfig
+ModelConfig: typing.TypeAlias = GPTConfig | MoEGPTConfig | ResNetConfig | MLPConfig
 
 
 @dataclasses.dataclass(frozen=True)
