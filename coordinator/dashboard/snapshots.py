@@ -226,7 +226,7 @@ class Snapshots:
         return {
             "id": job.job_id,
             "name": job.name,
-            "model": job.spec.model.zoo,
+            "model": job.spec.model.label,
             "state": job.state.value,
             "steps_done": job.steps_done,
             "steps": steps,
