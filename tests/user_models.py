@@ -1,6 +1,7 @@
 """A user's own model file, as the tests of users' own models write it to disk: a small
-GPT-like model in plain torch (untied weights), with factories for its two forms (one that
-returns its loss, one that returns logits) and for the ways a user's file goes wrong.
+GPT-2-like model in plain torch (its output head tied to the token embedding, a forward that
+asserts its sequence length), with factories for its two forms (one that returns its loss,
+one that returns logits) and for the ways a user's file goes wrong.
 
 `load` imports the same text here, so a test computes the expected loss with plain torch
 from exactly the code the submitter captured.
@@ -48,8 +49,12 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2 ties them
+        nn.init.normal_(self.emb.weight, std=0.02)
+        self.context = context
 
     def logits(self, tokens):
+        assert tokens.size(1) <= self.context, "sequence longer than the context"
         x = self.emb(tokens) + self.pos[: tokens.size(1)]
         for block in self.blocks:
             x = block(x)

@@ -119,7 +119,9 @@ def test_a_forward_that_returns_logits_is_wrapped_in_its_loss(tmp_path: Path) ->
     # Exported under the module's own names: the wrapper's prefix is gone.
     user = load(tmp_path / "mymodel.py").build_logits()
     assert {n for n, _ in prepared.names} == set(user.state_dict())
-    assert all(t == f"{WRAPPED}.{n}" for n, t in prepared.names)
+    # The tied head is exported as the embedding it shares.
+    tied = {"head.weight": "emb.weight"}
+    assert all(t == f"{WRAPPED}.{tied.get(n, n)}" for n, t in prepared.names)
     # The graph computes the same loss as the user's module with the loss applied by hand.
     user.load_state_dict({n: prepared.captured.state[t] for n, t in prepared.names})
     batch = {
