@@ -40,7 +40,7 @@ _ATEN = frozenset(
     "log2 sin cos tan tanh sigmoid erf erfinv sign floor ceil round trunc remainder fmod "
     "floor_divide clamp clamp_min clamp_max maximum minimum where masked_fill lerp "
     "nan_to_num isinf isnan eq ne lt le gt ge logical_and logical_or logical_not logical_xor "
-    "bitwise_and bitwise_or bitwise_not bitwise_xor __and__ __or__ __xor__ __invert__ "
+    "bitwise_and bitwise_or bitwise_not bitwise_xor __and__ __or__ __xor__ "
     # activations
     "relu relu6 gelu silu leaky_relu elu selu celu softplus mish hardtanh hardswish "
     "hardsigmoid glu log_sigmoid "
