@@ -6,11 +6,15 @@ Four credentials, each for one role (they travel as `proto.rpc` describes):
 - a worker's own credential, issued in its `RegisterReply`, bound to its id and replaced
   on every registration (the previous one stops working at once): `Heartbeat` and `Leave`
   for that worker only, `ReportProgress` and `UploadCheckpoint` only for a stage the
-  current plan gave that worker, and `Register` again under its id (no one else may
-  re-register an id that exists: the join token alone cannot take over a worker or move
-  its address);
-- the operator token: `SubmitJob`, `CancelJob` and every read (`GetJob`, `ListJobs`,
-  `WatchJob`, `ListWorkers`, `ListLinks`, `GetPlan`, `ListEvents`, `JobRecords`);
+  current plan gave that worker, `GetDatasetManifest` and `GetDatasetChunk` only for the
+  dataset of a job whose stage 0 the current plan gave that worker (users' own data), and
+  `Register` again under its id (no one else may re-register an id that exists: the join
+  token alone cannot take over a worker or move its address);
+- the operator token: `SubmitJob`, `SubmitModelJob` (a job with the user's own captured
+  model), `MissingDatasetChunks`, `PutDatasetChunk` and `PutDataset` (`archipelago data
+  put`: a user's own dataset), `CancelJob` and every read (`GetJob`, `ListJobs`,
+  `WatchJob`, `ListWorkers`, `ListLinks`, `GetPlan`, `ListEvents`, `JobRecords`,
+  `ExportModel`: a job's trained model, `DescribeDataset`: a stored dataset's manifest);
 - the coordinator's credential toward each worker, which only the two know: what the
   worker demands on the coordinator's calls (`worker.credentials`). It is not stored: it is
   derived (`ticket`) from the coordinator key, a random secret kept in the store (the one

@@ -117,6 +117,7 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
             max_bytes=data.max_bytes,
             context=spec.context() or 0,
             fingerprint=fingerprint,
+            dataset=data.dataset,  # users' own data
         ),
         optimizer=worker_pb2.OptimizerSpec(
             name=opt.name,

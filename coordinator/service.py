@@ -19,11 +19,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator import history_serde, serde
+from coordinator import dataset_serde, history_serde, model_serde, serde
 from coordinator.checkpoint_upload import receive_checkpoint
+from coordinator.datasets import Datasets, check_reader
 from coordinator.events import CLUSTER
 from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.jobs import JobManager
+from coordinator.model_export import export_tensors
 from coordinator.planning.spec_limits import FLAGS as SPEC_FLAGS
 from coordinator.registry import Registry
 from coordinator.roles import Caller, Gatekeeper, Role, Unauthenticated, check_assigned
@@ -71,6 +73,8 @@ class CoordinatorService(serde.CoordinatorServicerBase):
             authority=authority,
             loopback=loopback_workers,
         )
+        # Users' own datasets, within this coordinator's size bound (`coordinator.datasets`).
+        self.datasets = Datasets(manager.store, manager.limits.max_dataset_bytes)
 
     async def _guard(self, context: grpc.aio.ServicerContext, rpc: str, *roles: Role) -> Caller:
         """The caller, if it holds one of `roles`; else the call ends refused."""
@@ -293,3 +297,117 @@ class CoordinatorService(serde.CoordinatorServicerBase):
         records = await self.manager.metrics(job.job_id, since_step)
         for page in history_serde.record_pages(records, RECORDS_PER_PAGE):
             yield page
+
+    # -- users' own models: a job with its captured model, and the trained model back --------
+
+    async def SubmitModelJob(
+        self,
+        request_iterator: AsyncIterator[model_serde.ModelJobPart],
+        context: grpc.aio.ServicerContext,
+    ) -> serde.JobInfo:
+        await self._operator(context, "SubmitModelJob")
+        try:
+            upload, chunks = await model_serde.open_model_job(
+                request_iterator, max_spec_bytes=self.manager.limits.spec.max_bytes
+            )
+            job = await self.manager.submit_uploaded(upload, chunks)
+        except (OpDagError, WireError) as e:
+            await abort(context, INVALID, f"job refused: {e}")
+        return serde.job_info_pb(job)
+
+    async def ExportModel(
+        self, request: model_serde.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[model_serde.ExportPart]:
+        await self._operator(context, "ExportModel")
+        job = await self._job(model_serde.export_job_id(request), context)
+        try:
+            step, tensors = await export_tensors(self.manager, job)
+        except JobError as e:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        for part in model_serde.export_parts(job.job_id, step, tensors):
+            yield part
+
+    async def DescribeDataset(
+        self, request: model_serde.DescribeDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> dataset_serde.DatasetManifest:
+        await self._operator(context, "DescribeDataset")
+        try:
+            manifest = await self.manager.datasets.resolve(model_serde.dataset_name(request))
+        except OpDagError as e:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+        return dataset_serde.manifest_pb(manifest)
+
+    # -- users' own data: `archipelago data put`, and stage-0 workers reading it -------------
+
+    async def MissingDatasetChunks(
+        self, request: dataset_serde.DatasetChunksQuery, context: grpc.aio.ServicerContext
+    ) -> dataset_serde.DatasetChunksMissing:
+        await self._operator(context, "MissingDatasetChunks")
+        try:
+            size, shas = dataset_serde.chunks_query_from_pb(request)
+            missing = await self.datasets.missing(size, shas)
+        except OpDagError as e:
+            await abort(context, INVALID, str(e))
+        return dataset_serde.chunks_missing_pb(missing)
+
+    async def PutDatasetChunk(
+        self, request: dataset_serde.DatasetChunk, context: grpc.aio.ServicerContext
+    ) -> serde.Empty:
+        await self._operator(context, "PutDatasetChunk")
+        try:
+            await self.datasets.put_chunk(*dataset_serde.chunk_from_pb(request))
+        except OpDagError as e:
+            await abort(context, INVALID, str(e))
+        return serde.empty_pb()
+
+    async def PutDataset(
+        self, request: dataset_serde.DatasetManifest, context: grpc.aio.ServicerContext
+    ) -> dataset_serde.DatasetInfo:
+        await self._operator(context, "PutDataset")
+        try:
+            manifest = await self.datasets.put_manifest(
+                dataset_serde.manifest_json_from_pb(request)
+            )
+        except OpDagError as e:
+            await abort(context, INVALID, str(e))
+        return dataset_serde.dataset_info_pb(manifest)
+
+    async def _dataset_reader(
+        self, context: grpc.aio.ServicerContext, caller: Caller, sha: str
+    ) -> None:
+        """Only a worker running stage 0 of a job that reads the dataset may read it (its
+        role is proved before its request is decoded)."""
+        try:
+            check_reader(self.manager.jobs.values(), caller.worker_id, sha)
+        except PermissionError as e:
+            await abort(context, DENIED, str(e))
+
+    async def GetDatasetManifest(
+        self, request: dataset_serde.DatasetRequest, context: grpc.aio.ServicerContext
+    ) -> dataset_serde.DatasetManifest:
+        caller = await self._guard(context, "GetDatasetManifest", Role.WORKER)
+        try:
+            sha = dataset_serde.dataset_request_from_pb(request)
+        except OpDagError as e:
+            await abort(context, INVALID, str(e))
+        await self._dataset_reader(context, caller, sha)
+        try:
+            manifest = await self.datasets.manifest(sha)
+        except OpDagError as e:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+        return dataset_serde.manifest_pb(manifest)
+
+    async def GetDatasetChunk(
+        self, request: dataset_serde.DatasetChunkRequest, context: grpc.aio.ServicerContext
+    ) -> dataset_serde.DatasetChunk:
+        caller = await self._guard(context, "GetDatasetChunk", Role.WORKER)
+        try:
+            sha, index = dataset_serde.chunk_request_from_pb(request)
+        except OpDagError as e:
+            await abort(context, INVALID, str(e))
+        await self._dataset_reader(context, caller, sha)
+        try:
+            chunk_sha, data = await self.datasets.chunk(sha, index)
+        except OpDagError as e:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+        return dataset_serde.chunk_pb(chunk_sha, data)

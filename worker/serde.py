@@ -99,6 +99,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
             micro_batches=a.data.micro_batches,
             seed=a.data.seed,
             max_bytes=a.data.max_bytes,
+            dataset=a.data.dataset,  # users' own data
         )
         optimizer = OptimizerConfig(
             name=a.optimizer.name,
