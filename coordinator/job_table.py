@@ -8,8 +8,9 @@ beside their job and cached here once decoded.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from coordinator.job_record import Job, JobError, StaleReport
 from coordinator.planning.plan import Plan
@@ -45,11 +46,17 @@ class JobTable:
             raise StaleReport(f"job {job_id} is at epoch {job.epoch} ({job.state}), not {epoch}")
         return job
 
-    async def add(self, job: Job, model: CapturedModel) -> None:
-        """A new job: store its model, then the job itself."""
+    async def add(
+        self, job: Job, model: CapturedModel, export_names: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """A new job: store its model (and the names its tensors are exported under, for
+        a user's model), then the job itself."""
         await asyncio.to_thread(
             self.store.put_blob, f"job/{job.job_id}/model", model_file.encode_model(model)
         )
+        if export_names:
+            blob = json.dumps([list(pair) for pair in export_names]).encode()
+            await asyncio.to_thread(self.store.put_blob, f"job/{job.job_id}/export-names", blob)
         self._models[job.job_id] = model
         self.jobs[job.job_id] = job
         await self.save(job)
@@ -102,3 +109,11 @@ class JobTable:
             model = await asyncio.to_thread(model_file.decode_model, blob)
             self._models[job.job_id] = model
         return model
+
+    async def export_names_of(self, job: Job) -> list[tuple[str, str]]:
+        """(name in the user's module, graph tensor) of a user's model, as stored at
+        submission; empty for a model exported under the graph's own names."""
+        blob = await asyncio.to_thread(self.store.get_blob, f"job/{job.job_id}/export-names")
+        if not blob:
+            return []
+        return [(str(name), str(tensor)) for name, tensor in json.loads(blob)]

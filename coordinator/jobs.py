@@ -15,19 +15,26 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from coordinator.calibration import ComputeCalibration
 from coordinator.checkpoints import Checkpoints
+from coordinator.datasets import Datasets, check_dataset_fits, graph_example
 from coordinator.events import CLUSTER, EventKind, EventLog
 from coordinator.job_lifecycle import JobLifecycle
 from coordinator.job_record import Job, JobError, PlanReport, Progress, StaleReport
 from coordinator.job_table import JobTable
 from coordinator.limits import CoordinatorLimits
 from coordinator.link_survey import LinkProber
+from coordinator.model_upload import (
+    ModelJobUpload,
+    check_uploaded,
+    max_upload_bytes,
+    read_model_bytes,
+)
 from coordinator.planning.jobspec import JobSpec, parse_job_spec
 from coordinator.quarantine import Quarantine
 from coordinator.registry import Registry, WorkerState
@@ -41,7 +48,8 @@ from coordinator.worker_client import WorkerClient
 from opdag.capture import capture
 from opdag.data import build_source
 from opdag.ir import CapturedModel
-from opdag.zoo import build_model, example_batch
+from opdag.zoo import build_model, data_kind, example_batch, model_config
+from opdag.zoo.gpt import VOCAB as GPT_VOCAB
 
 __all__ = ["Job", "JobError", "JobManager", "PlanReport", "Progress", "StaleReport"]
 
@@ -70,7 +78,9 @@ class JobManager:
         self.step_metrics = StepMetrics(store)
         # The timelines of every job and of the cluster, and the checkpoints' held-out loss.
         self.events = EventLog(store)
-        self.validation = CheckpointValidation(self.checkpoints, self.events)
+        # Users' own datasets (`coordinator.datasets`), which jobs may name as their data.
+        self.datasets = Datasets(store)
+        self.validation = CheckpointValidation(self.checkpoints, self.events, self.datasets)
         # Reports of refused values and implausible losses, weighed (`coordinator.quarantine`).
         self.quarantine = Quarantine(store, registry, self.events)
         # The coordinator's recomputations of random micro-batches (`coordinator.spot_checks`).
@@ -152,7 +162,13 @@ class JobManager:
         """Validate a spec, capture its model, store the job; then it waits for workers."""
         # Parsed off the event loop: even a spec at the bounds never holds up heart-beats.
         spec = await asyncio.to_thread(parse_job_spec, spec_yaml, self.limits.spec)
+        if spec.model.uploaded:
+            raise JobError(
+                f"model: {spec.model.label} is the user's own; `archipelago submit` captures "
+                "it and uploads it with the job (SubmitModelJob)"
+            )
         job = Job(job_id=uuid.uuid4().hex[:10], name=spec.name, spec=spec)
+        dataset_sha = await self._zoo_dataset(spec) if spec.data.dataset else ""
         try:
             model, fingerprint = await asyncio.to_thread(self._prepare, spec)
         except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as e:
@@ -160,30 +176,84 @@ class JobManager:
             # size beyond memory or beyond int64): refuse the job, do not crash the call.
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise JobError(
-                f"model: {spec.model.zoo} cannot be built with these args: {reason}"
+                f"model: {spec.model.label} cannot be built with these args: {reason}"
             ) from None
-        job.fingerprint = fingerprint
-        await self.table.add(job, model)
+        job.fingerprint = dataset_sha or fingerprint
+        await self._accept(job, model)
+        return job
+
+    async def _accept(
+        self, job: Job, model: CapturedModel, export_names: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Store a checked job with its model; then it waits for workers."""
+        spec = job.spec
+        await self.table.add(job, model, export_names)
         await self.events.record(
             job.job_id,
             EventKind.SUBMITTED,
-            f"submitted: {spec.model.zoo}, {spec.steps} steps",
+            f"submitted: {spec.model.label}, {spec.steps} steps",
             steps=spec.steps,
         )
         log.info(
-            "job %s (%s) submitted: %s, %d steps", job.job_id, spec.name, spec.model.zoo, spec.steps
+            "job %s (%s) submitted: %s, %d steps",
+            job.job_id,
+            spec.name,
+            spec.model.label,
+            spec.steps,
         )
+
+    # A user's own model, captured by the submitter (`coordinator.model_upload`).
+    async def submit_uploaded(self, upload: ModelJobUpload, chunks: AsyncIterator[bytes]) -> Job:
+        """Validate a spec and its uploaded model (read from `chunks`), store the job."""
+        spec = await asyncio.to_thread(parse_job_spec, upload.spec_yaml, self.limits.spec)
+        if not spec.model.uploaded:
+            raise JobError(f"model: {spec.model.label} is a zoo model; submit it with SubmitJob")
+        limit = max_upload_bytes(self.limits.spec)
+        blob = await read_model_bytes(chunks, upload.model_bytes, limit)
+        names = upload.export_names
+        manifest = await self.datasets.resolve(spec.data.dataset) if spec.data.dataset else None
+        model = await asyncio.to_thread(
+            check_uploaded, spec, blob, names, self.limits.spec, manifest
+        )
+        job = Job(job_id=uuid.uuid4().hex[:10], name=spec.name, spec=spec)
+        if manifest is not None:  # users' own data: pinned to the manifest checked against
+            example = graph_example(model.graph)
+            check_dataset_fits(manifest, example, vocab=None, context=spec.context())
+            job.fingerprint = manifest.sha256
+        else:
+            source = await asyncio.to_thread(build_source, spec.data, context=spec.context())
+            job.fingerprint = source.fingerprint
+        await self._accept(job, model, names)
         return job
 
     @staticmethod
     def _prepare(spec: JobSpec) -> tuple[CapturedModel, str]:
         """Capture the job's model and fingerprint its data (in a thread: both take time)."""
-        args = spec.model.args_dict()
-        model = build_model(spec.model.zoo, args, seed=spec.seed)
-        example = example_batch(spec.model.zoo, args, spec.data.micro_batch_size, device="meta")
-        captured = capture(model, example, name=spec.model.zoo)
+        zoo, args = spec.model.zoo, spec.model.args_dict()
+        assert zoo is not None  # `submit` takes zoo models only
+        model = build_model(zoo, args, seed=spec.seed)
+        example = example_batch(zoo, args, spec.data.micro_batch_size, device="meta")
+        captured = capture(model, example, name=zoo)
+        if spec.data.dataset:  # fingerprinted by its manifest (`_zoo_dataset`)
+            return captured, ""
         source = build_source(spec.data, context=spec.context())
         return captured, source.fingerprint
+
+    # -- users' own data: the dataset a job names, checked against its model and pinned --
+
+    async def _zoo_dataset(self, spec: JobSpec) -> str:
+        """The SHA-256 of the dataset a zoo model's job names, once it is found to fit."""
+        zoo, args = spec.model.zoo, spec.model.args_dict()
+        assert zoo is not None
+        example = example_batch(zoo, args, 1, device="meta")
+        # The zoo's text models are byte-level (gpt's vocab); its image models classify.
+        vocab = GPT_VOCAB if data_kind(zoo) == "text" else None
+        classes = getattr(model_config(zoo, args), "num_classes", None)
+        below = {"labels": classes} if isinstance(classes, int) else None
+        manifest = await self.datasets.resolve(spec.data.dataset)
+        context = spec.context()
+        check_dataset_fits(manifest, example, vocab=vocab, context=context, below=below)
+        return manifest.sha256
 
     async def cancel(self, job_id: str) -> Job:
         """Stop the job's plan; it ends cancelled (an ended job is left as it is)."""

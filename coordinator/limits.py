@@ -19,6 +19,7 @@ The bounds, and where each is enforced:
 | calls at once per address | 128 | --max-rpcs-per-peer | `proto.concurrency` |
 | registrations per address | 30 a minute | --registrations-per-minute | `RegistrationLimiter` |
 | live workers | 10,000 | --max-workers | `RegistrationLimiter` |
+| a user's dataset | 4096 MiB | --max-dataset-mb | `coordinator.datasets` |
 
 A worker bounds its own server (`proto.concurrency.WORKER_RPC_LIMITS`: 256 calls, 128 per
 address; the same two flags on `archipelago worker`) and its inbox, which keeps only the
@@ -53,7 +54,9 @@ if TYPE_CHECKING:  # the command line reads the flags from here without the regi
 
 log = logging.getLogger("archipelago.coordinator")
 
-WINDOW_S = 60.0  # the registration rate is counted over the last minute
+WINDOW_S = 60.0
+# A user's dataset, in its stored form, is at most this big unless --max-dataset-mb says.
+DEFAULT_MAX_DATASET_BYTES = 4 << 30  # the registration rate is counted over the last minute
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class CoordinatorLimits:
     spec: SpecLimits = field(default_factory=SpecLimits)
     rpc: RpcLimits = COORDINATOR_RPC_LIMITS
     registration: RegistrationLimits = field(default_factory=RegistrationLimits)
+    # Bytes of one user's dataset in its stored form (`archipelago data put`).
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
 
 
 class RegistrationLimiter:
@@ -176,6 +181,14 @@ def add_coordinator_limit_flags(parser: argparse.ArgumentParser) -> None:
         help="at most GB of memory to train a job's model in one process, predicted before "
         f"it is built (default {spec.max_memory_bytes / GB:g})",
     )
+    g.add_argument(
+        "--max-dataset-mb",
+        type=positive_int,
+        default=DEFAULT_MAX_DATASET_BYTES >> 20,
+        metavar="MB",
+        help="at most MB MiB in one dataset a user puts (default "
+        f"{DEFAULT_MAX_DATASET_BYTES >> 20})",
+    )
     add_rpc_limit_flags(g, COORDINATOR_RPC_LIMITS)
 
 
@@ -208,4 +221,5 @@ def coordinator_limits_from_flags(args: argparse.Namespace) -> CoordinatorLimits
             per_address_per_minute=args.registrations_per_minute,
             max_workers=args.max_workers,
         ),
+        max_dataset_bytes=args.max_dataset_mb << 20,
     )

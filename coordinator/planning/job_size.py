@@ -158,8 +158,9 @@ def _over(where: str, what: str, limit: str, bound: str) -> JobSpecError:
     )
 
 
-def check_job_size(spec: JobSpec, limits: SpecLimits) -> ModelSize:
-    """The model's predicted size, if `spec` keeps within `limits`; else JobSpecError."""
+def check_job_size(spec: JobSpec, limits: SpecLimits) -> ModelSize | None:
+    """The model's predicted size, if `spec` keeps within `limits`; else JobSpecError
+    (None for a user's model, which is sized from its graph once uploaded)."""
     data = spec.data
     for where, value, bound in (
         ("data.batch_size", data.batch_size, "max_batch_size"),
@@ -169,6 +170,9 @@ def check_job_size(spec: JobSpec, limits: SpecLimits) -> ModelSize:
         limit = getattr(limits, bound)
         if value > limit:
             raise _over(where, f"{value} is too many", str(limit), bound)
+    if spec.model.zoo is None:
+        # A user's model is sized from its uploaded graph (`coordinator.model_upload`).
+        return None
     size = predicted_size(
         spec.model.zoo,
         spec.model.args_dict(),

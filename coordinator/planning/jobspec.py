@@ -14,7 +14,6 @@ the field that caused them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable
 from dataclasses import InitVar
@@ -24,18 +23,16 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BeforeValidator,
-    Field,
     InstanceOf,
     PlainValidator,
     StrictStr,
     TypeAdapter,
     ValidationError,
-    ValidationInfo,
-    field_validator,
 )
 
 from coordinator.planning.compression_spec import CompressionSpec, compression_setting
 from coordinator.planning.job_size import check_job_size
+from coordinator.planning.model_spec import ModelSpec
 from coordinator.planning.spec_errors import (
     ROOT,
     Blame,
@@ -55,7 +52,7 @@ from coordinator.planning.sync_spec import SyncSpec, sync_setting
 from coordinator.planning.trust_spec import TrustSpec
 from opdag.data import CORPUS_KINDS, DataConfig, DataError
 from opdag.optim import OptimizerConfig, OptimizerError
-from opdag.zoo import ZOO_NAMES, ZooError, data_kind, model_config
+from opdag.zoo import data_kind, model_config
 
 # Planners a job may ask for: the bandwidth-aware OP-Fence (the default), and `even`
 # (FLOPs-balanced stages in registration order), kept for comparison.
@@ -110,12 +107,6 @@ def _job_name(name: str) -> str:
     return name
 
 
-def _zoo_name(zoo: str) -> str:
-    if zoo not in ZOO_NAMES:
-        raise ValueError(f"unknown model {zoo!r} (the zoo has: {', '.join(ZOO_NAMES)})")
-    return zoo
-
-
 def _planner(planner: str) -> str:
     if planner in PLANNERS_LATER:
         raise ValueError(f"{planner!r} is not available yet (available: {', '.join(PLANNERS)})")
@@ -150,14 +141,6 @@ Seed = Annotated[int, PlainValidator(int_in_range(0, _INT64_MAX))]
 # -- components: built by their own class, their errors given the path of the culprit ----
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, tuple):
-        return all(_finite(v) for v in value)
-    return True
-
-
 _DATA_FORM = arguments_of(DataConfig, "data")
 _OPTIMIZER_FORM = arguments_of(OptimizerConfig, "optimizer")
 
@@ -168,11 +151,14 @@ def _data_config(value: object) -> object:
         return value
     _DATA_FORM.model_validate(value)
     assert isinstance(value, dict)  # the form took only a mapping
-    # The corpus goes first so a bad corpus is blamed before the fields that depend on it.
-    corpus = value["corpus"]
+    # The corpus goes first so a bad corpus is blamed before the fields that depend on it;
+    # users' own data names a dataset in its place (`data.dataset`).
+    first = {k: value[k] for k in ("corpus", "dataset") if k in value}
+    if not first:
+        raise Blame("missing: name a corpus, or a dataset of your own (data.dataset)", "corpus")
     config = build_attributed(
-        lambda d: DataConfig(**{"corpus": corpus, **d}),
-        {"corpus": corpus, **value},
+        lambda d: DataConfig(**{**first, **d}),
+        {**first, **value},
         error=DataError,
         prefix="data",
     )
@@ -216,51 +202,6 @@ def _optimizer_config(value: object) -> object:
 
 
 # -- the spec ----------------------------------------------------------------------------
-
-
-@spec_dataclass("model")
-class ModelSpec:
-    """Which zoo model to train and its arguments.
-
-    `args` holds every argument of the model, defaults filled in, as sorted items: the
-    spec is hashable, and a stored job rebuilds the same model even if a zoo default
-    changes later.
-    """
-
-    zoo: Annotated[StrictStr, AfterValidator(_zoo_name)]
-    args: tuple[tuple[str, Any], ...] = Field(default=(), validate_default=True)
-
-    @field_validator("args", mode="before")
-    @classmethod
-    def _every_argument(cls, args: object, info: ValidationInfo) -> tuple[tuple[str, Any], ...]:
-        zoo = info.data.get("zoo")
-        if zoo is None:
-            return ()  # the zoo's own error is the one reported
-        try:
-            # A spec gives a mapping; ModelSpec built directly, sorted items.
-            given = dict(args) if isinstance(args, dict | tuple) else None
-        except (TypeError, ValueError):
-            given = None
-        if given is None:
-            raise ValueError(f"must be a mapping of argument names to values, got {show(args)}")
-        known = [f.name for f in dataclasses.fields(model_config(zoo))]
-        for key in sorted(given, key=str):
-            if key not in known:
-                raise Blame(f"unknown argument ({zoo} takes: {', '.join(known)})", key)
-        # A huge YAML int given for a float argument overflows in the conversion.
-        config = build_attributed(
-            lambda a: model_config(zoo, a), given, error=(ZooError, OverflowError), prefix=zoo
-        )
-        resolved = {name: getattr(config, name) for name in known}
-        for name, value in resolved.items():
-            # The zoo checks ranges with comparisons, which an infinity can slip through.
-            if not _finite(value):
-                raise Blame(f"must be finite, got {value!r}", name)
-        return tuple(sorted(resolved.items()))
-
-    def args_dict(self) -> dict[str, Any]:
-        """The arguments as a dict, as `opdag.zoo.build_model` takes them."""
-        return dict(self.args)
 
 
 @spec_dataclass("parallel")
@@ -326,15 +267,7 @@ class JobSpec:
 
     def __post_init__(self, moe: _MoeForm) -> None:
         del moe
-        wants = data_kind(self.model.zoo)
-        if self.data.kind != wants:
-            fitting = [c for c, k in CORPUS_KINDS.items() if k == wants]
-            raise Blame(
-                f"{self.data.corpus!r} holds {self.data.kind} data, but model "
-                f"{self.model.zoo!r} trains on {wants} data (use: {', '.join(fitting)})",
-                "data",
-                "corpus",
-            )
+        self._check_model_data()
         replicas = self.parallel.replicas
         if replicas is not None and self.data.micro_batches % replicas:
             raise Blame(
@@ -344,8 +277,36 @@ class JobSpec:
                 "micro_batches",
             )
 
+    def _check_model_data(self) -> None:
+        """The model fits the data: a zoo model its kind of corpus; a user's text model
+        says its context length (whether its inputs fit is checked when it is captured)."""
+        if self.data.dataset:
+            return  # users' own data: checked against the dataset's manifest at submission
+        if self.model.zoo is None:
+            if self.data.kind == "text" and self.model.context is None:
+                raise Blame(
+                    "a text model needs its context length (tokens per sequence) here",
+                    "model",
+                    "context",
+                )
+            if self.data.kind != "text" and self.model.context is not None:
+                raise Blame(f"{self.data.kind} data has no context length", "model", "context")
+            return
+        wants = data_kind(self.model.zoo)
+        if self.data.kind != wants:
+            fitting = [c for c, k in CORPUS_KINDS.items() if k == wants]
+            raise Blame(
+                f"{self.data.corpus!r} holds {self.data.kind} data, but model "
+                f"{self.model.zoo!r} trains on {wants} data (use: {', '.join(fitting)})",
+                "data",
+                "corpus",
+            )
+
     def context(self) -> int | None:
         """The model's context length (tokens per sequence) for text models, else None."""
+        if self.model.zoo is None:
+            # A user's model on a dataset says its context (a token dataset needs one).
+            return self.model.context if self.data.kind in ("text", "dataset") else None
         if data_kind(self.model.zoo) != "text":
             return None
         context = getattr(model_config(self.model.zoo, self.model.args_dict()), "context", None)
@@ -357,8 +318,8 @@ class JobSpec:
         """The spec as plain data (YAML- and JSON-able); `from_dict` inverts it."""
         return {
             "name": self.name,
-            "model": {"zoo": self.model.zoo, "args": {k: _plain(v) for k, v in self.model.args}},
-            "data": {f.name: getattr(self.data, f.name) for f in dataclasses.fields(DataConfig)},
+            "model": self.model.to_plain(),
+            "data": _data_plain(self.data),
             "optimizer": {
                 f.name: _plain(getattr(self.optimizer, f.name))
                 for f in dataclasses.fields(OptimizerConfig)
@@ -387,6 +348,13 @@ class JobSpec:
 
 
 _JOB_SPEC = TypeAdapter(JobSpec)
+
+
+def _data_plain(data: DataConfig) -> dict[str, Any]:
+    """The data section as plain data: a corpus or a dataset (users' own data), not both."""
+    out = {f.name: getattr(data, f.name) for f in dataclasses.fields(DataConfig)}
+    out.pop("corpus" if data.dataset else "dataset")
+    return out
 
 
 def _plain(value: Any) -> Any:

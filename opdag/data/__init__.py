@@ -7,11 +7,14 @@ the object trainers use: `.batch(step)`, `.val_batches(n)`, `.fingerprint`, `.in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from opdag.errors import OpDagError
+
+if TYPE_CHECKING:
+    from opdag.data.dataset import ArraySource, StoredDataset, TokenSource
 
 
 class DataError(OpDagError, ValueError):
@@ -30,19 +33,28 @@ CORPUS_KINDS: dict[str, str] = {"stdlib-text": "text", "synthetic-shapes": "imag
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which corpus to read and how to batch it; `batch_size` is the full (global) batch,
-    cut into `micro_batches` equal micro-batches by the trainer."""
+    """Which corpus (or stored dataset) to read and how to batch it; `batch_size` is the
+    full (global) batch, cut into `micro_batches` equal micro-batches by the trainer."""
 
-    corpus: str
+    corpus: str = ""
     batch_size: int = 16
     micro_batches: int = 1
     seed: int = 0
     max_bytes: int = 8_000_000  # text corpora only: how much of the corpus to read
+    # -- users' own data: a dataset put with `archipelago data put` (in place of a corpus)
+    dataset: str = ""
 
     def __post_init__(self) -> None:
-        if self.corpus not in CORPUS_NAMES:
+        if self.dataset:
+            from opdag.data.manifest import check_dataset_name
+
+            check_dataset_name(self.dataset)
+            if self.corpus:
+                raise DataError("data: give a corpus or a dataset, not both")
+        elif self.corpus not in CORPUS_NAMES:
             raise DataError(
                 f"data: corpus={self.corpus!r} is unknown; corpora: {', '.join(CORPUS_NAMES)}"
+                " (or name a dataset: data.dataset)"
             )
         for name in ("batch_size", "micro_batches", "seed", "max_bytes"):
             value = getattr(self, name)
@@ -61,8 +73,9 @@ class DataConfig:
 
     @property
     def kind(self) -> str:
-        """The kind of model this corpus feeds: "text" or "image"."""
-        return CORPUS_KINDS[self.corpus]
+        """The kind of model this corpus feeds: "text" or "image" ("dataset" for a stored
+        dataset: its manifest says, at submission)."""
+        return "dataset" if self.dataset else CORPUS_KINDS[self.corpus]
 
     @property
     def micro_batch_size(self) -> int:
@@ -126,8 +139,17 @@ class ImageSource:
         return self.corpus.val_batches(n, self.cfg.batch_size)
 
 
-def build_source(cfg: DataConfig, *, context: int | None = None) -> TextSource | ImageSource:
-    """The data source of `cfg`; text corpora need the model's `context` length."""
+def build_source(
+    cfg: DataConfig, *, context: int | None = None, dataset: StoredDataset | None = None
+) -> TextSource | ImageSource | TokenSource | ArraySource:
+    """The data source of `cfg`; text corpora need the model's `context` length, a stored
+    dataset its chunks (`dataset`: the worker's cache, or the coordinator's store)."""
+    if cfg.dataset:  # -- users' own data (`opdag.data.dataset`)
+        from opdag.data.dataset import dataset_source
+
+        if dataset is None:
+            raise DataError(f"data: dataset {cfg.dataset!r} needs its stored chunks")
+        return dataset_source(cfg, dataset, context=context)
     if cfg.kind == "text":
         if context is None:
             raise DataError(f"data: corpus {cfg.corpus!r} needs a context length")
