@@ -24,6 +24,8 @@ from proto.concurrency import WORKER_RPC_LIMITS, RpcLimits, bounded_server
 from proto.rpc import SERVER_OPTIONS, check_plain_text_host, parse_networks, serves_loopback
 from worker.coordinator_link import CoordinatorLink
 from worker.credentials import NodeCredentials
+from worker.dataset_cache import DatasetCache, default_cache_dir
+from worker.dataset_serde import DatasetFetcher
 from worker.node import WorkerNode
 from worker.relay_client import RelayClient, check_outbound_only, reach_through_relay
 from worker.resources import measure_resources
@@ -63,6 +65,8 @@ class WorkerConfig:
     # one outbound stream to `relay` (default: the coordinator).
     outbound_only: bool = False
     relay: str = ""
+    # Where users' dataset chunks are cached (None: `worker.dataset_cache.default_cache_dir`).
+    data_cache: Path | None = None
 
 
 async def coordinator_authority(cfg: WorkerConfig) -> bytes:
@@ -139,12 +143,18 @@ async def serve(cfg: WorkerConfig, *, ready: asyncio.Event | None = None) -> int
         resources=resources,
         credentials=identity,
     )
+    # Users' own data: the chunks stage 0 reads, fetched with this worker's credential.
+    datasets = DatasetCache(
+        cfg.data_cache or default_cache_dir(),
+        DatasetFetcher(cfg.coordinator, tls, identity.metadata),
+    )
     node = WorkerNode(
         token=cfg.token,
         tls=tls,
         reporter=link,
         device=torch.device(resources.device),
         credentials=identity,
+        datasets=datasets,
     )
     server = bounded_server(cfg.rpc_limits, options=SERVER_OPTIONS)
     add_worker_servicer(

@@ -25,6 +25,7 @@ from opdag.values import Value
 from proto.cluster_tls import ClientTls
 from proto.rpc import secret_matches
 from worker.credentials import NodeCredentials
+from worker.dataset_cache import DatasetCache
 from worker.peers import PeerLinks
 from worker.replica_sync import ReplicaSync
 from worker.serde import StagePlan
@@ -61,8 +62,11 @@ class WorkerNode:
         reporter: Reporter,
         device: torch.device | None = None,
         credentials: NodeCredentials | None = None,
+        datasets: DatasetCache | None = None,
     ) -> None:
         self.token = token
+        # Users' datasets, for the stage 0 this worker runs (`worker.dataset_cache`).
+        self.datasets = datasets
         # This worker's id and secrets, from its registration (shared with its coordinator link).
         self.credentials = credentials or NodeCredentials()
         self.tls = tls
@@ -83,6 +87,11 @@ class WorkerNode:
         # worker still holds belongs to an abandoned plan.
         await self._drop_job()
         peers = PeerLinks(plan, token=self.token, tls=self.tls)
+        dataset = None
+        if plan.loads_data and plan.data.dataset:  # users' own data, chunks checked
+            if self.datasets is None:
+                raise OpDagError("this worker has no dataset cache for a user's dataset")
+            dataset = await self.datasets.open(plan)
         sync = ReplicaSync(plan, token=self.token, tls=self.tls) if plan.replicas > 1 else None
         loop = asyncio.get_running_loop()
         try:
@@ -96,6 +105,7 @@ class WorkerNode:
                     sender=peers.send,
                     reporter=self.reporter,
                     sync=sync,
+                    dataset=dataset,
                 ),
             )
         except BaseException:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 
 from opdag.data import build_source, replica_micro_batches
+from opdag.data.dataset import StoredDataset
 from opdag.errors import CodecError, OpDagError
 from opdag.optim import (
     OPTIM_PREFIX,
@@ -160,6 +161,7 @@ class StageJob:
         sender: Sender,
         reporter: Reporter,
         sync: ReplicaSync | None = None,
+        dataset: StoredDataset | None = None,
     ) -> StageJob:
         """Build the stage (run this in the compute thread: it allocates and loads data)."""
         params = {k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)}
@@ -194,10 +196,11 @@ class StageJob:
             sync.attach(named, loss=bool(stage.loss), outer=outer if plan.outer else None)
         source = None
         if plan.loads_data:
-            source = build_source(plan.data, context=plan.context)
+            source = build_source(plan.data, context=plan.context, dataset=dataset)
             if plan.fingerprint and source.fingerprint != plan.fingerprint:
+                data = plan.data.corpus or plan.data.dataset
                 raise OpDagError(
-                    f"this worker's copy of {plan.data.corpus!r} differs from the job's "
+                    f"this worker's copy of {data!r} differs from the job's "
                     f"(fingerprint {source.fingerprint[:12]} != {plan.fingerprint[:12]}): "
                     "stage 0 must read the same data as the reference"
                 )
