@@ -8,15 +8,20 @@ join token is refused by every one of them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from archipelago import serde
+from archipelago import dataset_serde, serde
 from archipelago.views import EventView, JobView, LinkView, PlanView, RecordView, WorkerView
 from proto.cluster_tls import ClientTls
+from proto.errors import WireError
 from proto.rpc import open_blocking_channel, operator_metadata, token_metadata
+
+if TYPE_CHECKING:  # users' own models need torch; the other commands start without it
+    from archipelago.model_serde import ExportedModel
+    from opdag.data.manifest import Manifest
 
 Reply = TypeVar("Reply")
 
@@ -125,6 +130,67 @@ class CoordinatorClient:
         except grpc.RpcError as e:
             raise self._error(e) from None
         return out
+
+    # -- users' own models (`archipelago.model_serde`, imported when used: it needs torch) --
+
+    def submit_model(
+        self, spec_yaml: str, blob: bytes, names: Sequence[tuple[str, str]]
+    ) -> JobView:
+        """Submit a job with its model captured here: the `.opdag` bytes `blob` and the name
+        each tensor is exported under."""
+        from archipelago import model_serde
+
+        parts = model_serde.model_job_parts(spec_yaml, blob, names)
+        try:
+            # An upload takes a while on a slow link: a deadline of many calls.
+            info = self._stub.SubmitModelJob(
+                parts, metadata=self._metadata, timeout=max(600.0, 20 * self.timeout_s)
+            )
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        return serde.job_view(info)
+
+    def dataset_manifest(self, name: str) -> Manifest:
+        """What the stored dataset `name` holds (to shape a model's inputs as its)."""
+        from archipelago import model_serde
+        from opdag.errors import OpDagError
+
+        reply = self._call(self._stub.DescribeDataset, model_serde.describe_dataset_request(name))
+        try:
+            return model_serde.manifest_from_pb(reply)
+        except (OpDagError, WireError) as e:
+            raise ClientError(f"the coordinator's manifest of {name!r} is malformed: {e}") from None
+
+    def export(self, job_id: str, *, max_bytes: int) -> ExportedModel:
+        """The job's newest complete checkpoint, under the model's own tensor names."""
+        from archipelago import model_serde
+
+        try:
+            stream = self._stub.ExportModel(
+                model_serde.export_request(job_id),
+                metadata=self._metadata,
+                timeout=max(600.0, 20 * self.timeout_s),
+            )
+            return model_serde.read_export(stream, max_bytes=max_bytes)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        except WireError as e:
+            raise ClientError(f"the coordinator's export is malformed: {e}") from None
+
+    # -- users' own data (`archipelago data put`; messages in `archipelago.dataset_serde`) --
+
+    def missing_dataset_chunks(self, dataset_bytes: int, shas: list[str]) -> list[str]:
+        """Of a dataset's chunks, those the coordinator's store lacks."""
+        request = dataset_serde.chunks_query(dataset_bytes, shas)
+        return dataset_serde.missing_shas(self._call(self._stub.MissingDatasetChunks, request))
+
+    def put_dataset_chunk(self, sha: str, data: bytes, dataset_bytes: int) -> None:
+        self._call(self._stub.PutDatasetChunk, dataset_serde.chunk(sha, data, dataset_bytes))
+
+    def put_dataset(self, manifest_json: bytes) -> tuple[str, str]:
+        """Store the manifest (every chunk it names stored already); its (name, sha256)."""
+        request = dataset_serde.manifest(manifest_json)
+        return dataset_serde.dataset_info(self._call(self._stub.PutDataset, request))
 
     def close(self) -> None:
         self._channel.close()

@@ -23,7 +23,9 @@ from archipelago.credential_args import (
     join_token,
     operator_token,
 )
+from archipelago.datacmd import add_data_cache_arg, add_data_commands
 from archipelago.errors import UsageError
+from archipelago.exportcmd import add_export_command
 from archipelago.job_lines import eta, job_line, replica_lines
 from archipelago.relay_flags import (  # -- relay
     add_coordinator_relay_flags,
@@ -123,6 +125,7 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
         help="only measure links to workers inside these networks (default: any but "
         "link-local, multicast and reserved, and loopback only if this worker serves it)",
     )
+    add_data_cache_arg(p)  # users' own data
     add_rpc_limit_flags(p, WORKER_RPC_LIMITS)
     add_worker_relay_flags(p)
     add_client_tls_args(p)
@@ -136,6 +139,10 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     add_client_tls_args(p)
     p.add_argument("--watch", action="store_true", help="then follow it like `watch`")
     p.set_defaults(func=cmd_submit)
+
+    add_export_command(sub)  # users' own models: the trained model back (archipelago.exportcmd)
+
+    add_data_commands(sub)  # users' own data: `archipelago data put` (archipelago.datacmd)
 
     p = sub.add_parser("status", help="jobs and workers (or one job, with its plan)")
     p.add_argument("job", nargs="?", help="a job id")
@@ -283,6 +290,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         device=args.device,
         probe_networks=tuple(n for n in args.probe_networks.split(",") if n.strip()),
         rpc_limits=rpc_limits_from_flags(args),
+        data_cache=args.data_cache,
         **worker_relay_fields(args),
     )
     try:
@@ -297,10 +305,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from coordinator.planning.jobspec import load_job_spec
 
-    load_job_spec(args.spec)  # refuse a bad spec here, before the network
+    spec = load_job_spec(args.spec)  # refuse a bad spec here, before the network
+    text = Path(args.spec).read_text()
     client = _client(args)
+    upload = None
+    if spec.model.uploaded:  # the user's own model: captured here, uploaded with the job
+        from archipelago.exportcmd import prepare_upload
+
+        upload = prepare_upload(spec, Path(args.spec), client)
     try:
-        job = client.submit(Path(args.spec).read_text())
+        job = client.submit_model(text, *upload) if upload else client.submit(text)
     except ClientError as e:
         raise UsageError(str(e)) from None
     print(job.job_id)
