@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import random
 import re
@@ -55,6 +56,9 @@ from tests.multiproc.cluster import (
     worker_channel,
 )
 from tests.multiproc.test_worker_rejects_bad_messages import build_stage_hand_out
+
+# A chunk the fuzz offers to and asks of the dataset store.
+FUZZ_CHUNK_SHA = hashlib.sha256(b"fuzz!").hexdigest()
 
 pytestmark = pytest.mark.multiproc
 
@@ -347,7 +351,14 @@ class Identities:
                 right, other = [coordinator], [join, worker, operator]
         elif method.name == "Register":
             right, other = [join], [join + worker_metadata(self.real_id, self.stale)]
-        elif method.name in ("Heartbeat", "Leave", "ReportProgress", "UploadCheckpoint"):
+        elif method.name in (
+            "Heartbeat",
+            "Leave",
+            "ReportProgress",
+            "UploadCheckpoint",
+            "GetDatasetManifest",
+            "GetDatasetChunk",
+        ):
             right, other = [worker], [join, operator]
         else:
             right, other = [operator], [join, worker]
@@ -505,10 +516,32 @@ def coordinator_methods(worker_id: str = "0123456789ab") -> list[Method]:
         "ListLinks": coordinator_pb2.ListLinksRequest(),
         "GetPlan": job,
         "ListEvents": coordinator_pb2.EventsRequest(job_id="0123456789", after_seq=1, limit=10),
+        # Users' own data and models.
+        "MissingDatasetChunks": coordinator_pb2.DatasetChunksQuery(
+            dataset_bytes=5, sha256=[FUZZ_CHUNK_SHA]
+        ),
+        "PutDatasetChunk": coordinator_pb2.DatasetChunk(
+            sha256=FUZZ_CHUNK_SHA, data=b"fuzz!", dataset_bytes=5
+        ),
+        "PutDataset": coordinator_pb2.DatasetManifest(manifest_json=b'{"version": 1}'),
+        "GetDatasetManifest": coordinator_pb2.DatasetRequest(sha256=FUZZ_CHUNK_SHA),
+        "GetDatasetChunk": coordinator_pb2.DatasetChunkRequest(
+            dataset_sha256=FUZZ_CHUNK_SHA, index=0
+        ),
+        "DescribeDataset": coordinator_pb2.DescribeDatasetRequest(name="fuzz-data"),
     }
     methods = [Method("Coordinator", name, "unary", (m,)) for name, m in unary.items()]
     methods.append(Method("Coordinator", "UploadCheckpoint", "client-stream", tuple(checkpoint)))
     methods.append(Method("Coordinator", "WatchJob", "server-stream", (job,)))
+    upload = (
+        coordinator_pb2.ModelJobPart(
+            header=coordinator_pb2.ModelJobHeader(spec_yaml=FUZZ_SPEC, model_bytes=5)
+        ),
+        coordinator_pb2.ModelJobPart(chunk=b"fuzz!"),
+    )
+    methods.append(Method("Coordinator", "SubmitModelJob", "client-stream", upload))
+    export = coordinator_pb2.ExportRequest(job_id="0123456789")
+    methods.append(Method("Coordinator", "ExportModel", "server-stream", (export,)))
     records = coordinator_pb2.RecordsRequest(job_id="0123456789", since_step=3)
     methods.append(Method("Coordinator", "JobRecords", "server-stream", (records,)))
     return methods
@@ -850,3 +883,8 @@ def test_every_rpc_survives_random_and_mutated_requests(cluster: Cluster) -> Non
     print(f"fuzzed {len(results)} methods in {time.monotonic() - began:.1f} s")
     for path, codes in sorted(results.items()):
         print(path, {c.name: n for c, n in codes.most_common()})
+
+
+def test_every_coordinator_method_is_fuzzed() -> None:
+    service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+    assert {m.name for m in coordinator_methods()} == set(service.methods_by_name)

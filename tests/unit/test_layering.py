@@ -47,9 +47,15 @@ SERDE_MODULES = (
     "coordinator.serde",
     "coordinator.history_serde",
     "coordinator.inquiry_serde",
+    "coordinator.model_serde",
     "worker.serde",
     "worker.coordinator_serde",
     "archipelago.serde",
+    "archipelago.model_serde",
+    # users' own data (issue 11)
+    "coordinator.dataset_serde",
+    "worker.dataset_serde",
+    "archipelago.dataset_serde",
 )
 # Plain tables may be long; code may not.
 LONG_TABLES = ("opdag.ops",)
@@ -114,7 +120,9 @@ def forbidden(imp: Import) -> str | None:
     layer = layer_of(imp.module)
     if layer is None:
         return None
-    if imp.module != "archipelago.cli" and within(imp.target, "archipelago.cli"):
+    if imp.module not in ("archipelago.cli", "archipelago.__main__") and within(
+        imp.target, "archipelago.cli"
+    ):
         return f"{imp.module} imports the command line ({imp.target})"
     if within(imp.target, layer):
         return None
