@@ -92,6 +92,7 @@ def stage_assignment_pb(h: StageHandover) -> worker_pb2.StageAssignment:
         spot_keep=spec.trust.spot_checks.keep
         if spec.trust.spot_checks.on and plan.num_stages > 1
         else 0,
+        warmup_extra=plan.warmup_extra,
         outer_name=spec.sync.outer.name if spec.sync.outer else "",
         outer_lr=spec.sync.outer.lr if spec.sync.outer else 0.0,
         outer_momentum=spec.sync.outer.momentum if spec.sync.outer else 0.0,

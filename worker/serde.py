@@ -154,6 +154,11 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         raise _fail(str(e)) from None
     if a.spot_keep > MAX_SPOT_KEEP:
         raise _fail(f"spot_keep {a.spot_keep} is above {MAX_SPOT_KEEP} steps")
+    if a.warmup_extra >= max(a.data.micro_batches, 1):
+        raise _fail(
+            f"warmup_extra {a.warmup_extra} is not below the step's "
+            f"{a.data.micro_batches} micro-batches"
+        )
     plan = StagePlan(
         job_id=a.job_id,
         epoch=a.epoch,
@@ -185,6 +190,7 @@ def stage_plan_from_pb(a: worker_pb2.StageAssignment) -> StagePlan:
         sync_aggregate=a.sync_aggregate or "mean",
         value_bounds=bounds,
         spot_keep=a.spot_keep,
+        warmup_extra=a.warmup_extra,
         outer=(a.outer_name, a.outer_lr, a.outer_momentum) if a.outer_name else None,
         sync_layers=tuple(
             SyncLayer(la.name, tuple(la.params), tuple(la.iterations)) for la in a.sync_layers

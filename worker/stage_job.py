@@ -366,7 +366,9 @@ class StageJob:
         sent: dict[int, int] = {}
         losses: list[float] = []
         try:
-            for op in one_f_one_b(plan.stage, plan.num_stages, plan.local_micro_batches):
+            for op in one_f_one_b(
+                plan.stage, plan.num_stages, plan.local_micro_batches, plan.warmup_extra
+            ):
                 mb = op.micro_batch
                 if op.kind == TransferKind.FORWARD:
                     inputs: dict[str, Value] = {}

@@ -85,6 +85,9 @@ class StagePlan:
     # Steps whose inputs and parameters the stage keeps for the coordinator's spot checks
     # (`worker.spot_evidence`); 0: none are kept.
     spot_keep: int = 0
+    # Forwards every stage runs beyond 1F1B's warm-up before its first backward (the plan's
+    # schedule depth, `opdag.schedule`); the same for every stage of the pipeline.
+    warmup_extra: int = 0
 
     @property
     def local_sgd(self) -> bool:

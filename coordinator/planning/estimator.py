@@ -7,7 +7,9 @@ check by hand:
 - transfer: bytes over the link's bandwidth plus half its round trip, after an optional
   compression policy has chosen a codec for the link;
 - step: the event simulation of the workers' 1F1B schedule (`simulate_1f1b`), forward
-  and backward traffic on separate FIFO links, then each stage's optimizer step;
+  and backward traffic on separate FIFO links, then each stage's optimizer step; the
+  schedule's warm-up depth (`opdag.schedule`: micro-batches in flight, up to GPipe) is the
+  one whose simulated step ends first, the shallowest of equals;
 - averaging, when the plan has replicas: a stage's sync group exchanges all-to-all (as
   `worker/replica_sync.py` does: each member sends its whole share to each of the R-1
   others at once, so the R-1 copies share its uplink), by the job's sync policy
@@ -76,6 +78,8 @@ class StepEstimate:
     bottleneck: str
     # Bytes one member of each stage's sync group sends per step (amortised), all copies.
     averaging_bytes: tuple[int, ...] = ()
+    # The schedule's extra warm-up: micro-batches in flight beyond 1F1B's (`opdag.schedule`).
+    warmup_extra: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class StepEstimate:
             "links": [dict(x.__dict__) for x in self.links],
             "bottleneck": self.bottleneck,
             "averaging_bytes": list(self.averaging_bytes),
+            "warmup_extra": self.warmup_extra,
         }
 
     @classmethod
@@ -100,6 +105,7 @@ class StepEstimate:
             links=tuple(LinkLoad(**x) for x in d["links"]),
             bottleneck=str(d["bottleneck"]),
             averaging_bytes=tuple(int(x) for x in d.get("averaging_bytes", ())),
+            warmup_extra=int(d.get("warmup_extra", 0)),
         )
 
 
@@ -116,8 +122,12 @@ class Estimator:
         compute: ComputeModel | None = None,
         compression: WireCompression | None = None,
         sync: SyncSpec | None = None,
+        warmup: int | None = None,
     ) -> None:
         self.speeds = dict(speeds)
+        # The schedule's extra warm-up: None, the depth whose simulated step ends first;
+        # an int, that depth (as far as a step's micro-batches allow).
+        self.warmup = warmup
         self.links = links
         self.compute = compute or ComputeModel()
         self.compression = compression
@@ -236,7 +246,7 @@ class Estimator:
 
         links: list[LinkLoad] = []
         busy = [0.0] * num_stages
-        ends: list[list[float]] = []
+        sims: list[tuple[list[float], list[float], list[Any]]] = []
         for r, workers in enumerate(plan):
             fb = [self.stage_seconds(st, w) for st, w in zip(load.stages, workers, strict=True)]
             fwd = [x[0] for x in fb]
@@ -285,10 +295,11 @@ class Estimator:
                             ratio=ratio_b,
                         )
                     )
-            ends.append(simulate_1f1b(fwd, bwd, runs, m))
+            sims.append((fwd, bwd, runs))
             for s in range(num_stages):
                 busy[s] = max(busy[s], m * (fwd[s] + bwd[s]))
 
+        extra, ends = _deepest_worth_it(sims, m, self.warmup)
         averaging = tuple(
             self.averaging_seconds(
                 st.param_bytes, [r[s] for r in plan], carries_loss=s == num_stages - 1
@@ -315,7 +326,41 @@ class Estimator:
             averaging_bytes=tuple(
                 round(self.averaging_bytes(st.param_bytes, replicas)) for st in load.stages
             ),
+            warmup_extra=extra,
         )
+
+
+# The deepest extra warm-up the planner tries: each stage holds the activations of at most
+# `S - s + MAX_EXTRA_WARMUP` micro-batches (a worker's memory is not priced yet).
+MAX_EXTRA_WARMUP = 8
+
+
+def warmup_candidates(micro_batches: int) -> tuple[int, ...]:
+    """The extra warm-ups worth pricing: 0 to MAX_EXTRA_WARMUP, and none that the
+    micro-batches cannot fill (past `micro_batches - 1` every stage is GPipe already)."""
+    return tuple(range(min(MAX_EXTRA_WARMUP, max(micro_batches - 1, 0)) + 1))
+
+
+def _deepest_worth_it(
+    sims: Sequence[tuple[list[float], list[float], list[Any]]],
+    micro_batches: int,
+    forced: int | None = None,
+) -> tuple[int, list[list[float]]]:
+    """The extra warm-up whose simulated pipelines (every replica's) end first, and their
+    stages' end times; ties go to the shallower schedule (fewer activations held). A
+    `forced` depth is taken as it is, up to GPipe's."""
+    if forced is not None:
+        candidates: tuple[int, ...] = (min(forced, max(micro_batches - 1, 0)),)
+    else:
+        candidates = warmup_candidates(micro_batches)
+    best: tuple[float, int, list[list[float]]] | None = None
+    for extra in candidates:
+        ends = [simulate_1f1b(f, b, runs, micro_batches, extra) for f, b, runs in sims]
+        last = max(max(e) for e in ends)
+        if best is None or last < best[0] * (1 - 1e-9):
+            best = (last, extra, ends)
+    assert best is not None
+    return best[1], best[2]
 
 
 def _bottleneck(

@@ -134,6 +134,18 @@ def _replicas(value: object) -> int | None:
     return int_in_range(1, MAX_REPLICAS)(value)
 
 
+def _warmup(value: object) -> int | None:
+    """`auto` (None: the planner chooses the schedule's depth) or extra warm-up forwards."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"must be auto or an int in [0, {MAX_WARMUP}], got {show(value)}")
+    return int_in_range(0, MAX_WARMUP)(value)
+
+
+# The most extra warm-up a spec may force (GPipe for any step of fewer micro-batches).
+MAX_WARMUP = 4096
+
 Steps = Annotated[int, PlainValidator(int_in_range(1, MAX_STEPS))]
 Seed = Annotated[int, PlainValidator(int_in_range(0, _INT64_MAX))]
 
@@ -214,6 +226,9 @@ class ParallelSpec:
     planner: Annotated[StrictStr, AfterValidator(_planner)] = "opfence"
     stages: Annotated[int | None, PlainValidator(_stages)] = None
     replicas: Annotated[int | None, PlainValidator(_replicas)] = 1
+    # Micro-batches every stage runs ahead of 1F1B's warm-up (`opdag.schedule`): auto (None)
+    # lets the planner choose the depth whose simulated step ends first; an int forces it.
+    warmup: Annotated[int | None, PlainValidator(_warmup)] = None
 
 
 @spec_dataclass("checkpoint")
@@ -329,6 +344,7 @@ class JobSpec:
                 "planner": self.parallel.planner,
                 "stages": "auto" if self.parallel.stages is None else self.parallel.stages,
                 "replicas": "auto" if self.parallel.replicas is None else self.parallel.replicas,
+                "warmup": "auto" if self.parallel.warmup is None else self.parallel.warmup,
             },
             "checkpoint": {"every": self.checkpoint.every},
             "validation": {"batches": self.validation.batches},

@@ -64,6 +64,7 @@ def plan_opfence(
     compute_model: ComputeModel | None = None,
     max_blocks: int = MAX_BLOCKS,
     sync: SyncSpec | None = None,
+    warmup: int | None = None,
 ) -> OpFencePlan:
     """Plan `graph` (costs per micro-batch) on `workers` over measured `links`: the
     stages, their workers and the predicted step, for `micro_batches` per step, replicas
@@ -73,7 +74,9 @@ def plan_opfence(
     if not speeds:
         raise ValueError("there are no workers with a measured speed to plan on")
     fine = BlockChain.from_graph(graph)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
+    est = Estimator(
+        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+    )
     ref = sorted(est.rate(w) for w in speeds)[len(speeds) // 2]
     over2 = 2 * est.compute.node_overhead_s
     work = [(b.fwd_flops + b.bwd_flops) / ref + over2 * b.nodes for b in fine.blocks]
@@ -92,6 +95,7 @@ def plan_opfence(
         compression=compression,
         compute_model=compute_model,
         sync=sync,
+        warmup=warmup,
     )
     finer = fine.merge(fine_starts)
     index = {p: i for i, p in enumerate(fine_starts)}
@@ -124,6 +128,7 @@ def plan_even_baseline(
     compression: WireCompression | None = None,
     compute_model: ComputeModel | None = None,
     sync: SyncSpec | None = None,
+    warmup: int | None = None,
 ) -> OpFencePlan:
     """Today's `even` plan in OP-Fence's terms, with its predicted step: FLOPs-balanced
     stages (as many as workers, by default) on the workers in registration order."""
@@ -136,7 +141,9 @@ def plan_even_baseline(
     order = [assignment[node.name] for node in graph.compute_nodes]
     starts = tuple([0, *(i for i in range(1, len(order)) if order[i] != order[i - 1])])
     placement = (tuple(w.worker_id for w in workers[:n]),)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
+    est = Estimator(
+        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+    )
     islands = find_islands(list(speeds), links)
     return build_plan("even", graph, fine, starts, placement, islands, est, micro_batches)
 
@@ -167,6 +174,7 @@ def plan_chain(
     compute_model: ComputeModel | None = None,
     islands: Sequence[Sequence[str]] | None = None,
     sync: SyncSpec | None = None,
+    warmup: int | None = None,
 ) -> ChainPlan:
     """The fastest predicted pipeline over `chain` on the workers of `speeds` (in their
     order), searching stage counts, cuts, placements and, up to `max_replicas`, replicas
@@ -182,7 +190,9 @@ def plan_chain(
     if max_replicas < 1:
         raise ValueError(f"max_replicas must be at least 1, not {max_replicas}")
     ids = list(speeds)
-    est = Estimator(speeds, links, compute=compute_model, compression=compression, sync=sync)
+    est = Estimator(
+        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+    )
     isl = tuple(tuple(i) for i in islands) if islands else find_islands(ids, links)
     search = SimulatedSteps(chain, est, micro_batches)
     limit = min(len(chain.blocks), max_stages or len(ids))

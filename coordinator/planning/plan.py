@@ -62,6 +62,9 @@ class Plan:
     predicted_step_s: float = 0.0
     explanation: str = ""
     codecs: tuple[LinkCodec, ...] = ()
+    # The schedule's extra warm-up every stage runs (`opdag.schedule.one_f_one_b`), as the
+    # estimator chose it.
+    warmup_extra: int = 0
 
     @property
     def num_stages(self) -> int:
@@ -97,6 +100,7 @@ class Plan:
             "predicted_step_s": self.predicted_step_s,
             "explanation": self.explanation,
             "codecs": [c.__dict__ for c in self.codecs],
+            "warmup_extra": self.warmup_extra,
         }
 
     @classmethod
@@ -112,6 +116,7 @@ class Plan:
             predicted_step_s=float(d.get("predicted_step_s", 0.0)),
             explanation=str(d.get("explanation", "")),
             codecs=tuple(LinkCodec(**c) for c in d.get("codecs", ())),
+            warmup_extra=int(d.get("warmup_extra", 0)),
         )
 
 

@@ -38,6 +38,7 @@ from coordinator.planning.stage_sync import group_link_rate, stage_sync_layers
 from coordinator.planning.workload import BlockChain, load_from_partition
 from opdag.ir import Graph
 from opdag.partition import Partition, balanced_assignment, partition
+from opdag.schedule import in_flight
 
 # With no link measured at all (one worker, or probes not back yet), links are taken as
 # a fast LAN; with some measured, an unmeasured pair counts as the slowest one measured.
@@ -100,6 +101,7 @@ def _even_replicas(
             compression=policy,
             compute_model=req.compute,
             sync=req.spec.sync,
+            warmup=req.spec.parallel.warmup,
         )
         return OpFencePlan(**{**found.__dict__, "planner": planner})
     if not 1 <= stages * replicas <= len(order):
@@ -113,7 +115,14 @@ def _even_replicas(
     placement = tuple(
         tuple(w.worker_id for w in order[r * stages : (r + 1) * stages]) for r in range(replicas)
     )
-    est = Estimator(speeds, links, compute=req.compute, compression=policy, sync=req.spec.sync)
+    est = Estimator(
+        speeds,
+        links,
+        compute=req.compute,
+        compression=policy,
+        sync=req.spec.sync,
+        warmup=req.spec.parallel.warmup,
+    )
     islands = find_islands(list(speeds), links)
     fine = BlockChain.from_graph(req.graph)
     return build_plan(planner, req.graph, fine, starts, placement, islands, est, m)
@@ -177,6 +186,7 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
             compression=policy,
             compute_model=req.compute,
             sync=req.spec.sync,
+            warmup=req.spec.parallel.warmup,
         )
         if (want is not None and found.num_stages != want) or (
             replicas is not None and found.replicas != replicas
@@ -202,6 +212,7 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
         predicted_step_s=found.step_s,
         explanation=_explained(found, tuple(placements), names, req, cut),
         codecs=plan_codecs(found, req.spec.compression),
+        warmup_extra=found.estimate.warmup_extra,
     )
     return plan, cut
 
@@ -215,7 +226,7 @@ def _explained(
 ) -> str:
     """The plan as `plan show` prints it: OP-Fence's account, then the sync groups (and
     each stage's partial local SGD schedule)."""
-    text = found.explain(names)
+    text = f"{found.explain(names)}\n{describe_schedule(found, req)}"
     if found.replicas <= 1:
         return text
     sync = req.spec.sync
@@ -237,6 +248,19 @@ def _explained(
     return text
 
 
+def describe_schedule(found: OpFencePlan, req: PlanRequest) -> str:
+    """The micro-batch schedule as `plan show` prints it."""
+    m, n, extra = found.estimate.micro_batches, found.num_stages, found.estimate.warmup_extra
+    depth = in_flight(0, n, m, extra)
+    kind = "GPipe (every forward first)" if depth >= m and n > 1 else "1F1B"
+    if extra:
+        kind = f"{kind}, {extra} extra warm-up micro-batch{'es' if extra > 1 else ''}"
+    why = "the depth whose simulated step ends first"
+    if req.spec.parallel.warmup is not None:
+        why = f"parallel.warmup: {req.spec.parallel.warmup} in the spec"
+    return f"schedule: {kind}; stage 0 holds up to {depth} of its {m} micro-batches ({why})"
+
+
 def predict(
     plan: Plan,
     graph: Graph,
@@ -254,6 +278,7 @@ def predict(
         compute=compute,
         compression=wire_compression(spec.compression),
         sync=spec.sync,
+        warmup=plan.warmup_extra,
     )
     estimate = est.step(
         load_from_partition(cut), plan.pipelines(), micro_batches=spec.data.micro_batches

@@ -1,6 +1,7 @@
 """The event simulator: when each stage of one pipeline finishes its micro-batches.
 
-It runs the schedule the workers run, `opdag.schedule.one_f_one_b`, with each stage's
+It runs the schedule the workers run, `opdag.schedule.one_f_one_b` at the plan's warm-up
+depth, with each stage's
 forward and backward seconds and each link's occupancy and latency: a stage runs its ops
 in order, an op starts when its stage is free and its inputs have arrived, and every link
 sends in FIFO order. The estimator calls it for every plan the search prices, so it is
@@ -16,11 +17,14 @@ from opdag.schedule import one_f_one_b
 
 
 @functools.lru_cache(maxsize=4096)
-def simulated_ops(stage: int, num_stages: int, micro_batches: int) -> tuple[tuple[bool, int], ...]:
-    """Stage `stage`'s 1F1B schedule, as the workers run it, in the simulator's form:
-    (is_backward, micro-batch) per op."""
+def simulated_ops(
+    stage: int, num_stages: int, micro_batches: int, extra: int = 0
+) -> tuple[tuple[bool, int], ...]:
+    """Stage `stage`'s 1F1B schedule (with `extra` more warm-up forwards), as the workers
+    run it, in the simulator's form: (is_backward, micro-batch) per op."""
     return tuple(
-        (op.kind == "B", op.micro_batch) for op in one_f_one_b(stage, num_stages, micro_batches)
+        (op.kind == "B", op.micro_batch)
+        for op in one_f_one_b(stage, num_stages, micro_batches, extra)
     )
 
 
@@ -29,6 +33,7 @@ def simulate_1f1b(
     bwd: Sequence[float],
     transfers: Sequence[tuple[int, int, float | None, float | None, float, float | None, float]],
     micro_batches: int,
+    extra: int = 0,
 ) -> list[float]:
     """Event simulation of one pipeline: when each stage finishes its last backward.
 
@@ -42,7 +47,7 @@ def simulate_1f1b(
     pipeline for forwards, down for backwards), each as far as its inputs allow.
     """
     n, m = len(fwd), micro_batches
-    sched = [simulated_ops(s, n, m) for s in range(n)]
+    sched = [simulated_ops(s, n, m, extra) for s in range(n)]
     # Per stage: arrival lists its forwards and backwards wait for, and what they send:
     # (arrival list to fill, link index, data occupancy, message occupancy, latency).
     links = [0.0] * (2 * len(transfers))

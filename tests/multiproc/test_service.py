@@ -300,6 +300,26 @@ def test_three_workers_train_three_stages_exactly_like_one_process(three_workers
     assert job.val_loss == pytest.approx(reference_run(20)[1], abs=1e-4)
 
 
+def test_a_deeper_schedule_trains_exactly_like_one_process(three_workers: Cluster) -> None:
+    """Three stages, each running its forwards ahead (GPipe for the 2 micro-batches of a
+    step): the workers run the depth the plan gives them, and every step's loss is still
+    plain PyTorch's (backwards run in micro-batch order at any depth)."""
+    cluster = three_workers
+    spec = SPEC.format(steps=6, stages=3, every=6).replace(
+        "parallel: {stages: 3}", "parallel: {stages: 3, warmup: 1}"
+    )
+    job_id = cluster.submit(spec)
+    job = cluster.wait_job(job_id, lambda j: j.state == "completed", "the job to complete")
+    assert len(job.stages) == 3
+    client = cluster.client()
+    try:
+        text = client.plan(job_id).text
+    finally:
+        client.close()
+    assert "schedule: GPipe (every forward first), 1 extra warm-up micro-batch" in text, text
+    assert_losses_match_reference(cluster, job_id, 6)
+
+
 def test_worker_with_a_wrong_token_is_refused(three_workers: Cluster) -> None:
     cluster = three_workers
     intruder = cluster.start_worker("intruder", wait=False, token="not-the-token-at-all")

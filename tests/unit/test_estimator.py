@@ -83,14 +83,28 @@ def test_two_stages_on_a_slow_link_are_bound_by_the_transfers() -> None:
 
 def test_two_stages_with_compute_follow_the_hand_computed_1f1b_timeline() -> None:
     # f = 1 s, b = 2 s per micro-batch on each stage; 1 s per message each way.
-    est = _estimator(bandwidth=1e6)
+    est = _estimator(bandwidth=1e6, warmup=0)
     stage = StageLoad(1 * GFLOP, 2 * GFLOP, 1)
     load = PipelineLoad((stage, stage), (EdgeLoad(0, 1, 1_000_000, 1_000_000),))
     assert est.step(load, [["a", "b"]], micro_batches=4).total_s == pytest.approx(19.0)
+    # One extra warm-up forward changes nothing here: stage 0's B0 still waits for g0 at 7.
+    once = _estimator(bandwidth=1e6, warmup=1)
+    assert once.step(load, [["a", "b"]], micro_batches=4).total_s == pytest.approx(19.0)
+    # Two (stage 0: F0-F3 then B0-B3; stage 1: F0 F1 F2 B0 F3 B1 B2 B3): stage 1 runs F0-F2
+    # over [2, 5] as activations arrive, B0 [5, 7], F3 [7, 8], B1 [8, 10], B2 [10, 12], B3
+    # [12, 14]; gradients arrive at 8, 11, 13, 15, so stage 0's backwards end at 17.
+    auto = _estimator(bandwidth=1e6).step(load, [["a", "b"]], micro_batches=4)
+    assert auto.total_s == pytest.approx(17.0)
+    assert auto.warmup_extra == 2  # GPipe (3) ends at 17 too: the shallower is kept
     # On a link 1000x faster the same plan is compute bound: (M + S - 1) x (f + b) = 15 s,
     # plus the four 1 ms messages on its critical path.
-    fast = _estimator(bandwidth=1e9)
+    fast = _estimator(bandwidth=1e9, warmup=0)
     assert fast.step(load, [["a", "b"]], micro_batches=4).total_s == pytest.approx(15.004)
+    # Two extra warm-up forwards keep stage 1 busy from its first activation (1.001 s) to
+    # its last backward (13.001 s): only its first input and last gradient are waited for.
+    deeper = _estimator(bandwidth=1e9).step(load, [["a", "b"]], micro_batches=4)
+    assert deeper.total_s == pytest.approx(15.002)
+    assert deeper.warmup_extra == 2
 
 
 def test_messages_on_one_link_queue_first_in_first_out_and_latency_does_not_occupy_it() -> None:
