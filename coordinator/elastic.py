@@ -181,7 +181,9 @@ class ElasticReplicas:
             return
         mine = [life.registry.get(w) for w in plan.worker_ids]
         current = [
-            WorkerSlot(w.worker_id, w.name, w.address, life.registry.planning_gflops(w))
+            WorkerSlot(
+                w.worker_id, w.name, w.address, life.registry.planning_gflops(w), w.memory_bytes
+            )
             for w in mine
             if w is not None
         ]

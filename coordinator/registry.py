@@ -189,7 +189,10 @@ class Registry:
                 if not out.excluded(w.worker_id) and not out.excluded_address(w.address)
             ]
         idle.sort(key=lambda w: (w.registered_at, w.worker_id))
-        return [WorkerSlot(w.worker_id, w.name, w.address, self.planning_gflops(w)) for w in idle]
+        return [
+            WorkerSlot(w.worker_id, w.name, w.address, self.planning_gflops(w), w.memory_bytes)
+            for w in idle
+        ]
 
     def planning_gflops(self, w: WorkerState) -> float:
         """The speed the planner counts on for `w`: measured, or its claim bounded."""

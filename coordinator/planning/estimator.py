@@ -23,7 +23,7 @@ The planner calls `Estimator.step` many times, so it is memoised.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from coordinator.planning.links import BandwidthMatrix
 from coordinator.planning.simulator import simulate_1f1b
 from coordinator.planning.sync_spec import SyncSpec
 from coordinator.planning.workload import Block, PipelineLoad, StageLoad
+from opdag.schedule import in_flight
 
 
 class WireCompression(Protocol):
@@ -123,8 +124,12 @@ class Estimator:
         compression: WireCompression | None = None,
         sync: SyncSpec | None = None,
         warmup: int | None = None,
+        memory: Mapping[str, int] | None = None,
     ) -> None:
         self.speeds = dict(speeds)
+        # Each worker's memory (bytes; 0 or absent: unknown), which bounds how deep a
+        # schedule the planner chooses for it.
+        self.memory = dict(memory or {})
         # The schedule's extra warm-up: None, the depth whose simulated step ends first;
         # an int, that depth (as far as a step's micro-batches allow).
         self.warmup = warmup
@@ -207,6 +212,21 @@ class Estimator:
         if carries_loss:
             rounds += 2 * lat * (1 - 1 / apart)  # the steps between rounds
         return rounds
+
+    def _fits(
+        self, load: PipelineLoad, plan: tuple[tuple[str, ...], ...], m: int, extra: int
+    ) -> bool:
+        """Whether every worker of `plan` holds its stage's state (parameters, gradients and
+        two optimizer moments: 4x their bytes) and the activations of the micro-batches the
+        schedule at depth `extra` has in flight there (workers of unknown memory: yes)."""
+        n = len(load.stages)
+        for row in plan:
+            for s, (st, w) in enumerate(zip(load.stages, row, strict=True)):
+                memory = self.memory.get(w, 0)
+                need = in_flight(s, n, m, extra) * st.act_bytes + 4 * st.param_bytes
+                if memory > 0 and need > memory:
+                    return False
+        return True
 
     def _rounds_apart(self) -> int:
         """Steps between averaging rounds: 1 for `sync`, the period for the local kinds."""
@@ -299,7 +319,9 @@ class Estimator:
             for s in range(num_stages):
                 busy[s] = max(busy[s], m * (fwd[s] + bwd[s]))
 
-        extra, ends = _deepest_worth_it(sims, m, self.warmup)
+        extra, ends = _deepest_worth_it(
+            sims, m, self.warmup, lambda e: self._fits(load, plan, m, e)
+        )
         averaging = tuple(
             self.averaging_seconds(
                 st.param_bytes, [r[s] for r in plan], carries_loss=s == num_stages - 1
@@ -331,7 +353,7 @@ class Estimator:
 
 
 # The deepest extra warm-up the planner tries: each stage holds the activations of at most
-# `S - s + MAX_EXTRA_WARMUP` micro-batches (a worker's memory is not priced yet).
+# `S - s + MAX_EXTRA_WARMUP` micro-batches, and no more than its worker's memory allows.
 MAX_EXTRA_WARMUP = 8
 
 
@@ -345,14 +367,16 @@ def _deepest_worth_it(
     sims: Sequence[tuple[list[float], list[float], list[Any]]],
     micro_batches: int,
     forced: int | None = None,
+    fits: Callable[[int], bool] = lambda extra: True,
 ) -> tuple[int, list[list[float]]]:
     """The extra warm-up whose simulated pipelines (every replica's) end first, and their
-    stages' end times; ties go to the shallower schedule (fewer activations held). A
-    `forced` depth is taken as it is, up to GPipe's."""
+    stages' end times, among the depths whose activations `fits` the workers' memory (1F1B
+    always); ties go to the shallower schedule (fewer activations held). A `forced` depth
+    is taken as it is, up to GPipe's."""
     if forced is not None:
         candidates: tuple[int, ...] = (min(forced, max(micro_batches - 1, 0)),)
     else:
-        candidates = warmup_candidates(micro_batches)
+        candidates = tuple(e for e in warmup_candidates(micro_batches) if e == 0 or fits(e))
     best: tuple[float, int, list[list[float]]] | None = None
     for extra in candidates:
         ends = [simulate_1f1b(f, b, runs, micro_batches, extra) for f, b, runs in sims]

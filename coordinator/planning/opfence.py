@@ -75,7 +75,13 @@ def plan_opfence(
         raise ValueError("there are no workers with a measured speed to plan on")
     fine = BlockChain.from_graph(graph)
     est = Estimator(
-        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+        speeds,
+        links,
+        compute=compute_model,
+        compression=compression,
+        sync=sync,
+        warmup=warmup,
+        memory={w.worker_id: w.memory_bytes for w in workers},
     )
     ref = sorted(est.rate(w) for w in speeds)[len(speeds) // 2]
     over2 = 2 * est.compute.node_overhead_s
@@ -96,6 +102,7 @@ def plan_opfence(
         compute_model=compute_model,
         sync=sync,
         warmup=warmup,
+        memory={w.worker_id: w.memory_bytes for w in workers},
     )
     finer = fine.merge(fine_starts)
     index = {p: i for i, p in enumerate(fine_starts)}
@@ -142,7 +149,13 @@ def plan_even_baseline(
     starts = tuple([0, *(i for i in range(1, len(order)) if order[i] != order[i - 1])])
     placement = (tuple(w.worker_id for w in workers[:n]),)
     est = Estimator(
-        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+        speeds,
+        links,
+        compute=compute_model,
+        compression=compression,
+        sync=sync,
+        warmup=warmup,
+        memory={w.worker_id: w.memory_bytes for w in workers},
     )
     islands = find_islands(list(speeds), links)
     return build_plan("even", graph, fine, starts, placement, islands, est, micro_batches)
@@ -175,6 +188,7 @@ def plan_chain(
     islands: Sequence[Sequence[str]] | None = None,
     sync: SyncSpec | None = None,
     warmup: int | None = None,
+    memory: Mapping[str, int] | None = None,
 ) -> ChainPlan:
     """The fastest predicted pipeline over `chain` on the workers of `speeds` (in their
     order), searching stage counts, cuts, placements and, up to `max_replicas`, replicas
@@ -191,7 +205,13 @@ def plan_chain(
         raise ValueError(f"max_replicas must be at least 1, not {max_replicas}")
     ids = list(speeds)
     est = Estimator(
-        speeds, links, compute=compute_model, compression=compression, sync=sync, warmup=warmup
+        speeds,
+        links,
+        compute=compute_model,
+        compression=compression,
+        sync=sync,
+        warmup=warmup,
+        memory=memory,
     )
     isl = tuple(tuple(i) for i in islands) if islands else find_islands(ids, links)
     search = SimulatedSteps(chain, est, micro_batches)

@@ -144,6 +144,8 @@ class WorkerSlot:
     name: str
     address: str
     gflops: float
+    # The memory the worker claims (bounded, not measured); 0: unknown, nothing assumed.
+    memory_bytes: int = 0
 
 
 def placement_of(stage: Stage, worker: WorkerSlot, replica: int = 0) -> Placement:

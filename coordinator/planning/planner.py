@@ -73,7 +73,8 @@ def _usable(workers: Sequence[WorkerSlot]) -> list[WorkerSlot]:
     speeds = [w.gflops for w in workers if w.gflops > 0]
     floor = min(speeds) if speeds else 1.0
     return [
-        w if w.gflops > 0 else WorkerSlot(w.worker_id, w.name, w.address, floor) for w in workers
+        w if w.gflops > 0 else WorkerSlot(w.worker_id, w.name, w.address, floor, w.memory_bytes)
+        for w in workers
     ]
 
 
@@ -122,6 +123,7 @@ def _even_replicas(
         compression=policy,
         sync=req.spec.sync,
         warmup=req.spec.parallel.warmup,
+        memory={w.worker_id: w.memory_bytes for w in order},
     )
     islands = find_islands(list(speeds), links)
     fine = BlockChain.from_graph(req.graph)

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from opdag.ir import Graph, ValueMeta
+from opdag.ir import Graph, Node, ValueMeta
 from opdag.partition import Partition
 
 
@@ -29,6 +29,9 @@ class StageLoad:
     nodes: int
     params: int = 0
     param_bytes: int = 0
+    # Bytes of the values carrying gradient that one micro-batch's forward leaves for its
+    # backward (about what the stage holds per micro-batch in flight).
+    act_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Block:
     nodes: int
     params: int = 0
     param_bytes: int = 0
+    act_bytes: int = 0  # as StageLoad's
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class BlockChain:
                 nodes=1,
                 params=params[i],
                 param_bytes=pbytes[i],
+                act_bytes=_saved_bytes(n),
             )
             for i, n in enumerate(nodes)
         )
@@ -173,7 +178,7 @@ class BlockChain:
         pre = self._prefix
         ends = [*starts[1:], n]
         stages = tuple(
-            StageLoad(*(pre[b][f] - pre[a][f] for f in range(5)))  # type: ignore[arg-type]
+            StageLoad(*(pre[b][f] - pre[a][f] for f in range(6)))  # type: ignore[arg-type]
             for a, b in zip(starts, ends, strict=True)
         )
         rows: dict[tuple[int, int], list[int]] = {}
@@ -189,12 +194,19 @@ class BlockChain:
         return PipelineLoad(stages, transfers)
 
     @functools.cached_property
-    def _prefix(self) -> list[tuple[float, float, int, int, int]]:
-        out = [(0.0, 0.0, 0, 0, 0)]
+    def _prefix(self) -> list[tuple[float, float, int, int, int, int]]:
+        out = [(0.0, 0.0, 0, 0, 0, 0)]
         for b in self.blocks:
-            f, w, n, p, pb = out[-1]
+            f, w, n, p, pb, ab = out[-1]
             out.append(
-                (f + b.fwd_flops, w + b.bwd_flops, n + b.nodes, p + b.params, pb + b.param_bytes)
+                (
+                    f + b.fwd_flops,
+                    w + b.bwd_flops,
+                    n + b.nodes,
+                    p + b.params,
+                    pb + b.param_bytes,
+                    ab + b.act_bytes,
+                )
             )
         return out
 
@@ -233,7 +245,15 @@ def _sum_blocks(blocks: Sequence[Block]) -> Block:
         nodes=sum(b.nodes for b in blocks),
         params=sum(b.params for b in blocks),
         param_bytes=sum(b.param_bytes for b in blocks),
+        act_bytes=sum(b.act_bytes for b in blocks),
     )
+
+
+def _saved_bytes(node: Node) -> int:
+    """What a node's forward leaves for its backward, about: its output, when a gradient
+    flows back through it."""
+    meta = node.meta
+    return node.costs.out_bytes if node.costs and meta is not None and meta.carries_grad else 0
 
 
 def _regroup(values: Sequence[ChainValue], starts: Sequence[int]) -> tuple[ChainValue, ...]:
@@ -258,6 +278,7 @@ def load_from_partition(cut: Partition) -> PipelineLoad:
                 nodes=len(g.compute_nodes),
                 params=g.num_params(),
                 param_bytes=sum(p.nbytes for p in g.params if p.trainable),
+                act_bytes=sum(_saved_bytes(n) for n in g.compute_nodes),
             )
         )
     rows: dict[tuple[int, int], list[int]] = {}

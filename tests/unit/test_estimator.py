@@ -4,6 +4,7 @@ calibration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -313,3 +314,23 @@ def test_chain_load_equals_the_load_of_the_partition_of_a_captured_gpt(gpt_graph
     # The targets reach the last stage as data from stage 0, with no gradient back.
     data = [t for t in ours.transfers if t.data_bytes]
     assert [(t.src, t.dst) for t in data] == [(0, 2)]
+
+
+def test_the_schedule_goes_no_deeper_than_each_workers_memory_holds() -> None:
+    # The slow-link case above (depth 2 ends at 17 s, 1F1B at 19 s), with 1 MB of
+    # activations per micro-batch in flight: stage 0 holds 2, 3, 4 micro-batches at depths
+    # 0, 1, 2 (and 4 MB of state for its 1 MB of parameters: 4x, for Adam).
+    stage = StageLoad(1 * GFLOP, 2 * GFLOP, 1, params=250_000, param_bytes=1_000_000)
+    stage = dataclasses.replace(stage, act_bytes=1_000_000)
+    load = PipelineLoad((stage, stage), (EdgeLoad(0, 1, 1_000_000, 1_000_000),))
+
+    def step(memory: int) -> StepEstimate:
+        est = _estimator(bandwidth=1e6, memory={"a": memory, "b": memory})
+        return est.step(load, [["a", "b"]], micro_batches=4)
+
+    assert (step(7_000_000).warmup_extra, step(7_000_000).total_s) == (0, pytest.approx(19.0))
+    assert step(8_000_000).warmup_extra == 2 and step(8_000_000).total_s == pytest.approx(17.0)
+    # Memory unknown (0): nothing is assumed, the fastest depth is taken.
+    assert step(0).warmup_extra == 2
+    # Too little memory even for 1F1B: 1F1B all the same (no schedule holds less).
+    assert step(1_000).warmup_extra == 0
