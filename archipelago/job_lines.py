@@ -1,10 +1,12 @@
-"""The lines `status` and `watch` print about a job: its one-line summary (with the
-replica count), and one line per replica and per sync group from the recent steps."""
+"""The lines `status`, `watch` and `plan show` print about a job: its one-line summary
+(with the replica count), one line per replica and per sync group from the recent steps,
+and where each stage's step goes."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 from archipelago.views import GroupView, JobView, ReplicaView
 from opdag.report import human_bytes
@@ -64,3 +66,17 @@ def replica_lines(j: JobView) -> list[str]:
     if j.replicas <= 1 and len(j.replica_metrics) <= 1:
         return []
     return [replica_line(r) for r in j.replica_metrics] + [group_line(g) for g in j.group_metrics]
+
+
+def format_stage_times(rows: Sequence[tuple[int, float, float, float, float, int]]) -> str:
+    """Where each stage's step goes, predicted and measured (seconds per step)."""
+    out = [
+        "per stage, seconds per step (wait: transfers and other stages; compression runs "
+        "beside compute)",
+        f"  {'stage':<6}{'compute':^20}{'wait':^20}  steps",
+        f"  {'':<6}{'predicted':>10}{'measured':>10}{'predicted':>10}{'measured':>10}",
+    ]
+    for stage, pc, pw, mc, mw, n in rows:
+        shown = (f"{mc:.3f}", f"{mw:.3f}") if n else ("-", "-")
+        out.append(f"  {stage:<6}{pc:>10.3f}{shown[0]:>10}{pw:>10.3f}{shown[1]:>10}  {n}")
+    return "\n".join(out)

@@ -182,6 +182,17 @@ def plan_view(p: coordinator_pb2.PlanInfo) -> PlanView:
         p.predicted_step_s,
         p.measured_step_s,
         p.calibrated_step_s,
+        tuple(
+            (
+                s.stage,
+                s.predicted_compute_s,
+                s.predicted_wait_s,
+                s.measured_compute_s,
+                s.measured_wait_s,
+                s.steps_measured,
+            )
+            for s in p.stages
+        ),
     )
 
 

@@ -26,7 +26,7 @@ from archipelago.credential_args import (
 from archipelago.datacmd import add_data_cache_arg, add_data_commands
 from archipelago.errors import UsageError
 from archipelago.exportcmd import add_export_command
-from archipelago.job_lines import eta, job_line, replica_lines
+from archipelago.job_lines import eta, format_stage_times, job_line, replica_lines
 from archipelago.relay_flags import (  # -- relay
     add_coordinator_relay_flags,
     add_worker_relay_flags,
@@ -352,6 +352,8 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
     if plan.calibrated_step_s:
         line += f"; re-predicted with measured compute {plan.calibrated_step_s:.3f} s"
     print(line)
+    if plan.stages:
+        print(format_stage_times(plan.stages))
     return 0
 
 

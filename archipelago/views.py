@@ -134,6 +134,9 @@ class PlanView:
     predicted_step_s: float
     measured_step_s: float
     calibrated_step_s: float
+    # Per stage: (stage, predicted compute, predicted wait, measured compute, measured wait,
+    # steps measured), seconds per step.
+    stages: tuple[tuple[int, float, float, float, float, int], ...] = ()
 
 
 @dataclass(frozen=True)

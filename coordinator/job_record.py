@@ -193,9 +193,25 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """One stage's seconds per step, predicted and measured: computing (forwards,
+    backwards, optimizer step), and the rest of its step, waiting on transfers and on the
+    other stages (compression runs beside compute, so its time shows as waiting only when
+    it holds a transfer up). Measured figures are means over the plan's steps so far."""
+
+    stage: int
+    predicted_compute_s: float
+    predicted_wait_s: float
+    measured_compute_s: float = 0.0
+    measured_wait_s: float = 0.0
+    steps_measured: int = 0
+
+
+@dataclass(frozen=True)
 class PlanReport:
     """How a plan's prediction compares with what its steps measured."""
 
     measured_step_s: float
     calibrated_step_s: float
     steps_measured: int
+    stages: tuple[StageTimes, ...] = ()

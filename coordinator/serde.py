@@ -8,6 +8,7 @@ builds what it sends a worker and reads the answers here.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -474,4 +475,5 @@ def plan_info_pb(job: Job, report: PlanReport) -> coordinator_pb2.PlanInfo:
         predicted_step_s=plan.predicted_step_s,
         measured_step_s=report.measured_step_s,
         calibrated_step_s=report.calibrated_step_s,
+        stages=[coordinator_pb2.StageTimes(**dataclasses.asdict(t)) for t in report.stages],
     )

@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Any
 
-from coordinator.job_record import Job, PlanReport, Progress
+from coordinator.job_record import Job, PlanReport, Progress, StageTimes
 from coordinator.planning.plan import Plan
 from coordinator.store import StateStore
 
@@ -105,4 +105,37 @@ class StepMetrics:
         measured = 0.0
         if len(times) >= 2:
             measured = (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
-        return PlanReport(measured, calibrated_step_s, max(len(times) - 1, 0))
+        return PlanReport(
+            measured, calibrated_step_s, max(len(times) - 1, 0), stage_times(plan, mine)
+        )
+
+
+def stage_times(plan: Plan, records: list[dict[str, Any]]) -> tuple[StageTimes, ...]:
+    """Per stage of `plan`: the estimator's compute and waiting seconds per step beside the
+    means its speaking replica measured (the plan's first step left out as warm-up)."""
+    first = plan.start_step
+    out = []
+    for s in range(plan.num_stages):
+        predicted = plan.stage_compute_s[s] if s < len(plan.stage_compute_s) else 0.0
+        mine = [
+            r
+            for r in records
+            if r.get("stage") == s and r.get("speaker", True) and r.get("step", first) > first
+        ]
+        compute = [float(r.get("compute_seconds", 0.0)) for r in mine]
+        steps = [float(r.get("step_seconds", 0.0)) for r in mine]
+        n = len(mine)
+        out.append(
+            StageTimes(
+                stage=s,
+                predicted_compute_s=predicted,
+                predicted_wait_s=max(plan.predicted_step_s - predicted, 0.0),
+                measured_compute_s=sum(compute) / n if n else 0.0,
+                measured_wait_s=sum(max(a - b, 0.0) for a, b in zip(steps, compute, strict=True))
+                / n
+                if n
+                else 0.0,
+                steps_measured=n,
+            )
+        )
+    return tuple(out)

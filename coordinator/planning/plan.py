@@ -65,6 +65,8 @@ class Plan:
     # The schedule's extra warm-up every stage runs (`opdag.schedule.one_f_one_b`), as the
     # estimator chose it.
     warmup_extra: int = 0
+    # The estimator's busy seconds per stage and step (compute and optimizer step).
+    stage_compute_s: tuple[float, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -101,6 +103,7 @@ class Plan:
             "explanation": self.explanation,
             "codecs": [c.__dict__ for c in self.codecs],
             "warmup_extra": self.warmup_extra,
+            "stage_compute_s": list(self.stage_compute_s),
         }
 
     @classmethod
@@ -117,6 +120,7 @@ class Plan:
             explanation=str(d.get("explanation", "")),
             codecs=tuple(LinkCodec(**c) for c in d.get("codecs", ())),
             warmup_extra=int(d.get("warmup_extra", 0)),
+            stage_compute_s=tuple(float(x) for x in d.get("stage_compute_s", ())),
         )
 
 

@@ -215,6 +215,7 @@ def make_plan(req: PlanRequest) -> tuple[Plan, Partition]:
         explanation=_explained(found, tuple(placements), names, req, cut),
         codecs=plan_codecs(found, req.spec.compression),
         warmup_extra=found.estimate.warmup_extra,
+        stage_compute_s=found.estimate.stage_compute_s,
     )
     return plan, cut
 

@@ -313,11 +313,15 @@ def test_a_deeper_schedule_trains_exactly_like_one_process(three_workers: Cluste
     assert len(job.stages) == 3
     client = cluster.client()
     try:
-        text = client.plan(job_id).text
+        plan = client.plan(job_id)
     finally:
         client.close()
-    assert "schedule: GPipe (every forward first), 1 extra warm-up micro-batch" in text, text
+    assert "schedule: GPipe (every forward first), 1 extra warm-up micro-batch" in plan.text
     assert_losses_match_reference(cluster, job_id, 6)
+    # `plan show`'s per-stage rows: predicted, and measured over the steps after the first.
+    assert [row[0] for row in plan.stages] == [0, 1, 2]
+    for _, predicted, _, measured, waited, steps in plan.stages:
+        assert predicted > 0 and measured > 0 and waited >= 0 and steps == 5
 
 
 def test_worker_with_a_wrong_token_is_refused(three_workers: Cluster) -> None:

@@ -10,8 +10,10 @@ import itertools
 import pytest
 import yaml
 
+from archipelago.job_lines import format_stage_times
 from coordinator.planning.jobspec import JobSpecError, parse_job_spec
-from coordinator.planning.plan import WorkerSlot
+from coordinator.planning.plan import Placement, Plan, WorkerSlot
+from coordinator.step_metrics import stage_times
 from opdag.capture import capture
 from opdag.schedule import Op, in_flight, one_f_one_b
 from opdag.zoo import build_model, example_batch
@@ -116,3 +118,63 @@ def test_the_planners_depth_reaches_plan_show_and_every_stage_plan() -> None:
     assert plan.warmup_extra == 3 and "GPipe" in plan.explanation
     auto, _ = planned_stages(model, parse_job_spec(SPEC.format(warmup="")), workers)
     assert "(the depth whose simulated step ends first)" in auto.explanation
+
+
+def test_plan_show_gives_each_stages_compute_and_waiting_predicted_and_measured() -> None:
+    placements = tuple(
+        Placement(
+            stage=s,
+            worker_id=f"w{s}",
+            worker_name=f"w{s}",
+            address="",
+            nodes=1,
+            params=1,
+            flops=1.0,
+        )
+        for s in range(2)
+    )
+    plan = Plan(
+        job_id="j",
+        epoch=2,
+        planner="opfence",
+        start_step=10,
+        assignment={},
+        placements=placements,
+        predicted_step_s=3.0,
+        stage_compute_s=(1.0, 2.5),
+    )
+    records = [
+        {
+            "epoch": 2,
+            "stage": s,
+            "step": step,
+            "speaker": True,
+            "compute_seconds": 0.5 + s,
+            "step_seconds": 2.0,
+        }
+        for s in range(2)
+        for step in range(10, 14)
+    ]
+    # Left out: another replica's report, and the plan's first step (warm-up, above).
+    records.append(
+        {
+            "epoch": 2,
+            "stage": 0,
+            "step": 12,
+            "speaker": False,
+            "compute_seconds": 9.0,
+            "step_seconds": 9.0,
+        }
+    )
+    times = stage_times(plan, records)
+    assert [(t.stage, t.steps_measured) for t in times] == [(0, 3), (1, 3)]
+    assert times[0].predicted_compute_s == 1.0 and times[0].predicted_wait_s == 2.0
+    assert times[1].predicted_wait_s == pytest.approx(0.5)
+    assert times[0].measured_compute_s == pytest.approx(0.5)
+    assert times[0].measured_wait_s == pytest.approx(1.5)
+    assert times[1].measured_compute_s == pytest.approx(1.5)
+    assert times[1].measured_wait_s == pytest.approx(0.5)
+    text = format_stage_times([(0, 1.0, 2.0, 0.5, 1.5, 3), (1, 2.5, 0.5, 0.0, 0.0, 0)])
+    lines = text.splitlines()
+    assert lines[3].split() == ["0", "1.000", "0.500", "2.000", "1.500", "3"]
+    assert lines[4].split() == ["1", "2.500", "-", "0.500", "-", "0"]  # nothing measured yet
