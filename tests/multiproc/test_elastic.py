@@ -151,10 +151,11 @@ def test_a_joining_worker_becomes_a_replica_and_the_loss_curve_goes_on(cluster: 
     cluster.start_coordinator()
     cluster.start_worker("w0")
     # Enough compute per step that a second replica's share clearly outweighs averaging
-    # its gradients, even priced on a slow loopback measurement.
-    steps, batch = 50, 128
+    # its gradients, even priced on a slow loopback measurement: a large batch of a model
+    # with few parameters.
+    steps, batch = 50, 256
     parallel = "{planner: opfence, stages: 1, replicas: auto}"
-    spec = SPEC.format(d_model=192, batch=batch, steps=steps, parallel=parallel)
+    spec = SPEC.format(d_model=128, batch=batch, steps=steps, parallel=parallel)
     job_id = cluster.submit(spec)
     first = cluster.wait_job(
         job_id, lambda j: j.state == "running" and j.steps_done >= 5, "the job to pass step 5"
